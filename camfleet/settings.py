@@ -1,0 +1,87 @@
+"""Settings from the environment, under the seed systems' own variable names.
+
+Every setting here has an environment variable (shown by `camfleet config`); the
+credentials among them can instead live in Prefect Blocks (see `blocks/`), which is
+what a deployment should use. Environment variables are the quick start.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    # Where `camfleet up` keeps its local PostgreSQL cluster, objects and logs.
+    data_dir: Path = Field(Path(".camfleet"), validation_alias="CAMFLEET_DATA_DIR")
+
+    # --- PostgreSQL (seed 003: DATABASE_URL) --------------------------------------
+    database_url: SecretStr | None = Field(None, validation_alias="DATABASE_URL")
+    database_block: str | None = Field(None, validation_alias="CAMFLEET_DATABASE_BLOCK")
+
+    # --- Object storage: file:///dir, s3://bucket/prefix, supabase://bucket -------
+    storage_url: str | None = Field(None, validation_alias="STORAGE_URL")
+
+    # --- MQTT (seed 002) -----------------------------------------------------------
+    mqtt_block: str | None = Field(None, validation_alias="CAMFLEET_MQTT_BLOCK")
+    mqtt_host: str = Field("127.0.0.1", validation_alias="MQTT_HOST")
+    mqtt_port: int = Field(1883, validation_alias="MQTT_PORT")
+    mqtt_tls: bool = Field(False, validation_alias="MQTT_TLS")
+    mqtt_username: str | None = Field(None, validation_alias="MQTT_USERNAME")
+    mqtt_password: SecretStr | None = Field(None, validation_alias="MQTT_PASSWORD")
+    mqtt_ca_certs: str | None = Field(None, validation_alias="MQTT_CA_CERTS")
+    mqtt_certfile: str | None = Field(None, validation_alias="MQTT_CERTFILE")
+    mqtt_keyfile: str | None = Field(None, validation_alias="MQTT_KEYFILE")
+    mqtt_client_id: str | None = Field(None, validation_alias="MQTT_CLIENT_ID")
+    topic_pattern_data: str = Field("ESP32CAM/+/data", validation_alias="TOPIC_PATTERN_DATA")
+    topic_pattern_status: str = Field("ESP32CAM/+/status", validation_alias="TOPIC_PATTERN_STATUS")
+    topic_pattern_ack: str = Field("ESP32CAM/+/ack", validation_alias="TOPIC_PATTERN_ACK")
+
+    # --- Chunk assembly (seed 002) -------------------------------------------------
+    capture_timeout_ms: int = Field(60_000, validation_alias="CAPTURE_TIMEOUT_MS")
+    retransmit_delay_ms: int = Field(3_000, validation_alias="RETRANSMIT_DELAY_MS")
+    retransmit_max: int = Field(3, validation_alias="RETRANSMIT_MAX")
+
+    # --- Supabase (seed 002) -------------------------------------------------------
+    supabase_block: str | None = Field(None, validation_alias="CAMFLEET_SUPABASE_BLOCK")
+    supabase_url: str | None = Field(None, validation_alias="SUPABASE_URL")
+    supabase_service_role: SecretStr | None = Field(None, validation_alias="SUPABASE_SERVICE_ROLE")
+    supabase_storage_bucket: str = Field("gxp-captures", validation_alias="SUPABASE_STORAGE_BUCKET")
+
+    # --- S3-compatible storage (boto3's own variable names) ------------------------
+    s3_block: str | None = Field(None, validation_alias="CAMFLEET_S3_BLOCK")
+    s3_endpoint_url: str | None = Field(
+        None, validation_alias=AliasChoices("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+    )
+    aws_region: str = Field(
+        "us-east-1", validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
+    )
+    aws_access_key_id: str | None = Field(None, validation_alias="AWS_ACCESS_KEY_ID")
+    aws_secret_access_key: SecretStr | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
+
+    # --- Device API and signer -----------------------------------------------------
+    # Server secret keying device-token and pairing-code hashes and local upload URLs.
+    secret_key: SecretStr | None = Field(None, validation_alias="CAMFLEET_SECRET_KEY")
+    secrets_block: str | None = Field(None, validation_alias="CAMFLEET_SECRETS_BLOCK")
+    api_host: str = Field("127.0.0.1", validation_alias="CAMFLEET_API_HOST")
+    api_port: int = Field(8000, validation_alias="CAMFLEET_API_PORT")
+    # Base URL devices use to reach the API (for local-storage upload URLs).
+    public_url: str | None = Field(None, validation_alias="CAMFLEET_PUBLIC_URL")
+
+    log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
+
+    def resolved_storage_url(self) -> str:
+        """STORAGE_URL, or a local directory under the data dir (the default backend)."""
+        if self.storage_url:
+            return self.storage_url
+        return (self.data_dir / "objects").resolve().as_uri()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

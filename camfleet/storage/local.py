@@ -1,0 +1,175 @@
+"""Objects as files under one directory: the default backend, durable with fsync.
+
+Presigned uploads to local storage go through the device API's `/storage/upload/...`
+route: the URL carries an HMAC signature over method, key, size limit and expiry,
+made with the server secret, so it is as narrow as an S3 presigned URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import quote, urlencode
+
+from camfleet.keys import object_key
+from camfleet.storage.base import (
+    STREAM_CHUNK_BYTES,
+    ObjectInfo,
+    ObjectStore,
+    PresignedPost,
+    PresignedPut,
+    PresignNotSupported,
+    sha256_hex,
+    sha256_stream,
+)
+
+UPLOAD_ROUTE = "/storage/upload/"
+
+
+def upload_signature(secret: bytes, method: str, key: str, expires: int, max_bytes: int) -> str:
+    msg = f"{method}\n{key}\n{expires}\n{max_bytes}".encode()
+    return hmac.new(secret, msg, hashlib.sha256).hexdigest()
+
+
+def verify_upload_signature(
+    secret: bytes, method: str, key: str, expires: int, max_bytes: int, signature: str
+) -> bool:
+    if expires < time.time():
+        return False
+    expected = upload_signature(secret, method, key, expires, max_bytes)
+    return hmac.compare_digest(expected, signature)
+
+
+class LocalStore(ObjectStore):
+    scheme = "file"
+
+    def __init__(
+        self, root: str | Path, public_url: str | None = None, secret: bytes | None = None
+    ) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self._secret = secret
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / object_key(key)).resolve()
+        if self.root not in path.parents:
+            raise ValueError("key escapes the storage root")
+        return path
+
+    def _write_atomically(self, key: str, write) -> Path:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                write(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        # The rename is durable only once the directory entry is on disk.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return path
+
+    def put(self, key, data, content_type="application/octet-stream"):
+        self._write_atomically(key, lambda out: out.write(data))
+        return ObjectInfo(key, len(data), sha256_hex(data), content_type)
+
+    def put_file(self, key, path, content_type="application/octet-stream"):
+        digest = hashlib.sha256()
+        size = 0
+
+        def copy(out):
+            nonlocal size
+            with open(path, "rb") as src:
+                while chunk := src.read(STREAM_CHUNK_BYTES):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+
+        self._write_atomically(key, copy)
+        return ObjectInfo(key, size, digest.hexdigest(), content_type)
+
+    def put_stream(self, key, stream, max_bytes: int) -> ObjectInfo:
+        """Copy a stream (an upload body) to `key`, refusing more than `max_bytes`."""
+        digest = hashlib.sha256()
+        size = 0
+
+        def copy(out):
+            nonlocal size
+            while chunk := stream.read(STREAM_CHUNK_BYTES):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ValueError(f"upload larger than {max_bytes} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+
+        self._write_atomically(key, copy)
+        return ObjectInfo(key, size, digest.hexdigest())
+
+    def get(self, key):
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def head(self, key):
+        try:
+            size = self._path(key).stat().st_size
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(key, size)
+
+    def checksum(self, key):
+        try:
+            with self._path(key).open("rb") as f:
+                return sha256_stream(f)[0]
+        except FileNotFoundError:
+            return None
+
+    def delete(self, key):
+        self._path(key).unlink(missing_ok=True)
+
+    def list(self, prefix=""):
+        base = self.root
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.startswith(".upload-"):
+                key = path.relative_to(base).as_posix()
+                if key.startswith(prefix):
+                    yield ObjectInfo(key, path.stat().st_size)
+
+    def _signed_url(self, method: str, key: str, expires_in: int, max_bytes: int) -> tuple:
+        if not (self.public_url and self._secret):
+            raise PresignNotSupported(
+                "local storage presigns uploads through the device API: set "
+                "CAMFLEET_PUBLIC_URL and CAMFLEET_SECRET_KEY (camfleet up does)"
+            )
+        object_key(key)
+        expires = int(time.time()) + expires_in
+        sig = upload_signature(self._secret, method, key, expires, max_bytes)
+        query = urlencode({"expires": expires, "max_bytes": max_bytes, "sig": sig})
+        url = f"{self.public_url}{UPLOAD_ROUTE}{quote(key)}?{query}"
+        return url, datetime.fromtimestamp(expires, UTC)
+
+    def presigned_put(self, key, content_type, expires_in=300, max_bytes=None):
+        url, expires_at = self._signed_url("PUT", key, expires_in, max_bytes or 0)
+        return PresignedPut(url, key, expires_at, {"Content-Type": content_type})
+
+    def presigned_post(self, key, max_bytes, expires_in=300, content_type=None):
+        url, expires_at = self._signed_url("POST", key, expires_in, max_bytes)
+        return PresignedPost(url, key, {"key": key}, expires_at)
+
+    def describe(self):
+        return f"local directory {self.root}"
