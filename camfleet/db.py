@@ -104,3 +104,14 @@ def _yoyo_uri(dsn: str) -> str:
     if "://" not in dsn:
         raise ValueError("DATABASE_URL must be a URL such as postgresql://user@host:5432/db")
     return dsn
+
+
+def async_queries():
+    """The same named queries for asyncpg (the device API's async code paths)."""
+    global _async_queries
+    if _async_queries is None:
+        _async_queries = aiosql.from_path(QUERIES_DIR, "asyncpg", mandatory_parameters=False)
+    return _async_queries
+
+
+_async_queries = None

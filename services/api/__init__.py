@@ -1,0 +1,1 @@
+"""The device HTTP API (FastAPI): Visant commands and captures, Lifelog pairing and ingest."""
