@@ -20,7 +20,10 @@ ROUTER_MODULES = [
 
 
 def create_app(**state) -> FastAPI:
+    from services.api.db import lifespan
+
     app = FastAPI(
+        lifespan=lifespan,  # the asyncpg pool on app.state.pool (services/api/db.py)
         title="camfleet device API",
         version=camfleet.__version__,
         description="Device-facing HTTP API of camfleet: commands over SSE, captures, "
