@@ -1,0 +1,38 @@
+# The README's two commands: `make up` (the whole stack on embedded defaults) and
+# `make test` (lint + the whole test suite). Both set up the virtualenv first.
+VENV ?= .venv
+PYTHON ?= python3
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install up demo test lint faults soak bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+up: install
+	camfleet up
+
+demo: install
+	camfleet up --demo
+
+lint: install
+	ruff check .
+	ruff format --check .
+
+test: lint
+	pytest -q -m "not slow"
+
+# The long fault-injection suite and the soak (issue #9); not part of `make test`.
+faults: install
+	pytest -q -m slow
+
+bench: install
+	for b in bench/bench_*.py; do echo "== $$b"; python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .camfleet .pytest_cache .hypothesis
