@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Self
 
 import psutil
 
@@ -137,6 +138,8 @@ def _tail(path: Path, offset: int = 0, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text[-lines:]) or "(log is empty)"
 
 
+# Every instance not yet closed: at interpreter exit their processes are stopped and
+# their temp directories removed, even when the owner forgot or crashed.
 _live: set[LocalService] = set()
 _live_lock = threading.Lock()
 
@@ -147,7 +150,7 @@ def _cleanup_all() -> None:
         services = list(_live)
     for svc in services:
         with contextlib.suppress(Exception):
-            svc.close(graceful=False)
+            svc.close()
 
 
 class LocalService:
@@ -179,6 +182,8 @@ class LocalService:
         self._log_offset = 0
         self._prepared = False
         self._closed = False
+        with _live_lock:
+            _live.add(self)
 
     # ---- subclass hooks -------------------------------------------------------------
 
@@ -211,7 +216,7 @@ class LocalService:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> LocalService:
+    def start(self) -> Self:
         if self._closed:
             raise RuntimeError(f"{self.name} instance was closed")
         if self.running:
@@ -237,8 +242,6 @@ class LocalService:
                 start_new_session=True,
                 **self._popen_user(),  # type: ignore[arg-type]
             )
-        with _live_lock:
-            _live.add(self)
         self._wait_ready()
         return self
 
@@ -249,7 +252,7 @@ class LocalService:
             assert self._proc is not None
             code = self._proc.poll()
             if code is not None:
-                self._proc = None
+                self._finish(self.processes())  # whatever it forked before dying
                 raise ServiceStartError(
                     f"{self.name} exited with code {code} while starting "
                     f"(log {self.log_path}):\n{self.log_tail()}"
@@ -273,7 +276,7 @@ class LocalService:
         """The last lines logged since the latest start."""
         return _tail(self.log_path, self._log_offset, lines)
 
-    def _family(self) -> list[psutil.Process]:
+    def processes(self) -> list[psutil.Process]:
         """The main process, everything in its process group, and all descendants."""
         if self._proc is None:
             return []
@@ -298,7 +301,7 @@ class LocalService:
         """Graceful stop: polite signal, wait, then SIGKILL whatever is left. Keeps data."""
         if self._proc is None:
             return
-        family = self._family()
+        family = self.processes()
         if self._proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 if self.stop_signal_group:
@@ -316,7 +319,7 @@ class LocalService:
         """SIGKILL the service and all its processes at once (simulates a crash)."""
         if self._proc is None:
             return
-        self._finish(self._family())
+        self._finish(self.processes())
 
     def _finish(self, alive: list[psutil.Process]) -> None:
         assert self._proc is not None
@@ -329,10 +332,8 @@ class LocalService:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(5.0)
         self._proc = None
-        with _live_lock:
-            _live.discard(self)
 
-    def restart(self) -> LocalService:
+    def restart(self) -> Self:
         """Stop (if running) and start again on the same port with the same data."""
         self.stop()
         return self.start()
@@ -349,8 +350,12 @@ class LocalService:
         if self._owns_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self):
-        self.start()
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close(graceful=False)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
