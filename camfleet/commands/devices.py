@@ -1,0 +1,113 @@
+"""`camfleet devices list|revoke|rotate` and `camfleet users create-key|revoke-keys`.
+
+The administrator's side of seed 004: device tokens and user API keys are shown once,
+when created, and stored only as keyed hashes (camfleet/tokens.py).
+"""
+
+from __future__ import annotations
+
+import typer
+
+devices_app = typer.Typer(help="Paired devices: list, revoke and rotate device tokens.")
+users_app = typer.Typer(help="Users of the device API and their API keys.")
+
+_BLOCK = typer.Option(None, "--block", help="camfleet-postgres block name")
+_SECRETS = typer.Option(None, "--secrets-block", help="camfleet-secrets block name")
+
+
+def _connect(block: str | None):
+    import psycopg2.extras
+
+    from camfleet import db, resolve
+
+    return db.connect(resolve.database_url(block), cursor_factory=psycopg2.extras.RealDictCursor)
+
+
+@devices_app.command("list")
+def list_devices(
+    user: str = typer.Option(None, help="Only this user's devices"),
+    kind: str = typer.Option(None, help="Only this kind (lifelog, esp32, visant, ...)"),
+    block: str = _BLOCK,
+) -> None:
+    """Devices with their token state (never the token)."""
+    from camfleet import db
+
+    with _connect(block) as conn:
+        rows = db.queries.devices_list(conn, user_id=user, kind=kind)
+    for r in rows:
+        state = "revoked" if r["revoked_at"] else ("active" if r["has_token"] else "unpaired")
+        seen = r["last_seen_at"].isoformat() if r["last_seen_at"] else "never"
+        typer.echo(
+            f"{r['device_id']}  {r['kind']:8} {state:9} user={r['user_id'] or '-'} "
+            f"name={r['friendly_name'] or '-'} last_seen={seen}"
+        )
+
+
+@devices_app.command("revoke")
+def revoke(device_id: str, block: str = _BLOCK) -> None:
+    """Revoke a device's token: its next request gets 401."""
+    from camfleet import db
+
+    with _connect(block) as conn:
+        row = db.queries.devices_revoke(conn, device_id=device_id)
+    if row is None:
+        typer.echo(f"no device {device_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {device_id} at {row['revoked_at'].isoformat()}")
+
+
+@devices_app.command("rotate")
+def rotate(device_id: str, block: str = _BLOCK, secrets_block: str = _SECRETS) -> None:
+    """Issue a new device token (printed once); the old one stops working now."""
+    from camfleet import db, resolve, tokens
+
+    token = tokens.new_device_token()
+    token_hash = tokens.hash_device_token(resolve.secret_key(secrets_block), token)
+    with _connect(block) as conn:
+        row = db.queries.devices_set_token(conn, device_id=device_id, token_hash=token_hash)
+    if row is None:
+        typer.echo(f"no device {device_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(token)
+    typer.echo("store this token on the device now: it is not shown again", err=True)
+
+
+@users_app.command("create-key")
+def create_key(
+    user_id: str,
+    name: str = typer.Option(None, help="Display name when the user is new"),
+    label: str = typer.Option(None, help="What this key is for"),
+    block: str = _BLOCK,
+    secrets_block: str = _SECRETS,
+) -> None:
+    """Create the user if needed and a new API key for it (printed once)."""
+    from camfleet import db, resolve, tokens
+    from camfleet.keys import BadName, safe_id
+
+    try:
+        safe_id(user_id, "user id")
+    except BadName as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    key = tokens.new_user_key()
+    key_hash = tokens.hash_user_key(resolve.secret_key(secrets_block), key)
+    with _connect(block) as conn:
+        db.queries.devices_create_user(conn, user_id=user_id, name=name)
+        db.queries.devices_create_user_key(conn, user_id=user_id, key_hash=key_hash, label=label)
+    typer.echo(key)
+    typer.echo(f"API key for {user_id}: use as 'Authorization: Bearer <key>'", err=True)
+
+
+@users_app.command("revoke-keys")
+def revoke_keys(user_id: str, block: str = _BLOCK) -> None:
+    """Revoke every API key of a user."""
+    from camfleet import db
+
+    with _connect(block) as conn:
+        db.queries.devices_revoke_user_keys(conn, user_id=user_id)
+    typer.echo(f"revoked the API keys of {user_id}")
+
+
+def register(app: typer.Typer, simulate: typer.Typer) -> None:
+    app.add_typer(devices_app, name="devices")
+    app.add_typer(users_app, name="users")

@@ -1,0 +1,478 @@
+"""Lifelog device endpoints (seed 004): pair, activate, upload-url, ingest, revoke, rotate.
+
+    POST /devices/pair            user API key   -> {device_id, pairing_code, expires_at}
+    POST /devices/activate        pairing code   -> {device_id, device_token}   (once)
+    POST /devices/upload-url      X-Device-Token -> {object_key, upload_url, upload_host,
+                                                     upload_port, upload_path, ...}
+    POST /devices/ingest          X-Device-Token -> {status: queued|duplicate, item_id,
+                                                     task_id}
+    POST /devices/rotate-token    X-Device-Token -> {device_id, device_token}   (old dies)
+    GET  /devices                 user API key   -> the user's devices
+    POST /devices/{id}/revoke     user API key   -> {device_id, revoked_at}
+    POST /devices/{id}/rotate     user API key   -> {device_id, device_token}
+
+Uploads are confined to `devices/{device_id}/`: the key is built here from a sanitized
+file name, and ingest refuses any key outside the caller's prefix before it touches
+storage (a presigned URL's own checks are not relied on: some S3-compatible servers
+do not verify them). Ingest is idempotent on (device_id, seq) through the
+`captures_device_seq_uniq` constraint: INSERT ... ON CONFLICT DO NOTHING, then a
+SELECT of the winner, so concurrent retries get one `queued` and the rest `duplicate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+import asyncpg
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from camfleet import tokens
+from camfleet.keys import BadName, key_within, object_key, sanitize_name
+from services.api.auth import DeviceIdentity, UserIdentity, server_secret
+from services.api.db import queries
+from services.api.ratelimit import (
+    check_activation,
+    limited_device,
+    limited_user,
+    limiter,
+    record_failed_activation,
+)
+
+log = logging.getLogger("camfleet.api.devices")
+router = APIRouter(prefix="/devices", tags=["devices (seed 004)"])
+
+# The image types a camera sends; anything else is not a capture (configurable with
+# CAMFLEET_UPLOAD_CONTENT_TYPES, comma-separated).
+DEFAULT_CONTENT_TYPES = ("image/jpeg", "image/png", "image/webp")
+# An ESP32-S3 UXGA JPEG is 100-500 KB and a Pi HQ camera JPEG a few MB; 10 MiB refuses
+# nothing real and bounds what one device can park in storage per seq.
+MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+# The device asks for the URL right before streaming the file: five minutes covers a
+# few MB over a weak phone hotspot and keeps a leaked URL short-lived.
+UPLOAD_URL_TTL_S = 300
+# A person pairs in the web app and types the code into the device's captive portal
+# within minutes; ten is generous and keeps the code's guessing window short.
+PAIRING_TTL_S = 600
+# seq is a PostgreSQL bigint.
+MAX_SEQ = 2**63 - 1
+# S3 keys are at most 1,024 bytes; ours are far shorter, anything longer is not ours.
+MAX_OBJECT_KEY_LEN = 1024
+# Device JSON bodies are a few hundred bytes; anything bigger is refused unread.
+MAX_JSON_BODY_BYTES = 8 * 1024
+DEVICE_PREFIX = "devices"
+
+
+@dataclass
+class DeviceApiConfig:
+    content_types: tuple[str, ...] = DEFAULT_CONTENT_TYPES
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    upload_url_ttl_s: int = UPLOAD_URL_TTL_S
+    pairing_ttl_s: int = PAIRING_TTL_S
+    # Check the object exists in storage before accepting an ingest (seed 004 issue).
+    check_object: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls) -> DeviceApiConfig:
+        types = os.environ.get("CAMFLEET_UPLOAD_CONTENT_TYPES")
+        return cls(
+            content_types=tuple(t.strip() for t in types.split(",") if t.strip())
+            if types
+            else DEFAULT_CONTENT_TYPES,
+            max_upload_bytes=int(os.environ.get("CAMFLEET_MAX_UPLOAD_BYTES", MAX_UPLOAD_BYTES)),
+        )
+
+
+def _config(request: Request) -> DeviceApiConfig:
+    state = request.app.state
+    cfg = getattr(state, "devices_config", None)
+    if cfg is None:
+        cfg = state.devices_config = DeviceApiConfig.from_env()
+    return cfg
+
+
+def _store(request: Request):
+    """The object store (app.state.store, else STORAGE_URL); local presigning via us."""
+    state = request.app.state
+    store = getattr(state, "store", None)
+    if store is None:
+        from camfleet.settings import get_settings
+        from camfleet.storage import open_store
+        from camfleet.storage.local import LocalStore
+
+        store = open_store()
+        if isinstance(store, LocalStore):
+            public = get_settings().public_url or str(request.base_url)
+            store = LocalStore(store.root, public_url=public, secret=server_secret(request))
+        state.store = store
+    return store
+
+
+def _processing(request: Request):
+    """The window -> flow run assigner, when a Prefect API is configured."""
+    state = request.app.state
+    if not hasattr(state, "processing_runs"):
+        runs = None
+        if os.environ.get("PREFECT_API_URL"):
+            from services.api.ingest_batches import PrefectRuns, WindowRuns
+
+            runs = WindowRuns(PrefectRuns().create, time.time)
+        state.processing_runs = runs
+    return state.processing_runs
+
+
+def _error(status: int, error: str, reason: str, headers: dict | None = None):
+    return HTTPException(status, detail={"error": error, "reason": reason}, headers=headers)
+
+
+def _secret_response(body: dict) -> JSONResponse:
+    # A token or code in a response must not be cached by anything in between.
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+# --- request bodies --------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+
+class PairRequest(_Body):
+    name: str | None = Field(None, max_length=64)
+
+
+class ActivateRequest(_Body):
+    pairing_code: str = Field(min_length=4, max_length=32)
+
+
+class UploadUrlRequest(_Body):
+    filename: str = Field(min_length=1, max_length=256)
+    content_type: str = Field("image/jpeg", max_length=100)
+    seq: int | None = Field(None, ge=0, le=MAX_SEQ)
+    # Declared size in bytes (optional): refused up front when over the limit.
+    size: int | None = Field(None, ge=0)
+
+
+class IngestRequest(_Body):
+    object_key: str = Field(min_length=1, max_length=MAX_OBJECT_KEY_LEN)
+    seq: int = Field(ge=0, le=MAX_SEQ)
+    captured_at: datetime | None = None
+    content_type: str = Field("image/jpeg", max_length=100)
+    ntp_synced: bool | None = None
+
+
+# --- pairing -------------------------------------------------------------------------
+
+
+@router.post("/pair")
+async def pair(request: Request, body: PairRequest | None = None, user=Depends(limited_user)):
+    limiter(request).hit("pair", user.user_id, "pairing")
+    name = body.name if body else None
+    device_id = str(uuid.uuid4())
+    secret = server_secret(request)
+    async with request.app.state.pool.acquire() as conn, conn.transaction():
+        await queries().devices_create_paired_device(
+            conn, device_id=device_id, user_id=user.user_id, name=name
+        )
+        code = tokens.new_pairing_code()
+        row = await queries().devices_create_pairing(
+            conn,
+            device_id=device_id,
+            code_hash=tokens.hash_pairing_code(secret, code),
+            created_by=user.user_id,
+            ttl_s=float(_config(request).pairing_ttl_s),
+        )
+    log.info("device %s paired by user %s, awaiting activation", device_id, user.user_id)
+    return _secret_response(
+        {
+            "device_id": device_id,
+            "pairing_code": code,
+            "expires_at": row["expires_at"].isoformat(),
+        }
+    )
+
+
+@router.post("/activate")
+async def activate(request: Request, body: ActivateRequest):
+    check_activation(request)
+    secret = server_secret(request)
+    code_hash = tokens.hash_pairing_code(secret, body.pairing_code)
+    token = tokens.new_device_token()
+    async with request.app.state.pool.acquire() as conn, conn.transaction():
+        row = await queries().devices_consume_pairing(conn, code_hash=code_hash)
+        if row is None:
+            state = await queries().devices_pairing_state(conn, code_hash=code_hash)
+        else:
+            await queries().devices_set_token(
+                conn,
+                device_id=row["device_id"],
+                token_hash=tokens.hash_device_token(secret, token),
+            )
+    if row is None:
+        record_failed_activation(request)
+        if state is None:
+            raise _error(400, "invalid_pairing_code", "unknown pairing code")
+        if state["used_at"] is not None:
+            raise _error(409, "pairing_code_used", "pairing code already used")
+        raise _error(410, "pairing_code_expired", "pairing code expired: pair again")
+    log.info("device %s activated", row["device_id"])
+    return _secret_response({"device_id": row["device_id"], "device_token": token})
+
+
+async def _issue_token(request: Request, device_id: str) -> JSONResponse:
+    token = tokens.new_device_token()
+    token_hash = tokens.hash_device_token(server_secret(request), token)
+    async with request.app.state.pool.acquire() as conn:
+        row = await queries().devices_set_token(conn, device_id=device_id, token_hash=token_hash)
+    if row is None:
+        raise _error(404, "unknown_device", "no such device")
+    log.info("device %s token rotated", device_id)
+    return _secret_response({"device_id": device_id, "device_token": token})
+
+
+@router.post("/rotate-token")
+async def rotate_own_token(request: Request, device: DeviceIdentity = Depends(limited_device)):
+    """The device swaps its token for a new one; the old one stops working at once."""
+    return await _issue_token(request, device.device_id)
+
+
+async def _owned(request: Request, device_id: str, user: UserIdentity) -> None:
+    async with request.app.state.pool.acquire() as conn:
+        row = await queries().devices_get(conn, device_id=device_id)
+    if row is None or row["user_id"] != user.user_id:
+        raise _error(404, "unknown_device", "no such device among yours")
+
+
+@router.get("")
+async def list_devices(request: Request, user: UserIdentity = Depends(limited_user)):
+    async with request.app.state.pool.acquire() as conn:
+        rows = await queries().devices_list(conn, user_id=user.user_id, kind=None)
+    return [
+        {
+            k: (v.isoformat() if isinstance(v, datetime) else v)
+            for k, v in dict(r).items()
+            if k != "user_id"
+        }
+        for r in rows
+    ]
+
+
+@router.post("/{device_id}/revoke")
+async def revoke(request: Request, device_id: str, user: UserIdentity = Depends(limited_user)):
+    await _owned(request, device_id, user)
+    async with request.app.state.pool.acquire() as conn:
+        row = await queries().devices_revoke(conn, device_id=device_id)
+    log.info("device %s revoked by user %s", device_id, user.user_id)
+    return {"device_id": device_id, "revoked_at": row["revoked_at"].isoformat()}
+
+
+@router.post("/{device_id}/rotate")
+async def rotate(request: Request, device_id: str, user: UserIdentity = Depends(limited_user)):
+    await _owned(request, device_id, user)
+    return await _issue_token(request, device_id)
+
+
+# --- upload URL ----------------------------------------------------------------------
+
+
+def build_object_key(device_id: str, filename: str, seq: int | None, now: datetime) -> str:
+    """devices/{device_id}/YYYY/MM/DD/{seq}-{filename}; a uuid stands in for no seq."""
+    name = sanitize_name(filename)
+    lead = str(seq) if seq is not None else uuid.uuid4().hex
+    return object_key(DEVICE_PREFIX, device_id, now.strftime("%Y/%m/%d"), f"{lead}-{name}")
+
+
+def upload_target(url: str) -> dict:
+    """The seed's second format: host, port and path+query of the signed URL."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    return {"upload_host": parts.hostname, "upload_port": port, "upload_path": path}
+
+
+@router.post("/upload-url")
+async def upload_url(
+    request: Request, body: UploadUrlRequest, device: DeviceIdentity = Depends(limited_device)
+):
+    cfg = _config(request)
+    content_type = body.content_type.lower()
+    if content_type not in cfg.content_types:
+        raise _error(
+            415,
+            "unsupported_content_type",
+            f"content_type must be one of {', '.join(cfg.content_types)}",
+        )
+    if body.size is not None and body.size > cfg.max_upload_bytes:
+        raise _error(413, "too_large", f"declared size over {cfg.max_upload_bytes} bytes")
+    try:
+        key = build_object_key(device.device_id, body.filename, body.seq, datetime.now(UTC))
+    except BadName as exc:
+        raise _error(400, "bad_filename", str(exc)) from None
+    store = _store(request)
+    signed = store.presigned_put(
+        key, content_type, expires_in=cfg.upload_url_ttl_s, max_bytes=cfg.max_upload_bytes
+    )
+    return JSONResponse(
+        {
+            "object_key": key,
+            "upload_url": signed.url,
+            **upload_target(signed.url),
+            "method": "PUT",
+            "headers": signed.headers,
+            "expires_at": signed.expires_at.isoformat(),
+            "max_bytes": cfg.max_upload_bytes,
+        }
+    )
+
+
+# --- ingest -----------------------------------------------------------------------------
+
+
+async def _head(store, key: str):
+    from camfleet.storage.local import LocalStore
+
+    if isinstance(store, LocalStore):
+        return store.head(key)  # a stat(): microseconds, no thread needed
+    return await run_in_threadpool(store.head, key)  # boto3 is blocking
+
+
+@router.post("/ingest")
+async def ingest(
+    request: Request, body: IngestRequest, device: DeviceIdentity = Depends(limited_device)
+):
+    cfg = _config(request)
+    key = body.object_key
+    if not key_within(key, f"{DEVICE_PREFIX}/{device.device_id}"):
+        raise _error(
+            403,
+            "key_outside_prefix",
+            f"object_key must lie under {DEVICE_PREFIX}/<your device_id>/",
+        )
+    content_type = body.content_type.lower()
+    if content_type not in cfg.content_types:
+        raise _error(415, "unsupported_content_type", "content_type is not an allowed image type")
+    size = None
+    if cfg.check_object:
+        store = _store(request)
+        try:
+            info = await _head(store, key)
+        except Exception as exc:  # storage down: the device retries later
+            log.warning("storage HEAD failed: %s", type(exc).__name__)
+            raise _error(
+                503, "storage_unavailable", "object storage unreachable", {"Retry-After": "5"}
+            ) from None
+        if info is None:
+            raise _error(
+                404, "object_not_found", "no object at object_key: PUT it to upload_url first"
+            )
+        if info.size > cfg.max_upload_bytes:
+            raise _error(413, "too_large", f"object over {cfg.max_upload_bytes} bytes")
+        size = info.size
+    captured_at = body.captured_at
+    if captured_at is not None and captured_at.tzinfo is None:
+        captured_at = captured_at.replace(tzinfo=UTC)
+    runs = _processing(request)
+    run_id = await runs.run_for_now() if runs is not None else None
+    metadata = {"ntp_synced": body.ntp_synced} if body.ntp_synced is not None else {}
+    async with request.app.state.pool.acquire() as conn:
+        try:
+            row = await queries().devices_ingest_insert(
+                conn,
+                device_id=device.device_id,
+                object_key=key,
+                seq=body.seq,
+                captured_at=captured_at,
+                image_bytes=size,
+                content_type=content_type,
+                metadata=metadata,
+                flow_run_id=run_id,
+            )
+            if row is None:
+                existing = await queries().devices_ingest_existing(
+                    conn, device_id=device.device_id, seq=body.seq
+                )
+        except asyncpg.DataError as exc:
+            raise _error(422, "bad_value", type(exc).__name__) from None
+    if row is not None:
+        return JSONResponse(
+            {"status": "queued", "item_id": row["record_id"], "task_id": row["flow_run_id"]}
+        )
+    if existing is None:
+        # Not this seq's row: the same object_key was ingested under another seq.
+        raise _error(409, "object_already_ingested", "object_key was ingested with another seq")
+    return JSONResponse(
+        {
+            "status": "duplicate",
+            "item_id": existing["record_id"],
+            "task_id": existing["flow_run_id"],
+        }
+    )
+
+
+# --- request size limit ---------------------------------------------------------------
+
+
+class JsonBodyLimit:
+    """Pure ASGI middleware: /devices/* bodies over MAX_JSON_BODY_BYTES get a 413 unread."""
+
+    def __init__(self, app, limit: int = MAX_JSON_BODY_BYTES, prefix: str = "/devices"):
+        self.app, self.limit, self.prefix = app, limit, prefix
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            return await self.app(scope, receive, send)
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > self.limit:
+                    return await _too_large(send, self.limit)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await _too_large(send, self.limit)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(send, limit: int) -> None:
+    body = (
+        b'{"detail":{"error":"body_too_large","reason":"request body over '
+        + str(limit).encode()
+        + b' bytes"}}'
+    )
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def setup(app) -> None:
+    app.add_middleware(JsonBodyLimit)
