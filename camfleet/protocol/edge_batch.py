@@ -1,0 +1,656 @@
+"""Sans-IO core of the edge batch-upload transaction (seed 000, "entomologist").
+
+Two plain classes and a few parsers, fed parsed messages and the current time, that
+answer with what to do; MQTT, HTTP, S3, SQL and Prefect live in thin shells
+(`camfleet/edge/` on the device, `services/signer.py` in the cloud).
+
+Wire format (deployed devices depend on it; topic templates are configurable)
+-----------------------------------------------------------------------------
+``cameraDevice/generateURL/{serial}``  device -> cloud, the request::
+
+    {"device-serialID": "ENTO-0001", "bucket-name": "any", "files": ["a.jpg", ...]}
+
+  camfleet's own device adds two optional fields (deployed devices send neither)::
+
+    "request-id": "3f2a...",                            echoed back in the answer
+    "checksums": {"a.jpg": {"size": 51200, "sha256": "<64 hex>"}, ...}
+
+``cameraDevice/getURL/{serial}``  cloud -> device, the answer (only strings and
+  integers, never true/false/null, because the seed device parses it with
+  ``ast.literal_eval``; each ``url`` is exactly boto3's ``generate_presigned_post``
+  shape, which the seed POSTs as ``requests.post(url["url"], data=url["fields"],
+  files={"file": ...})``)::
+
+    {"device-serialID": "ENTO-0001", "request-id": "3f2a...",
+     "files": [{"filename": "a.jpg", "key": "devices/ENTO-0001/a.jpg",
+                "url": {"url": "https://...", "fields": {"key": ..., "policy": ...}}}],
+     "verified": ["b.jpg"],                 already stored with that checksum: no upload
+     "rejected": [{"filename": "../x", "reason": "..."}],
+     "expires-in": 300}
+
+  A refused request still answers ``"files": []`` plus ``"error"`` so a seed device
+  uploads nothing instead of crashing on a missing key.
+
+``cameraDevice/fileUploaded/{serial}``  cloud -> device, one per verified file::
+
+    {"file": "a.jpg"}
+
+Checksums
+---------
+A request with ``checksums`` is *checked*: the signer verifies existence, the exact
+size and the SHA-256 it computes from the stored object against the declared one, and
+answers an already-stored identical file with ``verified`` instead of a URL. A request
+without them (deployed firmware) is *unchecked*: the signer verifies existence and the
+size against the presigned POST's content-length range and records the SHA-256 it
+computes, so later audits can compare. Either way the object key is chosen by the
+signer (``devices/{serial}/{name}``), never by the device.
+
+Unchecked requests get their verifications only once every file of the request is
+resolved, after a short settle delay: the seed device subscribes to the verification
+topic only after its last upload, so earlier messages would be lost.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from camfleet.keys import BadName, object_key, safe_id, sanitize_name
+
+# ---------------------------------------------------------------------------------------
+# Limits
+# ---------------------------------------------------------------------------------------
+
+# The seed's move.py moves "batches of 5"; the device side defaults to it.
+DEFAULT_BATCH_SIZE = 5
+
+# Files one request may name: ten times the seed's batch, so a tuned device can batch
+# more, while an answer (one presigned POST is ~1.5 KB) stays far below MQTT and AWS
+# IoT's 128 KB message limit.
+MAX_REQUEST_FILES = 50
+
+# A raw request: 50 names of 128 characters plus checksums is under 12 KB; anything
+# beyond 32 KiB is refused before json.loads.
+MAX_REQUEST_BYTES = 32 * 1024
+
+# A raw getURL answer the device accepts: 50 presigned POSTs at ~1.5 KB each.
+MAX_ANSWER_BYTES = 128 * 1024
+
+# A verification message is {"file": name}: a 128-character name fits in 200 bytes.
+MAX_VERIFICATION_BYTES = 1024
+
+# Largest file a presigned POST allows: trap cameras write JPEGs of a few MB; 32 MiB
+# also fits short clips and bounds what the signer reads back to hash.
+MAX_FILE_BYTES = 32 * 1024 * 1024
+
+# Presigned POST lifetime: five 50 KB-5 MB uploads over a slow cellular link finish in
+# well under a minute; five minutes leaves margin and keeps a leaked URL short-lived.
+URL_EXPIRES_S = 300
+
+# How long after a URL expires the signer still looks for its object: an upload that
+# started just before expiry may finish a little later.
+GRANT_GRACE_S = 30
+
+# Unchecked (seed firmware) requests: wait this long after the last file of a request
+# is resolved before publishing, so the device has subscribed to the verification topic.
+LEGACY_SETTLE_S = 2.0
+
+# Device side: how long to wait for the answer to a request before asking again, and
+# how often to ask before the batch is left for the next run.
+URL_TIMEOUT_S = 10.0
+URL_ATTEMPTS = 3
+
+# Device side: how long to wait for all verifications after the last upload.
+VERIFY_TIMEOUT_S = 30.0
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+# Error codes the signer records in device_errors (the 3000s are edge uploads).
+E_REQUEST = 3001  # request refused as a whole (JSON, types, serial, too many files)
+E_NAME = 3002  # one file name refused (path components, duplicates, declared size)
+E_SIZE = 3003  # stored object's size outside the grant or unequal to the declared size
+E_CHECKSUM = 3004  # stored object's SHA-256 differs from the declared one
+E_NEVER_UPLOADED = 3005  # the grant expired without an object
+E_STORE = 3006  # the object store failed while verifying (retried later)
+
+
+class RequestRefused(ValueError):
+    """A request refused as a whole; `reason` is safe to publish back to the device."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------
+# Topics
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Topics:
+    request: str = "cameraDevice/generateURL/{serial}"
+    urls: str = "cameraDevice/getURL/{serial}"
+    verified: str = "cameraDevice/fileUploaded/{serial}"
+
+    def for_device(self, serial: str) -> tuple[str, str, str]:
+        return (
+            self.request.format(serial=serial),
+            self.urls.format(serial=serial),
+            self.verified.format(serial=serial),
+        )
+
+    def request_filter(self) -> str:
+        """The subscription matching every device's request topic."""
+        return self.request.format(serial="+")
+
+    def serial_from_request_topic(self, topic: str) -> str:
+        """The {serial} level of a request topic, validated; RequestRefused otherwise."""
+        pattern = re.escape(self.request).replace(re.escape("{serial}"), "([^/]+)")
+        match = re.fullmatch(pattern, topic)
+        if not match:
+            raise RequestRefused("topic does not match the request template")
+        try:
+            return safe_id(match.group(1), "serial in topic")
+        except BadName as exc:
+            raise RequestRefused(str(exc)) from None
+
+
+def device_key(serial: str, name: str) -> str:
+    """The one object key a device's file may have: devices/{serial}/{name}."""
+    return object_key("devices", safe_id(serial, "serial"), name)
+
+
+def check_name(name: object) -> str:
+    """A file name usable as is: sanitizing must not change it (the device deletes by it)."""
+    clean = sanitize_name(name)
+    if clean != name:
+        raise BadName("name has characters outside A-Z a-z 0-9 . _ -")
+    return clean
+
+
+# ---------------------------------------------------------------------------------------
+# Cloud side: the request
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    name: str
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    filename: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class UrlRequest:
+    serial: str
+    bucket_name: str | None
+    request_id: str | None
+    files: tuple[FileSpec, ...]
+    rejected: tuple[Rejection, ...]
+    checked: bool  # the device declared size and SHA-256 of every file
+
+
+def _load_json(payload: bytes, limit: int) -> Any:
+    if len(payload) > limit:
+        raise RequestRefused(f"message larger than {limit} bytes")
+    try:
+        return json.loads(payload)
+    except (UnicodeDecodeError, ValueError):
+        raise RequestRefused("message is not JSON") from None
+
+
+def _printable(value: object, limit: int = 80) -> str:
+    """A device-supplied value made safe to echo in a reason or a log line."""
+    text = value if isinstance(value, str) else repr(value)
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text[:limit]
+
+
+def parse_url_request(
+    topic_serial: str,
+    payload: bytes,
+    *,
+    max_files: int = MAX_REQUEST_FILES,
+    max_file_bytes: int = MAX_FILE_BYTES,
+) -> UrlRequest:
+    """Validate a generateURL request from the device that owns `topic_serial`.
+
+    The request as a whole is refused (RequestRefused) for bad JSON or types, a serial
+    that is not the topic's, or too many files; single bad names are listed in
+    `rejected` and the rest of the batch goes ahead.
+    """
+    body = _load_json(payload, MAX_REQUEST_BYTES)
+    if not isinstance(body, dict):
+        raise RequestRefused("request must be a JSON object")
+    serial = body.get("device-serialID")
+    if serial != topic_serial:
+        raise RequestRefused("device-serialID does not match the topic's device")
+    bucket = body.get("bucket-name")
+    if bucket is not None and not isinstance(bucket, str):
+        raise RequestRefused("bucket-name must be a string")
+    request_id = body.get("request-id")
+    if request_id is not None:
+        try:
+            request_id = safe_id(request_id, "request-id")
+        except BadName as exc:
+            raise RequestRefused(str(exc)) from None
+    names = body.get("files")
+    if not isinstance(names, list):
+        raise RequestRefused("files must be a list of file names")
+    if len(names) > max_files:
+        raise RequestRefused(f"more than {max_files} files in one request")
+    checksums = body.get("checksums")
+    if checksums is not None and not isinstance(checksums, dict):
+        raise RequestRefused("checksums must be an object keyed by file name")
+    checked = bool(names) and checksums is not None
+
+    files: list[FileSpec] = []
+    rejected: list[Rejection] = []
+    seen: set[str] = set()
+    for raw in names:
+        try:
+            name = check_name(raw)
+        except BadName as exc:
+            rejected.append(Rejection(_printable(raw), str(exc)))
+            continue
+        if name in seen:
+            rejected.append(Rejection(name, "duplicate name in request"))
+            continue
+        seen.add(name)
+        size = sha = None
+        if checksums is not None:
+            info = checksums.get(name)
+            if not isinstance(info, dict):
+                rejected.append(Rejection(name, "no checksum entry for this file"))
+                continue
+            size, sha = info.get("size"), info.get("sha256")
+            if type(size) is not int or not 0 < size <= max_file_bytes:
+                rejected.append(Rejection(name, f"size must be 1-{max_file_bytes} bytes"))
+                continue
+            if not isinstance(sha, str) or not _SHA256.match(sha):
+                rejected.append(Rejection(name, "sha256 must be 64 lowercase hex digits"))
+                continue
+        files.append(FileSpec(name, size, sha))
+    return UrlRequest(
+        serial=serial,
+        bucket_name=bucket,
+        request_id=request_id,
+        files=tuple(files),
+        rejected=tuple(rejected),
+        checked=checked,
+    )
+
+
+def url_answer(
+    serial: str,
+    request_id: str | None,
+    grants: Iterable[tuple[str, str, str, dict[str, str]]],
+    verified: Iterable[str] = (),
+    rejected: Iterable[Rejection] = (),
+    expires_in: int = URL_EXPIRES_S,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The getURL payload; `grants` are (filename, key, post_url, post_fields)."""
+    answer: dict[str, Any] = {"device-serialID": serial}
+    if request_id:
+        answer["request-id"] = request_id
+    answer["files"] = [
+        {"filename": name, "key": key, "url": {"url": url, "fields": dict(fields)}}
+        for name, key, url, fields in grants
+    ]
+    answer["verified"] = list(verified)
+    answer["rejected"] = [{"filename": r.filename, "reason": r.reason} for r in rejected]
+    answer["expires-in"] = int(expires_in)
+    if error:
+        answer["error"] = error
+    return answer
+
+
+def verification_message(name: str) -> bytes:
+    """Plain JSON, which the seed's ast.literal_eval parser also accepts."""
+    return json.dumps({"file": name}).encode()
+
+
+# ---------------------------------------------------------------------------------------
+# Cloud side: verifying what was uploaded
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Grant:
+    """One presigned POST handed out, waiting for its object."""
+
+    serial: str
+    name: str
+    key: str
+    max_bytes: int
+    expires_at: float  # wall-clock seconds; the URL stops working then
+    request_id: str | None = None
+    declared_size: int | None = None
+    declared_sha256: str | None = None
+
+
+class Verdict(Enum):
+    VERIFIED = "verified"
+    MISSING = "missing"  # not uploaded (yet)
+    SIZE = "size"
+    CHECKSUM = "checksum"
+
+
+def judge_upload(grant: Grant, size: int | None, sha256: str | None) -> tuple[Verdict, str]:
+    """Whether the stored object (size and SHA-256 as read back) satisfies the grant.
+
+    The object store is not trusted to have enforced the POST policy (some S3-compatible
+    servers do not): the size bound is checked here again.
+    """
+    if size is None:
+        return Verdict.MISSING, "object not found"
+    if not 0 < size <= grant.max_bytes:
+        return Verdict.SIZE, f"stored size {size} outside 1-{grant.max_bytes}"
+    if grant.declared_size is not None and size != grant.declared_size:
+        return Verdict.SIZE, f"stored size {size} != declared {grant.declared_size}"
+    if grant.declared_sha256 is not None and sha256 != grant.declared_sha256:
+        return Verdict.CHECKSUM, "stored SHA-256 differs from the declared one"
+    return Verdict.VERIFIED, "ok"
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish a verification {"file": name} for serial."""
+
+    serial: str
+    name: str
+
+
+class VerificationQueue:
+    """Holds verifications until they may be published.
+
+    Checked requests publish each file as soon as it is verified. Unchecked (seed)
+    requests publish all of a request's verifications together, LEGACY_SETTLE_S after
+    its last file was resolved (verified, failed or expired).
+    """
+
+    def __init__(self, settle_s: float = LEGACY_SETTLE_S) -> None:
+        self.settle_s = settle_s
+        # (serial, request key) -> {"open": set of names, "done": [names], "ready_at"}
+        self._groups: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def open_request(self, serial: str, group: str, names: Iterable[str]) -> None:
+        self._groups[(serial, group)] = {"open": set(names), "done": [], "ready_at": None}
+
+    def resolved(
+        self, serial: str, group: str | None, name: str, ok: bool, now: float
+    ) -> list[Publish]:
+        """A file was verified (ok) or given up; returns what to publish now."""
+        if group is None:
+            return [Publish(serial, name)] if ok else []
+        entry = self._groups.get((serial, group))
+        if entry is None:
+            return [Publish(serial, name)] if ok else []
+        entry["open"].discard(name)
+        if ok:
+            entry["done"].append(name)
+        if not entry["open"]:
+            entry["ready_at"] = now + self.settle_s
+        return []
+
+    def due(self, now: float) -> list[Publish]:
+        out: list[Publish] = []
+        for group_key in list(self._groups):
+            entry = self._groups[group_key]
+            if entry["ready_at"] is not None and entry["ready_at"] <= now:
+                out += [Publish(group_key[0], name) for name in entry["done"]]
+                del self._groups[group_key]
+        return out
+
+    def next_due(self) -> float | None:
+        times = [e["ready_at"] for e in self._groups.values() if e["ready_at"] is not None]
+        return min(times) if times else None
+
+
+# ---------------------------------------------------------------------------------------
+# Device side: one batch
+# ---------------------------------------------------------------------------------------
+
+
+class FileState(Enum):
+    BUFFERED = "buffered"  # in bufferStorage/, not yet asked for
+    REQUESTED = "requested"  # named in a request, no URL yet
+    URL_RECEIVED = "url_received"
+    UPLOADED = "uploaded"  # the POST answered 2xx
+    VERIFIED = "verified"  # the cloud confirmed it: may be deleted
+    DELETED = "deleted"
+    FAILED = "failed"  # this run gives up on it; it stays in bufferStorage/
+    REFUSED = "refused"  # the cloud rejected the name: it stays, and is reported
+
+
+@dataclass
+class LocalFile:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Upload:
+    """POST the file `name` to `url` with `fields` (the presigned POST)."""
+
+    name: str
+    url: str
+    fields: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Delete:
+    name: str
+
+
+@dataclass
+class DeviceBatch:
+    """One transaction: request URLs, upload, collect verifications, delete.
+
+    Feed it `on_answer` (getURL payloads), `on_uploaded` (POST results) and
+    `on_verification` (fileUploaded payloads); it answers with Upload/Delete actions.
+    A payload that is not for this batch (another request-id, unknown names) is ignored,
+    so stale answers from an earlier, crashed run cannot confuse it.
+    """
+
+    serial: str
+    bucket_name: str
+    files: list[LocalFile]
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    states: dict[str, FileState] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    uploads: dict[str, Upload] = field(default_factory=dict)  # the latest URL per file
+    url_deadline: float | None = None
+    verify_deadline: float | None = None
+    attempts: int = 0
+
+    def __post_init__(self) -> None:
+        for f in self.files:
+            self.states.setdefault(f.name, FileState.BUFFERED)
+
+    # -- requesting -------------------------------------------------------------------
+
+    def request(self, now: float, url_timeout: float = URL_TIMEOUT_S) -> bytes:
+        """The request payload for every file still without a URL; starts the clock."""
+        wanted = [
+            f
+            for f in self.files
+            if self.states[f.name] in (FileState.BUFFERED, FileState.REQUESTED)
+        ]
+        for f in wanted:
+            self.states[f.name] = FileState.REQUESTED
+        self.attempts += 1
+        self.url_deadline = now + url_timeout
+        body = {
+            "device-serialID": self.serial,
+            "bucket-name": self.bucket_name,
+            "files": [f.name for f in wanted],
+            "request-id": self.request_id,
+            "checksums": {f.name: {"size": f.size, "sha256": f.sha256} for f in wanted},
+        }
+        return json.dumps(body).encode()
+
+    def waiting_for_urls(self) -> bool:
+        return any(s is FileState.REQUESTED for s in self.states.values())
+
+    def on_answer(self, payload: bytes) -> list[Upload] | None:
+        """A getURL payload: the uploads to make, or None when it is not ours."""
+        try:
+            body = _load_json(payload, MAX_ANSWER_BYTES)
+        except RequestRefused:
+            return None
+        if not isinstance(body, dict) or body.get("request-id") != self.request_id:
+            return None
+        entries = body.get("files")
+        if not isinstance(entries, list):
+            return None
+        uploads: list[Upload] = []
+        for entry in entries:
+            if not isinstance(entry, dict):
+                continue
+            name, post = entry.get("filename"), entry.get("url")
+            if self.states.get(name) is not FileState.REQUESTED or not isinstance(post, dict):
+                continue
+            url, fields = post.get("url"), post.get("fields")
+            if not isinstance(url, str) or not isinstance(fields, dict):
+                continue
+            self.states[name] = FileState.URL_RECEIVED
+            upload = Upload(name, url, {str(k): str(v) for k, v in fields.items()})
+            self.uploads[name] = upload
+            uploads.append(upload)
+        for name in body.get("verified") or []:
+            if self.states.get(name) is FileState.REQUESTED:
+                # Already stored; its {"file"} message follows on the verification topic.
+                self.states[name] = FileState.UPLOADED
+        for entry in body.get("rejected") or []:
+            name = entry.get("filename") if isinstance(entry, dict) else None
+            if self.states.get(name) is FileState.REQUESTED:
+                self.states[name] = FileState.REFUSED
+                self.reasons[name] = _printable(entry.get("reason", "refused"), 200)
+        if isinstance(body.get("error"), str):
+            for name, state in self.states.items():
+                if state is FileState.REQUESTED:
+                    self.states[name] = FileState.REFUSED
+                    self.reasons[name] = _printable(body["error"], 200)
+        if not self.waiting_for_urls():
+            self.url_deadline = None
+        return uploads
+
+    def url_timed_out(self, now: float) -> bool:
+        return self.url_deadline is not None and now >= self.url_deadline
+
+    def give_up_urls(self) -> None:
+        for name, state in self.states.items():
+            if state is FileState.REQUESTED:
+                self.states[name] = FileState.FAILED
+                self.reasons[name] = "no URL received"
+        self.url_deadline = None
+
+    # -- uploading --------------------------------------------------------------------
+
+    def needs_urls(self) -> bool:
+        return any(s in (FileState.BUFFERED, FileState.REQUESTED) for s in self.states.values())
+
+    def to_upload(self) -> list[str]:
+        return [n for n, s in self.states.items() if s is FileState.URL_RECEIVED]
+
+    def on_uploaded(self, name: str, ok: bool, reason: str = "") -> None:
+        """A POST finished: 2xx (ok), or failed and may be retried with the same URL."""
+        if self.states.get(name) is not FileState.URL_RECEIVED:
+            return
+        if ok:
+            self.states[name] = FileState.UPLOADED
+            self.reasons.pop(name, None)
+        else:
+            self.reasons[name] = reason or "upload failed"
+
+    def on_url_refused(self, name: str, reason: str = "") -> None:
+        """The store refused the URL (expired, policy): the next request asks anew."""
+        if self.states.get(name) is FileState.URL_RECEIVED:
+            self.states[name] = FileState.BUFFERED
+            self.reasons[name] = reason or "URL refused by the store"
+
+    def give_up_uploads(self) -> None:
+        for name, state in self.states.items():
+            if state in (FileState.URL_RECEIVED, FileState.BUFFERED):
+                self.states[name] = FileState.FAILED
+                self.reasons.setdefault(name, "not uploaded")
+
+    def start_verify_clock(self, now: float, timeout: float = VERIFY_TIMEOUT_S) -> None:
+        self.verify_deadline = now + timeout
+
+    # -- verification -----------------------------------------------------------------
+
+    def on_verification(self, payload: bytes) -> list[Delete]:
+        """A {"file": name} message; a Delete for a file of this batch awaiting it.
+
+        A verification may overtake the POST's own answer (the cloud sees the object
+        before the device reads the HTTP response), so URL_RECEIVED files count too.
+        """
+        try:
+            body = _load_json(payload, MAX_VERIFICATION_BYTES)
+        except RequestRefused:
+            return []
+        name = body.get("file") if isinstance(body, dict) else None
+        if self.states.get(name) in (
+            FileState.URL_RECEIVED,
+            FileState.UPLOADED,
+            FileState.REQUESTED,
+            FileState.FAILED,
+        ):
+            self.states[name] = FileState.VERIFIED
+            self.reasons.pop(name, None)
+            return [Delete(name)]
+        return []
+
+    def waiting_for_verification(self) -> bool:
+        return any(s is FileState.UPLOADED for s in self.states.values())
+
+    def verify_timed_out(self, now: float) -> bool:
+        return self.verify_deadline is not None and now >= self.verify_deadline
+
+    def give_up_verification(self) -> None:
+        for name, state in self.states.items():
+            if state is FileState.UPLOADED:
+                self.states[name] = FileState.FAILED
+                self.reasons[name] = "no verification received"
+
+    def on_deleted(self, name: str) -> None:
+        if self.states.get(name) is FileState.VERIFIED:
+            self.states[name] = FileState.DELETED
+
+    # -- summary ----------------------------------------------------------------------
+
+    def count(self, *states: FileState) -> int:
+        return sum(1 for s in self.states.values() if s in states)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "files": len(self.files),
+            "deleted": self.count(FileState.DELETED),
+            "verified_not_deleted": self.count(FileState.VERIFIED),
+            "left_for_next_run": self.count(
+                FileState.BUFFERED,
+                FileState.REQUESTED,
+                FileState.URL_RECEIVED,
+                FileState.UPLOADED,
+                FileState.FAILED,
+                FileState.REFUSED,
+            ),
+            "reasons": dict(self.reasons),
+        }

@@ -1,0 +1,596 @@
+"""The edge-upload signer/verifier: the cloud side of seed 000's batch transaction.
+
+It subscribes to every device's request topic, answers each request with presigned
+POSTs confined to `devices/{serial}/{name}`, then watches the granted keys until each
+object appears, checks it (size within the grant, the exact declared size and SHA-256
+when the device sent them, and the SHA-256 it computes from the stored bytes), makes it
+a `captures` row and only then publishes `{"file": name}`, the device's licence to
+delete its copy. Verified captures are handed to a Prefect flow run in batches.
+
+Protocol rules live in `camfleet.protocol.edge_batch`; this module is the shell around
+them: MQTT (paho's network thread only enqueues), the object store, PostgreSQL.
+
+Crash safety: every grant is a row in `edge_upload_grants` before its URL is published,
+and a restarted signer resumes watching open grants. A verification lost with the
+process is re-earned: the device asks again, and for a checked request whose object
+is already stored with the declared checksum the answer lists it as `verified` and
+the `{"file"}` message follows at once, without a second upload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from camfleet import db
+from camfleet.protocol import edge_batch as eb
+from camfleet.storage import ObjectStore, StorageError
+from camfleet.storage.base import STREAM_CHUNK_BYTES
+
+log = logging.getLogger("camfleet.signer")
+
+# First look for an uploaded object this long after the grant, then back off by
+# CHECK_BACKOFF up to CHECK_MAX_INTERVAL_S: a 50 KB upload on a LAN lands in tens of
+# milliseconds, a slow cellular one in tens of seconds, and a HEAD per pending file
+# every 2 s at most keeps an idle fleet cheap for the object store.
+CHECK_FIRST_S = 0.05
+CHECK_BACKOFF = 1.5
+CHECK_MAX_INTERVAL_S = 2.0
+
+# Verification reads objects back to hash them; a few in parallel hide store latency
+# without flooding a small S3-compatible server.
+CHECK_WORKERS = 4
+
+# Inbound requests waiting for the worker: a fleet's burst after an outage. Beyond
+# this, paho's thread drops requests (the devices time out and ask again) instead of
+# growing memory without bound.
+MAX_QUEUED_REQUESTS = 10_000
+
+# Grants watched at once: 2,000 devices with a 5-file batch each in flight.
+MAX_PENDING_GRANTS = 10_000
+
+# Hand verified captures to Prefect in batches: at most this many per flow run, and no
+# capture waits longer than HANDOFF_MAX_WAIT_S (one flow run per file would cost the
+# Prefect server ~40 ms of CPU per image, see DESIGN.md).
+HANDOFF_BATCH = 200
+HANDOFF_MAX_WAIT_S = 5.0
+
+MQTT_QOS = 1
+
+
+@dataclass
+class _Pending:
+    grant: eb.Grant
+    group: str | None  # unchecked requests publish per group, after the settle delay
+    next_check: float
+    interval: float = CHECK_FIRST_S
+
+
+@dataclass
+class SignerStats:
+    requests: int = 0
+    refused: int = 0
+    granted: int = 0
+    verified: int = 0
+    failed: int = 0
+    published: int = 0
+    handed_off: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def stored_digest(store: ObjectStore, key: str) -> tuple[int, str] | None:
+    """(size, SHA-256) computed from the stored bytes, streaming; None when absent."""
+    info = store.head(key)
+    if info is None:
+        return None
+    client = getattr(store, "client", None)
+    if client is not None and hasattr(store, "bucket"):  # S3Store: stream the body
+        body = client.get_object(Bucket=store.bucket, Key=store._key(key))["Body"]
+        digest, size = hashlib.sha256(), 0
+        for chunk in body.iter_chunks(STREAM_CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+        return size, digest.hexdigest()
+    sha = store.checksum(key)  # LocalStore streams from disk
+    return (info.size, sha) if sha else None
+
+
+class Signer:
+    """Run with `start()`/`stop()` (tests, `camfleet up`) or `run_forever()` (CLI)."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        dsn: str,
+        broker,
+        *,
+        topics: eb.Topics | None = None,
+        client_id: str = "camfleet-signer",
+        expires_in: int = eb.URL_EXPIRES_S,
+        max_file_bytes: int = eb.MAX_FILE_BYTES,
+        settle_s: float = eb.LEGACY_SETTLE_S,
+        grace_s: float = eb.GRANT_GRACE_S,
+        handoff: Callable[[list[dict]], str | None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.pool = db.Pool(dsn, maxconn=CHECK_WORKERS + 2)
+        self.topics = topics or eb.Topics()
+        self.expires_in = expires_in
+        self.max_file_bytes = max_file_bytes
+        self.grace_s = grace_s
+        self.clock = clock
+        self.stats = SignerStats()
+        self._broker = broker
+        self._client_id = client_id
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(MAX_QUEUED_REQUESTS)
+        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._publishing = eb.VerificationQueue(settle_s)
+        self._handoff = _Handoff(handoff, self.pool) if handoff else None
+        self._lock = threading.Lock()  # verification threads resolve grants concurrently
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self, connect_timeout: float = 10.0) -> Signer:
+        self._resume_open_grants()
+        client = self._broker.client(self._client_id, clean_session=False)
+        client.on_connect = self._on_connect
+        client.on_disconnect = lambda *a, **k: self._connected.clear()
+        client.on_message = self._on_message
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        client.connect_async(self._broker.host, self._broker.port, self._broker.keepalive)
+        client.loop_start()
+        self._client = client
+        if not self._connected.wait(connect_timeout):
+            log.warning("signer: broker %s not reachable yet; retrying", self._broker.describe())
+        self._thread = threading.Thread(target=self._work, name="edge-signer", daemon=True)
+        self._thread.start()
+        if self._handoff:
+            self._handoff.start()
+        log.info("signer: answering %s", self.topics.request_filter())
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(10)
+        if self._handoff:
+            self._handoff.stop()
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+        self.pool.close()
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    def wait_connected(self, timeout: float = 10.0) -> bool:
+        return self._connected.wait(timeout)
+
+    def __enter__(self) -> Signer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- MQTT callbacks (paho's network thread: enqueue only) ------------------------------
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        if reason_code.is_failure:
+            log.warning("signer: broker refused the connection: %s", reason_code)
+            return
+        client.subscribe(self.topics.request_filter(), qos=MQTT_QOS)
+        self._connected.set()
+
+    def _on_message(self, client, userdata, message) -> None:
+        try:
+            self._inbox.put_nowait((message.topic, bytes(message.payload)))
+        except queue.Full:
+            log.warning("signer: request queue full, dropping a request on %s", message.topic)
+
+    # -- the worker -------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(CHECK_WORKERS, thread_name_prefix="edge-verify") as checks:
+            while not self._stop.is_set():
+                now = self.clock()
+                due = [p for p in self._pending.values() if p.next_check <= now]
+                if due:
+                    for _ in checks.map(self._check, due):
+                        pass
+                with self._lock:
+                    publish = self._publishing.due(self.clock())
+                for pub in publish:
+                    self._publish_verification(pub)
+                timeout = self._idle_timeout()
+                try:
+                    topic, payload = self._inbox.get(timeout=timeout)
+                except queue.Empty:
+                    continue
+                self._handle_request_safely(topic, payload)
+                # Drain what else arrived, without starving the checks.
+                for _ in range(50):
+                    try:
+                        topic, payload = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._handle_request_safely(topic, payload)
+
+    def _idle_timeout(self) -> float:
+        now = self.clock()
+        times = [p.next_check for p in self._pending.values()]
+        ready = self._publishing.next_due()
+        if ready is not None:
+            times.append(ready)
+        if not times:
+            return 0.5
+        return min(0.5, max(0.0, min(times) - now))
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _handle_request_safely(self, topic: str, payload: bytes) -> None:
+        try:
+            self._handle_request(topic, payload)
+        except Exception as exc:  # the database or store failed: the device asks again
+            log.warning("signer: request on %s not answered: %s", topic, type(exc).__name__)
+            self.stats.errors.append(type(exc).__name__)
+
+    def _handle_request(self, topic: str, payload: bytes) -> None:
+        self.stats.requests += 1
+        try:
+            serial = self.topics.serial_from_request_topic(topic)
+        except eb.RequestRefused as exc:
+            # No valid device to answer: the topic level itself is malformed.
+            log.warning("signer: ignoring request on a malformed topic: %s", exc.reason)
+            self.stats.refused += 1
+            return
+        try:
+            request = eb.parse_url_request(serial, payload, max_file_bytes=self.max_file_bytes)
+        except eb.RequestRefused as exc:
+            self.stats.refused += 1
+            self._record_error(serial, None, eb.E_REQUEST, "warn", exc.reason, {})
+            self._publish_answer(serial, eb.url_answer(serial, None, [], error=exc.reason))
+            return
+
+        now = self.clock()
+        expires_at = now + self.expires_in
+        group = None if request.checked else (request.request_id or uuid.uuid4().hex)
+        grants: list[tuple[eb.Grant, dict[str, str], str]] = []
+        already: list[tuple[eb.FileSpec, tuple[int, str]]] = []
+        for spec in request.files:
+            key = eb.device_key(serial, spec.name)
+            if request.checked:
+                stored = self._stored(key)
+                if stored == (spec.size, spec.sha256):
+                    already.append((spec, stored))
+                    continue
+            max_bytes = spec.size or self.max_file_bytes
+            post = self.store.presigned_post(key, max_bytes=max_bytes, expires_in=self.expires_in)
+            grant = eb.Grant(
+                serial=serial,
+                name=spec.name,
+                key=key,
+                max_bytes=max_bytes,
+                expires_at=expires_at,
+                request_id=request.request_id or group,
+                declared_size=spec.size,
+                declared_sha256=spec.sha256,
+            )
+            grants.append((grant, post.fields, post.url))
+
+        with self.pool.connection() as conn:
+            db.queries.edge_ensure_device(conn, device_id=serial)
+            for grant, _, _ in grants:
+                db.queries.edge_grant_upsert(
+                    conn,
+                    device_id=serial,
+                    file_name=grant.name,
+                    object_key=grant.key,
+                    request_id=grant.request_id,
+                    checked=request.checked,
+                    declared_size=grant.declared_size,
+                    declared_sha256=grant.declared_sha256,
+                    max_bytes=grant.max_bytes,
+                    expires_at=grant.expires_at,
+                )
+            for rejection in request.rejected:
+                self._insert_error(
+                    conn,
+                    serial,
+                    None,
+                    eb.E_NAME,
+                    "warn",
+                    f"file name refused: {rejection.reason}",
+                    {"filename": rejection.filename},
+                )
+            verified_now = [self._record_capture(conn, serial, s.name, *st) for s, st in already]
+
+        with self._lock:
+            if group is not None and grants:
+                self._publishing.open_request(serial, group, [g.name for g, _, _ in grants])
+            for grant, _, _ in grants:
+                full = len(self._pending) >= MAX_PENDING_GRANTS
+                if full and (serial, grant.name) not in self._pending:
+                    # Still granted in the database: a restart or the device's next
+                    # request picks it up.
+                    log.warning("signer: %d grants pending; not watching more", len(self._pending))
+                    break
+                self._pending[(serial, grant.name)] = _Pending(grant, group, now + CHECK_FIRST_S)
+            self.stats.granted += len(grants)
+
+        answer = eb.url_answer(
+            serial,
+            request.request_id,
+            [(g.name, g.key, url, fields) for g, fields, url in grants],
+            verified=[s.name for s, _ in already],
+            rejected=request.rejected,
+            expires_in=self.expires_in,
+        )
+        self._publish_answer(serial, answer)
+        for spec, _ in already:
+            self._publish_verification(eb.Publish(serial, spec.name))
+        if self._handoff:
+            self._handoff.add([c for c in verified_now if c])
+
+    def _stored(self, key: str) -> tuple[int, str] | None:
+        try:
+            return stored_digest(self.store, key)
+        except (StorageError, OSError) as exc:
+            log.warning("signer: could not read back %s: %s", key, type(exc).__name__)
+            return None
+
+    # -- verification -----------------------------------------------------------------------
+
+    def _check(self, pending: _Pending) -> None:
+        grant = pending.grant
+        now = self.clock()
+        try:
+            stored = stored_digest(self.store, grant.key)
+        except Exception as exc:  # store down: look again later
+            self._backoff(pending, now)
+            log.warning("signer: store error checking %s: %s", grant.key, type(exc).__name__)
+            return
+        size, sha = stored if stored else (None, None)
+        verdict, reason = eb.judge_upload(grant, size, sha)
+        if verdict is eb.Verdict.MISSING:
+            if now > grant.expires_at + self.grace_s:
+                self._resolve_failed(pending, "expired", eb.E_NEVER_UPLOADED, reason, size, sha)
+            else:
+                self._backoff(pending, now)
+            return
+        if verdict is not eb.Verdict.VERIFIED:
+            code = eb.E_SIZE if verdict is eb.Verdict.SIZE else eb.E_CHECKSUM
+            if verdict is eb.Verdict.SIZE and size and size > grant.max_bytes:
+                # The store did not enforce the POST policy: do not keep what it forbade.
+                self.store.delete(grant.key)
+            self._resolve_failed(pending, "failed", code, reason, size, sha)
+            return
+        try:
+            with self.pool.connection() as conn:
+                capture = self._record_capture(conn, grant.serial, grant.name, size, sha)
+        except Exception as exc:  # database down: keep the grant open, verify later
+            self._backoff(pending, now)
+            log.warning("signer: could not record %s: %s", grant.key, type(exc).__name__)
+            return
+        with self._lock:
+            self._pending.pop((grant.serial, grant.name), None)
+            self.stats.verified += 1
+            publish = self._publishing.resolved(grant.serial, pending.group, grant.name, True, now)
+        for pub in publish:
+            self._publish_verification(pub)
+        if self._handoff and capture:
+            self._handoff.add([capture])
+
+    def _backoff(self, pending: _Pending, now: float) -> None:
+        pending.interval = min(pending.interval * CHECK_BACKOFF, CHECK_MAX_INTERVAL_S)
+        pending.next_check = now + pending.interval
+
+    def _record_capture(self, conn, serial: str, name: str, size: int, sha: str) -> dict | None:
+        """Capture row + grant resolution in the caller's transaction; the new capture."""
+        key = eb.device_key(serial, name)
+        row = db.queries.edge_capture_upsert(
+            conn,
+            device_id=serial,
+            file_name=name,
+            image_bytes=size,
+            content_type=_content_type(name),
+            storage_path=key,
+            sha256=sha,
+            metadata={"uploaded_via": "edge-presigned-post"},
+        )
+        record_id, inserted = row
+        db.queries.edge_grant_resolve(
+            conn,
+            device_id=serial,
+            file_name=name,
+            status="verified",
+            failed_reason=None,
+            stored_size=size,
+            stored_sha256=sha,
+            capture_id=record_id,
+        )
+        if not inserted:
+            return None
+        return {
+            "record_id": record_id,
+            "device_id": serial,
+            "file": name,
+            "key": key,
+            "size": size,
+            "sha256": sha,
+        }
+
+    def _resolve_failed(self, pending, status, code, reason, size, sha) -> None:
+        grant = pending.grant
+        try:
+            with self.pool.connection() as conn:
+                db.queries.edge_grant_resolve(
+                    conn,
+                    device_id=grant.serial,
+                    file_name=grant.name,
+                    status=status,
+                    failed_reason=reason,
+                    stored_size=size,
+                    stored_sha256=sha,
+                    capture_id=None,
+                )
+                self._insert_error(
+                    conn, grant.serial, grant.name, code, "error", reason, {"key": grant.key}
+                )
+        except Exception as exc:
+            self._backoff(pending, self.clock())
+            log.warning("signer: could not record failure of %s: %s", grant.key, type(exc).__name__)
+            return
+        with self._lock:
+            self._pending.pop((grant.serial, grant.name), None)
+            self.stats.failed += 1
+            publish = self._publishing.resolved(
+                grant.serial, pending.group, grant.name, False, self.clock()
+            )
+        log.info("signer: %s not verified: %s", grant.key, reason)
+        for pub in publish:
+            self._publish_verification(pub)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def _resume_open_grants(self) -> None:
+        with self.pool.connection() as conn:
+            rows = list(db.queries.edge_grants_open(conn))
+        groups: dict[tuple[str, str], list[str]] = {}
+        now = self.clock()
+        for serial, name, key, request_id, checked, size, sha, max_bytes, expires_at in rows:
+            group = None if checked else (request_id or "resumed")
+            grant = eb.Grant(serial, name, key, max_bytes, expires_at, request_id, size, sha)
+            self._pending[(serial, name)] = _Pending(grant, group, now)
+            if group is not None:
+                groups.setdefault((serial, group), []).append(name)
+        for (serial, group), names in groups.items():
+            self._publishing.open_request(serial, group, names)
+        if rows:
+            log.info("signer: resumed %d open grants", len(rows))
+
+    def _record_error(self, serial, capture_id, code, severity, message, details) -> None:
+        try:
+            with self.pool.connection() as conn:
+                self._insert_error(conn, serial, capture_id, code, severity, message, details)
+        except Exception as exc:
+            log.warning("signer: could not record error %d: %s", code, type(exc).__name__)
+
+    @staticmethod
+    def _insert_error(conn, serial, capture_id, code, severity, message, details) -> None:
+        db.queries.edge_error_insert(
+            conn,
+            device_id=serial,
+            capture_id=capture_id,
+            error_code=code,
+            severity=severity,
+            message=message,
+            details=details,
+        )
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def _publish_answer(self, serial: str, answer: dict) -> None:
+        _, urls_topic, _ = self.topics.for_device(serial)
+        self._client.publish(urls_topic, json.dumps(answer), qos=MQTT_QOS)
+
+    def _publish_verification(self, pub: eb.Publish) -> None:
+        _, _, verified_topic = self.topics.for_device(pub.serial)
+        self._client.publish(verified_topic, eb.verification_message(pub.name), qos=MQTT_QOS)
+        self.stats.published += 1
+
+
+def _content_type(name: str) -> str:
+    lower = name.lower()
+    if lower.endswith((".jpg", ".jpeg")):
+        return "image/jpeg"
+    if lower.endswith(".png"):
+        return "image/png"
+    if lower.endswith((".mp4", ".h264")):
+        return "video/mp4"
+    return "application/octet-stream"
+
+
+class _Handoff:
+    """Collects new captures and hands them to a Prefect flow run in batches."""
+
+    def __init__(self, run: Callable[[list[dict]], str | None], pool: db.Pool) -> None:
+        self._run = run
+        self._pool = pool
+        self._items: list[dict] = []
+        self._first_at: float | None = None
+        self._lock = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="edge-handoff", daemon=True)
+        self.flow_runs: list[str] = []
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, captures: list[dict]) -> None:
+        if not captures:
+            return
+        with self._lock:
+            if not self._items:
+                self._first_at = time.monotonic()
+            self._items.extend(captures)
+            self._lock.notify()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        self._thread.join(30)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self._ready():
+                    wait = None
+                    if self._first_at is not None:
+                        wait = max(0.0, self._first_at + HANDOFF_MAX_WAIT_S - time.monotonic())
+                    self._lock.wait(wait)
+                batch, self._items = self._items[:HANDOFF_BATCH], self._items[HANDOFF_BATCH:]
+                self._first_at = time.monotonic() if self._items else None
+                stopping = self._stop
+            if batch:
+                self._hand(batch)
+            if stopping and not self._items:
+                return
+
+    def _ready(self) -> bool:
+        if not self._items:
+            return False
+        waited = time.monotonic() - (self._first_at or time.monotonic())
+        return len(self._items) >= HANDOFF_BATCH or waited >= HANDOFF_MAX_WAIT_S
+
+    def _hand(self, batch: list[dict]) -> None:
+        try:
+            flow_run_id = self._run(batch)
+        except Exception as exc:  # Prefect unreachable: the captures are stored regardless
+            log.warning("signer: post-processing hand-off failed: %s", type(exc).__name__)
+            return
+        if flow_run_id:
+            self.flow_runs.append(flow_run_id)
+            with self._pool.connection() as conn:
+                db.queries.edge_captures_set_flow_run(
+                    conn, flow_run_id=flow_run_id, record_ids=[c["record_id"] for c in batch]
+                )

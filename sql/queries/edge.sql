@@ -1,0 +1,65 @@
+-- Edge batch uploads (seed 000): the signer's grants and the captures they become.
+
+-- name: edge_ensure_device!
+-- An edge device is known by its serial; first contact registers it.
+insert into devices (device_id, kind, last_seen_at)
+values (:device_id, 'edge', now())
+on conflict (device_id) do update set last_seen_at = now();
+
+-- name: edge_grant_upsert!
+-- A (re)issued presigned POST; re-granting a file reopens it.
+insert into edge_upload_grants (device_id, file_name, object_key, request_id, checked,
+                                declared_size, declared_sha256, max_bytes, expires_at)
+values (:device_id, :file_name, :object_key, :request_id, :checked,
+        :declared_size, :declared_sha256, :max_bytes, to_timestamp(:expires_at))
+on conflict (device_id, file_name) do update
+set object_key = excluded.object_key, request_id = excluded.request_id,
+    checked = excluded.checked, declared_size = excluded.declared_size,
+    declared_sha256 = excluded.declared_sha256, max_bytes = excluded.max_bytes,
+    status = 'granted', failed_reason = null, granted_at = now(),
+    expires_at = excluded.expires_at, resolved_at = null;
+
+-- name: edge_grant_get^
+select device_id, file_name, object_key, status, stored_size, stored_sha256, capture_id
+from edge_upload_grants
+where device_id = :device_id and file_name = :file_name;
+
+-- name: edge_grants_open
+-- Grants still waiting for their object (resumed after a signer restart).
+select device_id, file_name, object_key, request_id, checked, declared_size,
+       declared_sha256, max_bytes, extract(epoch from expires_at)::float8 as expires_at
+from edge_upload_grants
+where status = 'granted'
+order by granted_at;
+
+-- name: edge_grant_resolve!
+update edge_upload_grants
+set status = :status, failed_reason = :failed_reason, stored_size = :stored_size,
+    stored_sha256 = :stored_sha256, capture_id = coalesce(:capture_id, capture_id),
+    resolved_at = now()
+where device_id = :device_id and file_name = :file_name;
+
+-- name: edge_capture_upsert<!
+-- A verified upload is a capture; the same device and file name is the same capture.
+insert into captures (device_id, device_capture_id, source, image_bytes, content_type,
+                      ingest_status, storage_path, sha256, metadata)
+values (:device_id, :file_name, 'edge', :image_bytes, :content_type, 'stored',
+        :storage_path, :sha256, :metadata)
+on conflict (device_id, device_capture_id) do update
+set image_bytes = excluded.image_bytes, storage_path = excluded.storage_path,
+    sha256 = excluded.sha256, ingest_status = 'stored', updated_at = now()
+returning record_id, (xmax = 0) as inserted;
+
+-- name: edge_error_insert!
+insert into device_errors (device_id, capture_id, error_code, severity, message, details)
+values (:device_id, :capture_id, :error_code, :severity, :message, :details);
+
+-- name: edge_captures_set_flow_run!
+update captures set flow_run_id = :flow_run_id, updated_at = now()
+where record_id = any(:record_ids);
+
+-- name: edge_captures_by_ids
+select record_id, device_id, device_capture_id, storage_path, image_bytes, sha256
+from captures
+where record_id = any(:record_ids)
+order by record_id;
