@@ -8,6 +8,7 @@ mosquitto and sshd start in tens of milliseconds, PostgreSQL in under a second).
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -22,6 +23,10 @@ from camfleet.localsvc import (
 )
 
 TEMPLATE_DB = "camfleet_template"
+
+# Subprocesses find the `camfleet` command of the interpreter running the tests, even
+# when the virtualenv is not activated.
+os.environ["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture(scope="session")
