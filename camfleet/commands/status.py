@@ -46,3 +46,25 @@ def status(block: str = typer.Option(None, help="camfleet-postgres block name"))
 
 def register(app: typer.Typer, simulate: typer.Typer) -> None:
     app.command("status")(status)
+    app.command("config")(config)
+
+
+def config() -> None:
+    """Every setting, its environment variable and its current value (secrets masked)."""
+    from pydantic import SecretStr
+    from rich.console import Console
+    from rich.table import Table
+
+    from camfleet.settings import Settings
+
+    settings = Settings()
+    table = Table(title="camfleet settings")
+    for column in ("setting", "environment variable", "value"):
+        table.add_column(column)
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        env = " / ".join(alias.choices) if hasattr(alias, "choices") else str(alias)
+        value = getattr(settings, name)
+        shown = "" if value is None else ("***" if isinstance(value, SecretStr) else str(value))
+        table.add_row(name, env, shown)
+    Console().print(table)
