@@ -196,6 +196,9 @@ def test_free_port_hands_out_distinct_bindable_ports():
     ports = {free_port() for _ in range(20)}
     assert len(ports) == 20
     assert not any(port_open("127.0.0.1", p, timeout=0.1) for p in ports)
+    # Below the ephemeral range, where client sockets take their local ports.
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert all(p < low for p in ports)
 
 
 def test_start_failure_reports_log_tail(mosquitto):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,6 +32,10 @@ LOOPBACK = "127.0.0.1"
 _given_ports: set[int] = set()
 _given_ports_lock = threading.Lock()
 
+# Lowest port free_port() picks: above the registered ports of common local daemons
+# (PostgreSQL 5432, Redis 6379, 8000-8080 dev servers...).
+PORT_RANGE_START = 20000
+
 # How many log lines a start failure shows: enough for a stack trace or a config error,
 # short enough to read in a pytest report.
 LOG_TAIL_LINES = 40
@@ -44,12 +49,42 @@ class ServiceStartError(RuntimeError):
     """A local service did not become ready; the message carries its log tail."""
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux default
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that is free on `host` right now and not handed out before by us."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
+    """A TCP port that is free on `host` right now and not handed out before by us.
+
+    Chosen below the kernel's ephemeral range: outgoing connections take their local
+    port from that range, so a port inside it could be grabbed by some client while a
+    service is down for restart() (or a client reconnecting to 127.0.0.1:P could even
+    connect to itself). Falls back to a kernel-chosen port if there is no room below.
+    """
+    low, _ = _ephemeral_range()
+    lowest = min(PORT_RANGE_START, low)
+    for _ in range(200):
+        if low - lowest >= 1000:
+            port = random.randrange(lowest, low)
+            if not _bindable(host, port):
+                continue
+        else:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
         with _given_ports_lock:
             if port not in _given_ports:
                 _given_ports.add(port)
