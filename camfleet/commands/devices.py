@@ -15,12 +15,41 @@ _BLOCK = typer.Option(None, "--block", help="camfleet-postgres block name")
 _SECRETS = typer.Option(None, "--secrets-block", help="camfleet-secrets block name")
 
 
+def _dsn(block: str | None) -> str:
+    # Environment first when no block is named: loading Prefect just to read
+    # DATABASE_URL costs seconds per admin command.
+    from camfleet.settings import get_settings
+
+    settings = get_settings()
+    if not (block or settings.database_block) and settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    from camfleet import resolve
+
+    return resolve.database_url(block)
+
+
+def _secret(block: str | None) -> bytes:
+    from camfleet.settings import get_settings
+
+    settings = get_settings()
+    if not (block or settings.secrets_block) and settings.secret_key is not None:
+        return settings.secret_key.get_secret_value().encode()
+    from camfleet import resolve
+
+    return resolve.secret_key(block)
+
+
 def _connect(block: str | None):
     import psycopg2.extras
 
-    from camfleet import db, resolve
+    from camfleet import db
 
-    return db.connect(resolve.database_url(block), cursor_factory=psycopg2.extras.RealDictCursor)
+    try:
+        return db.connect(_dsn(block), cursor_factory=psycopg2.extras.RealDictCursor)
+    except psycopg2.OperationalError as exc:
+        # libpq's message names host and port, never the password.
+        typer.echo(f"cannot reach the database: {str(exc).strip()}", err=True)
+        raise typer.Exit(1) from None
 
 
 @devices_app.command("list")
@@ -59,10 +88,10 @@ def revoke(device_id: str, block: str = _BLOCK) -> None:
 @devices_app.command("rotate")
 def rotate(device_id: str, block: str = _BLOCK, secrets_block: str = _SECRETS) -> None:
     """Issue a new device token (printed once); the old one stops working now."""
-    from camfleet import db, resolve, tokens
+    from camfleet import db, tokens
 
     token = tokens.new_device_token()
-    token_hash = tokens.hash_device_token(resolve.secret_key(secrets_block), token)
+    token_hash = tokens.hash_device_token(_secret(secrets_block), token)
     with _connect(block) as conn:
         row = db.queries.devices_set_token(conn, device_id=device_id, token_hash=token_hash)
     if row is None:
@@ -81,7 +110,7 @@ def create_key(
     secrets_block: str = _SECRETS,
 ) -> None:
     """Create the user if needed and a new API key for it (printed once)."""
-    from camfleet import db, resolve, tokens
+    from camfleet import db, tokens
     from camfleet.keys import BadName, safe_id
 
     try:
@@ -90,7 +119,7 @@ def create_key(
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from None
     key = tokens.new_user_key()
-    key_hash = tokens.hash_user_key(resolve.secret_key(secrets_block), key)
+    key_hash = tokens.hash_user_key(_secret(secrets_block), key)
     with _connect(block) as conn:
         db.queries.devices_create_user(conn, user_id=user_id, name=name)
         db.queries.devices_create_user_key(conn, user_id=user_id, key_hash=key_hash, label=label)
