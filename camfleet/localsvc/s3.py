@@ -4,8 +4,12 @@ A subprocess (rather than moto's in-process ThreadedMotoServer) so it can be kil
 and restarted like a real service. moto keeps everything in memory: a restart
 (graceful or not) comes back on the same port with NO buckets and NO objects. That is
 what "the object store was down" tests need; tests that need data across a restart
-must re-create it. Any access key/secret is accepted; presigned URLs are verified
-for expiry but their signatures are not checked.
+must re-create it.
+
+moto does not authenticate: any access key/secret is accepted, and presigned URLs
+are honoured even with a wrong signature or after they expire (checked with moto
+5.2). Tests of "expired/forged URL is refused" cannot rely on this server; they must
+check the URL our code produced (X-Amz-Expires, X-Amz-Credential) instead.
 """
 
 from __future__ import annotations
