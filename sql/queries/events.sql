@@ -1,0 +1,73 @@
+-- Seed 001 (DataUploader): the `events` phases, plus the lock that keeps two runs
+-- (overlapping schedules, or two machines sharing a directory) off the same event.
+
+-- name: events_claim
+-- Session-level advisory locks on the given events; returns the ids this session got.
+-- The lock lives as long as the connection: a crashed uploader releases it by dying.
+-- The first key is camfleet's event-upload namespace, the second hashes the event id
+-- (a collision only makes two events wait for each other, never share a lock holder).
+SELECT event_id
+FROM unnest(CAST(:event_ids AS text[])) AS ids (event_id)
+WHERE pg_try_advisory_lock(:namespace, hashtext(event_id));
+
+-- name: events_unlock^
+SELECT pg_advisory_unlock(:namespace, hashtext(:event_id)) AS unlocked;
+
+-- name: events_insert_pending^
+-- Phase 1, idempotent on event id: a retried or re-run job updates its pending row
+-- (and counts the attempt); a completed row is left alone and nothing is returned.
+INSERT INTO events (event_id, metadata, status, video_bytes, attempts)
+VALUES (:event_id, :metadata, 'pending', :video_bytes, 1)
+ON CONFLICT (event_id) DO UPDATE
+    SET metadata = EXCLUDED.metadata,
+        video_bytes = EXCLUDED.video_bytes,
+        status = 'pending',
+        remote_video_path = NULL,
+        remote_json_path = NULL,
+        attempts = events.attempts + 1,
+        last_error = NULL,
+        updated_at = now()
+    WHERE events.status <> 'completed'
+RETURNING status;
+
+-- name: events_mark_completed!
+-- Phase 3: only a pending row becomes completed (0 rows means someone else finished it).
+UPDATE events
+SET status = 'completed',
+    remote_video_path = :remote_video_path,
+    remote_json_path = :remote_json_path,
+    last_error = NULL,
+    updated_at = now()
+WHERE event_id = :event_id
+  AND status = 'pending';
+
+-- name: events_note_error!
+-- A transient failure, visible on the row until the next attempt succeeds.
+UPDATE events
+SET last_error = :error,
+    updated_at = now()
+WHERE event_id = :event_id
+  AND status = 'pending';
+
+-- name: events_mark_failed!
+-- A package that can never succeed (moved aside locally): the row says why.
+INSERT INTO events (event_id, status, last_error, attempts)
+VALUES (:event_id, 'failed', :error, 1)
+ON CONFLICT (event_id) DO UPDATE
+    SET status = 'failed',
+        last_error = EXCLUDED.last_error,
+        attempts = events.attempts + 1,
+        updated_at = now()
+    WHERE events.status <> 'completed';
+
+-- name: events_get^
+SELECT event_id, status, metadata, remote_video_path, remote_json_path, video_bytes,
+       attempts, last_error, created_at, updated_at
+FROM events
+WHERE event_id = :event_id;
+
+-- name: events_status_counts
+SELECT status, count(*) AS events
+FROM events
+GROUP BY status
+ORDER BY status;
