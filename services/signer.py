@@ -64,6 +64,11 @@ HANDOFF_MAX_WAIT_S = 5.0
 
 MQTT_QOS = 1
 
+# How long the worker sleeps waiting for requests: long when idle, short while
+# verification threads are busy (they may schedule an earlier check).
+IDLE_POLL_S = 0.5
+IN_FLIGHT_POLL_S = 0.01
+
 
 @dataclass
 class _Pending:
@@ -71,6 +76,7 @@ class _Pending:
     group: str | None  # unchecked requests publish per group, after the settle delay
     next_check: float
     interval: float = CHECK_FIRST_S
+    in_flight: bool = False  # a verification thread is looking at it right now
 
 
 @dataclass
@@ -87,17 +93,24 @@ class SignerStats:
 
 def stored_digest(store: ObjectStore, key: str) -> tuple[int, str] | None:
     """(size, SHA-256) computed from the stored bytes, streaming; None when absent."""
-    info = store.head(key)
-    if info is None:
-        return None
     client = getattr(store, "client", None)
-    if client is not None and hasattr(store, "bucket"):  # S3Store: stream the body
-        body = client.get_object(Bucket=store.bucket, Key=store._key(key))["Body"]
+    if client is not None and hasattr(store, "bucket"):  # S3Store: one GET, streamed
+        from botocore.exceptions import ClientError
+
+        try:
+            body = client.get_object(Bucket=store.bucket, Key=store._key(key))["Body"]
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in {"NoSuchKey", "404", "NotFound"}:
+                return None
+            raise StorageError(f"S3 get {key!r} failed: {exc}") from exc
         digest, size = hashlib.sha256(), 0
         for chunk in body.iter_chunks(STREAM_CHUNK_BYTES):
             digest.update(chunk)
             size += len(chunk)
         return size, digest.hexdigest()
+    info = store.head(key)
+    if info is None:
+        return None
     sha = store.checksum(key)  # LocalStore streams from disk
     return (info.size, sha) if sha else None
 
@@ -212,17 +225,19 @@ class Signer:
         with ThreadPoolExecutor(CHECK_WORKERS, thread_name_prefix="edge-verify") as checks:
             while not self._stop.is_set():
                 now = self.clock()
-                due = [p for p in self._pending.values() if p.next_check <= now]
-                if due:
-                    for _ in checks.map(self._check, due):
-                        pass
                 with self._lock:
-                    publish = self._publishing.due(self.clock())
+                    due = [
+                        p for p in self._pending.values() if not p.in_flight and p.next_check <= now
+                    ]
+                    for p in due:
+                        p.in_flight = True
+                    publish = self._publishing.due(now)
+                for p in due:
+                    checks.submit(self._check_safely, p)
                 for pub in publish:
                     self._publish_verification(pub)
-                timeout = self._idle_timeout()
                 try:
-                    topic, payload = self._inbox.get(timeout=timeout)
+                    topic, payload = self._inbox.get(timeout=self._idle_timeout())
                 except queue.Empty:
                     continue
                 self._handle_request_safely(topic, payload)
@@ -236,13 +251,17 @@ class Signer:
 
     def _idle_timeout(self) -> float:
         now = self.clock()
-        times = [p.next_check for p in self._pending.values()]
-        ready = self._publishing.next_due()
+        with self._lock:
+            if any(p.in_flight for p in self._pending.values()):
+                # A check may end with a new next_check sooner than any known one.
+                return IN_FLIGHT_POLL_S
+            times = [p.next_check for p in self._pending.values()]
+            ready = self._publishing.next_due()
         if ready is not None:
             times.append(ready)
         if not times:
-            return 0.5
-        return min(0.5, max(0.0, min(times) - now))
+            return IDLE_POLL_S
+        return min(IDLE_POLL_S, max(0.0, min(times) - now))
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -275,9 +294,12 @@ class Signer:
         group = None if request.checked else (request.request_id or uuid.uuid4().hex)
         grants: list[tuple[eb.Grant, dict[str, str], str]] = []
         already: list[tuple[eb.FileSpec, tuple[int, str]]] = []
+        verified_before = self._verified_before(request) if request.checked else {}
         for spec in request.files:
             key = eb.device_key(serial, spec.name)
-            if request.checked:
+            if verified_before.get(spec.name) == (spec.size, spec.sha256):
+                # Verified before (the device crashed or missed the message): confirm the
+                # object is still there with these bytes, then verify without an upload.
                 stored = self._stored(key)
                 if stored == (spec.size, spec.sha256):
                     already.append((spec, stored))
@@ -350,6 +372,17 @@ class Signer:
         if self._handoff:
             self._handoff.add([c for c in verified_now if c])
 
+    def _verified_before(self, request: eb.UrlRequest) -> dict[str, tuple[int, str]]:
+        with self.pool.connection() as conn:
+            rows = list(
+                db.queries.edge_grants_verified(
+                    conn,
+                    device_id=request.serial,
+                    file_names=[f.name for f in request.files],
+                )
+            )
+        return {name: (size, sha) for name, size, sha in rows}
+
     def _stored(self, key: str) -> tuple[int, str] | None:
         try:
             return stored_digest(self.store, key)
@@ -358,6 +391,15 @@ class Signer:
             return None
 
     # -- verification -----------------------------------------------------------------------
+
+    def _check_safely(self, pending: _Pending) -> None:
+        try:
+            self._check(pending)
+        except Exception as exc:
+            self._backoff(pending, self.clock())
+            log.warning("signer: verifying %s failed: %s", pending.grant.key, type(exc).__name__)
+        finally:
+            pending.in_flight = False
 
     def _check(self, pending: _Pending) -> None:
         grant = pending.grant
@@ -391,7 +433,8 @@ class Signer:
             log.warning("signer: could not record %s: %s", grant.key, type(exc).__name__)
             return
         with self._lock:
-            self._pending.pop((grant.serial, grant.name), None)
+            if self._pending.get((grant.serial, grant.name)) is pending:
+                del self._pending[(grant.serial, grant.name)]
             self.stats.verified += 1
             publish = self._publishing.resolved(grant.serial, pending.group, grant.name, True, now)
         for pub in publish:
@@ -460,7 +503,8 @@ class Signer:
             log.warning("signer: could not record failure of %s: %s", grant.key, type(exc).__name__)
             return
         with self._lock:
-            self._pending.pop((grant.serial, grant.name), None)
+            if self._pending.get((grant.serial, grant.name)) is pending:
+                del self._pending[(grant.serial, grant.name)]
             self.stats.failed += 1
             publish = self._publishing.resolved(
                 grant.serial, pending.group, grant.name, False, self.clock()

@@ -63,3 +63,9 @@ select record_id, device_id, device_capture_id, storage_path, image_bytes, sha25
 from captures
 where record_id = any(:record_ids)
 order by record_id;
+
+-- name: edge_grants_verified
+-- Files of a request that were already verified (a re-request after a crash).
+select file_name, stored_size, stored_sha256
+from edge_upload_grants
+where device_id = :device_id and file_name = any(:file_names) and status = 'verified';

@@ -1,0 +1,125 @@
+"""Edge batch-upload transaction throughput beside a plain boto3 put_object loop.
+
+In one run, on private loopback services (Mosquitto, moto's S3 server, PostgreSQL):
+
+  baseline     boto3 `put_object` of N files, one after another (no checks, no DB)
+  transaction  the same N files through the full seed-000 transaction: move into the
+               buffer in batches of 5, MQTT request, presigned POSTs, upload, the
+               signer's read-back + SHA-256 verification + `captures` row, the
+               `{"file"}` message, delete; every file verified before deletion.
+
+Prints files/s for both and the ratio (target: >= 0.5).
+
+    .venv/bin/python bench/bench_edge_batch.py [--files 500] [--size 51200] [--lanes 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blocks.mqtt import MqttBroker  # noqa: E402
+from camfleet import db  # noqa: E402
+from camfleet.edge.config import EdgeConfig  # noqa: E402
+from camfleet.edge.uploader import EdgeUploader  # noqa: E402
+from camfleet.localsvc import MosquittoInstance, PostgresInstance, S3Instance  # noqa: E402
+from camfleet.storage.s3 import S3Store  # noqa: E402
+from services.signer import Signer  # noqa: E402
+
+
+def make_files(directory: Path, count: int, size: int) -> dict[str, str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    old = time.time() - 600
+    shas = {}
+    for i in range(count):
+        name = f"trap_{i:05d}.jpg"
+        data = os.urandom(size)
+        (directory / name).write_bytes(data)
+        os.utime(directory / name, (old + i, old + i))
+        shas[name] = hashlib.sha256(data).hexdigest()
+    return shas
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=500)
+    ap.add_argument("--size", type=int, default=50 * 1024)
+    ap.add_argument("--batch", type=int, default=5, help="files per transaction (seed: 5)")
+    ap.add_argument("--lanes", type=int, default=4, help="batches in flight at once")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-edge-"))
+    with (
+        MosquittoInstance(persistence=False) as broker_svc,
+        S3Instance() as s3,
+        PostgresInstance(fast=True) as pg,
+    ):
+        dsn = pg.create_database("bench_edge")
+        db.migrate(dsn)
+        store = S3Store(
+            s3.create_bucket(f"bench-{uuid.uuid4().hex[:8]}"),
+            endpoint_url=s3.endpoint_url,
+            region=s3.region,
+            access_key_id=s3.access_key,
+            secret_access_key=s3.secret_key,
+        )
+        source = work / "source"
+        make_files(source, args.files, args.size)
+
+        # Baseline: a plain put_object loop over the same files.
+        client = s3.client()
+        baseline_bucket = s3.create_bucket(f"base-{uuid.uuid4().hex[:8]}")
+        names = sorted(os.listdir(source))
+        t0 = time.perf_counter()
+        for name in names:
+            with open(source / name, "rb") as f:
+                client.put_object(Bucket=baseline_bucket, Key=f"devices/bench/{name}", Body=f)
+        baseline_s = time.perf_counter() - t0
+
+        # The full transaction.
+        broker = MqttBroker(host=broker_svc.host, port=broker_svc.port)
+        cfg = EdgeConfig(
+            serial="ENTO-BENCH",
+            buffer_dir=work / "bufferStorage",
+            repo_dir=work / "cameraImageRepo",
+            broker_host=broker.host,
+            broker_port=broker.port,
+            tls=False,
+            batch_size=args.batch,
+        )
+        shutil.copytree(source, cfg.repo_dir, copy_function=shutil.copy2)
+        with Signer(store, dsn, broker, client_id="bench-signer") as signer:
+            signer.wait_connected(10)
+            t0 = time.perf_counter()
+            summaries = EdgeUploader(cfg, broker, lanes=args.lanes, min_age_s=0).drain()
+            txn_s = time.perf_counter() - t0
+        deleted = sum(s["deleted"] for s in summaries)
+        with db.connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute("select count(*) from captures where device_id = 'ENTO-BENCH'")
+            rows = cur.fetchone()[0]
+        leftover = len(os.listdir(cfg.buffer_dir)) + len(os.listdir(cfg.repo_dir))
+
+    shutil.rmtree(work, ignore_errors=True)
+    base_rate = args.files / baseline_s
+    txn_rate = deleted / txn_s
+    print(f"files: {args.files} x {args.size} B, batch {args.batch}, lanes {args.lanes}")
+    print(f"baseline put_object loop : {base_rate:8.1f} files/s ({baseline_s:.2f} s)")
+    print(f"edge transaction         : {txn_rate:8.1f} files/s ({txn_s:.2f} s)")
+    print(f"ratio transaction/baseline: {txn_rate / base_rate:.2f}  (target >= 0.5)")
+    print(
+        f"verified+deleted {deleted}/{args.files}, captures rows {rows}, "
+        f"left on device {leftover}, batches {len(summaries)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
