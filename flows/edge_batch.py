@@ -1,0 +1,175 @@
+"""The edge batch-upload transaction as a Prefect flow, run on the device (seed 000).
+
+Each run drains the camera's `cameraImageRepo/` through `bufferStorage/` in batches of
+five (the seed's move.py): for every batch it asks the cloud for presigned POSTs over
+MQTT, uploads, waits for the cloud's per-file verification and deletes exactly the
+verified files. Whatever is not verified stays in `bufferStorage/` and is the first
+batch of the next run. Serve it with an interval schedule on the device:
+
+    camfleet edge serve --config /etc/entomologist/ento.conf --interval 60
+
+`edge_uploads_received` is the cloud side's post-processing flow: the signer hands it
+the captures it verified, in batches (never one run per file).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import acreate_table_artifact, create_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from camfleet.edge import files as edge_files
+from camfleet.edge.config import DEFAULT_CONFIG_PATH, EdgeConfig, load_ento_conf
+from camfleet.edge.link import EdgeLink
+from camfleet.edge.uploader import (
+    UPLOAD_ATTEMPTS,
+    BatchFailed,
+    await_verifications,
+    request_urls,
+    upload_files,
+)
+from camfleet.protocol import edge_batch as eb
+
+# Batches per run: a run that drains a backlog of 100 images should still end, so the
+# next scheduled run (and its fresh MQTT session) takes over; the schedule catches up.
+MAX_BATCHES_PER_RUN = 20
+
+
+@task(name="connect-to-broker", retries=3, retry_delay_seconds=[2, 5, 10], cache_policy=NO_CACHE)
+def connect_to_broker(config: EdgeConfig, mqtt_block: str | None) -> EdgeLink:
+    """Subscribe to this device's answer and verification topics before asking."""
+    broker = config.broker()
+    if mqtt_block:
+        from blocks.mqtt import MqttBroker
+
+        broker = MqttBroker.load(mqtt_block)
+    return EdgeLink(broker, config.serial, config.topics).connect()
+
+
+@task(name="take-batch", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def take_batch(config: EdgeConfig, min_age_s: float) -> list[eb.LocalFile]:
+    """Buffered leftovers first, then the oldest new images, moved atomically."""
+    return edge_files.take_batch(
+        config.repo_dir, config.buffer_dir, config.batch_size, min_age_s=min_age_s
+    )
+
+
+@task(
+    name="request-upload-urls",
+    retries=eb.URL_ATTEMPTS - 1,
+    retry_delay_seconds=1,
+    cache_policy=NO_CACHE,
+)
+def request_upload_urls(
+    batch: eb.DeviceBatch, link: EdgeLink, buffer_dir: Path, url_timeout_s: float
+) -> int:
+    """Publish the file list and wait for the presigned POSTs (retried on timeout)."""
+    return request_urls(batch, link, buffer_dir, url_timeout_s)
+
+
+@task(name="upload-files", cache_policy=NO_CACHE)
+def upload_to_presigned_posts(batch: eb.DeviceBatch, buffer_dir: Path) -> int:
+    """POST each file, streamed from disk (each retried UPLOAD_ATTEMPTS times)."""
+    return upload_files(batch, buffer_dir)
+
+
+@task(name="await-verifications", cache_policy=NO_CACHE)
+def await_verification_and_delete(
+    batch: eb.DeviceBatch, link: EdgeLink, buffer_dir: Path, verify_timeout_s: float
+) -> int:
+    """Delete each file as its {"file"} verification arrives; the rest stay buffered."""
+    return await_verifications(batch, link, buffer_dir, verify_timeout_s)
+
+
+def _progress(batch: eb.DeviceBatch, number: int) -> None:
+    summary = batch.summary()
+    left = summary["reasons"]
+    create_progress_artifact(
+        progress=100.0 * summary["deleted"] / max(1, summary["files"]),
+        key="edge-batch-" + re.sub(r"[^a-z0-9-]", "-", batch.serial.lower()),
+        description=(
+            f"batch {number}: {summary['deleted']}/{summary['files']} verified and deleted"
+            + (f"; left for the next run: {left}" if left else "")
+        ),
+    )
+
+
+@flow(name="edge-batch-upload")
+def edge_batch_upload(
+    config_path: str = DEFAULT_CONFIG_PATH,
+    mqtt_block: str | None = None,
+    max_batches: int = MAX_BATCHES_PER_RUN,
+    url_timeout_s: float = eb.URL_TIMEOUT_S,
+    verify_timeout_s: float = eb.VERIFY_TIMEOUT_S,
+    min_age_s: float = edge_files.MIN_FILE_AGE_S,
+) -> list[dict]:
+    """Move, request, upload, verify, delete: batch after batch until the repo is empty."""
+    logger = get_run_logger()
+    config = load_ento_conf(config_path)
+    link = connect_to_broker(config, mqtt_block)
+    summaries: list[dict] = []
+    try:
+        for number in range(1, max_batches + 1):
+            files = take_batch(config, min_age_s)
+            if not files:
+                break
+            batch = eb.DeviceBatch(config.serial, config.bucket_name, files)
+            for _ in range(UPLOAD_ATTEMPTS):  # expired URLs send files back for new ones
+                if not batch.needs_urls():
+                    break
+                try:
+                    request_upload_urls(batch, link, config.buffer_dir, url_timeout_s)
+                except BatchFailed:
+                    break  # no answer after the task's retries: the cloud is away
+                upload_to_presigned_posts(batch, config.buffer_dir)
+            batch.give_up_urls()
+            batch.give_up_uploads()
+            await_verification_and_delete(batch, link, config.buffer_dir, verify_timeout_s)
+            _progress(batch, number)
+            summary = batch.summary()
+            summaries.append(summary)
+            logger.info(
+                "batch %d: %d/%d verified and deleted", number, summary["deleted"], len(files)
+            )
+            if summary["deleted"] == 0:
+                logger.warning("nothing verified in this batch; leaving the rest for next run")
+                break
+    finally:
+        link.close()
+    return summaries
+
+
+@flow(name="edge-uploads-received")
+async def edge_uploads_received(captures: list[dict]) -> int:
+    """Cloud side: a batch of verified edge uploads, already `captures` rows.
+
+    Records the batch as a table artifact; the evaluation flow picks the captures up
+    by their `evaluation_status = 'pending'`.
+    """
+    rows = [
+        {
+            "record_id": c.get("record_id"),
+            "device": c.get("device_id"),
+            "file": c.get("file"),
+            "bytes": c.get("size"),
+            "sha256": (c.get("sha256") or "")[:16],
+        }
+        for c in captures
+    ]
+    await acreate_table_artifact(
+        table=rows,
+        key="edge-uploads-received",
+        description=f"{len(rows)} edge uploads verified and stored",
+    )
+    return len(rows)
+
+
+def run_uploads_received(captures: list[dict]) -> str | None:
+    """The signer's hand-off: one async flow run for the batch; its flow run id."""
+    import asyncio
+
+    state = asyncio.run(edge_uploads_received(captures, return_state=True))
+    return str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
