@@ -523,7 +523,9 @@ class DeviceBatch:
             if not isinstance(entry, dict):
                 continue
             name, post = entry.get("filename"), entry.get("url")
-            if self.states.get(name) is not FileState.REQUESTED or not isinstance(post, dict):
+            if not isinstance(name, str) or not isinstance(post, dict):
+                continue
+            if self.states.get(name) is not FileState.REQUESTED:
                 continue
             url, fields = post.get("url"), post.get("fields")
             if not isinstance(url, str) or not isinstance(fields, dict):
@@ -532,13 +534,15 @@ class DeviceBatch:
             upload = Upload(name, url, {str(k): str(v) for k, v in fields.items()})
             self.uploads[name] = upload
             uploads.append(upload)
-        for name in body.get("verified") or []:
-            if self.states.get(name) is FileState.REQUESTED:
+        verified = body.get("verified")
+        for name in verified if isinstance(verified, list) else []:
+            if isinstance(name, str) and self.states.get(name) is FileState.REQUESTED:
                 # Already stored; its {"file"} message follows on the verification topic.
                 self.states[name] = FileState.UPLOADED
-        for entry in body.get("rejected") or []:
+        rejected = body.get("rejected")
+        for entry in rejected if isinstance(rejected, list) else []:
             name = entry.get("filename") if isinstance(entry, dict) else None
-            if self.states.get(name) is FileState.REQUESTED:
+            if isinstance(name, str) and self.states.get(name) is FileState.REQUESTED:
                 self.states[name] = FileState.REFUSED
                 self.reasons[name] = _printable(entry.get("reason", "refused"), 200)
         if isinstance(body.get("error"), str):
@@ -606,7 +610,7 @@ class DeviceBatch:
         except RequestRefused:
             return []
         name = body.get("file") if isinstance(body, dict) else None
-        if self.states.get(name) in (
+        if isinstance(name, str) and self.states.get(name) in (
             FileState.URL_RECEIVED,
             FileState.UPLOADED,
             FileState.REQUESTED,
