@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from contextlib import closing
 
 import psycopg2
 import pytest
@@ -106,7 +107,7 @@ def test_flow_over_tls_and_password_uploads_verifies_and_reports(
     assert list((tmp_path / "cameraImageRepo").iterdir()) == []
 
     # The signer handed the 7 new captures to one post-processing flow run (not 7).
-    with psycopg2.connect(database_url) as conn, conn.cursor() as cur:
+    with closing(psycopg2.connect(database_url)) as conn, conn, conn.cursor() as cur:
         cur.execute(
             "select device_capture_id, flow_run_id from captures where device_id = %s",
             (serial,),

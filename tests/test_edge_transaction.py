@@ -14,17 +14,24 @@ import os
 import queue
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import httpx
-import paho.mqtt.client as mqtt
 import psycopg2
 import pytest
 
 from blocks.mqtt import MqttBroker
 from camfleet.edge.config import EdgeConfig
 from camfleet.edge.link import EdgeLink
-from camfleet.edge.uploader import EdgeUploader, run_batch
+from camfleet.edge.upload import post_file
+from camfleet.edge.uploader import (
+    EdgeUploader,
+    await_verifications,
+    request_urls,
+    run_batch,
+    upload_files,
+)
 from camfleet.localsvc import MosquittoInstance
 from camfleet.protocol import edge_batch as eb
 from camfleet.storage.s3 import S3Store
@@ -82,7 +89,7 @@ def device(tmp_path: Path, broker: MqttBroker, serial: str | None = None, **kw) 
 
 
 def captures(dsn: str, serial: str) -> dict[str, tuple]:
-    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+    with closing(psycopg2.connect(dsn)) as conn, conn, conn.cursor() as cur:
         cur.execute(
             "select device_capture_id, sha256, storage_path, source, image_bytes "
             "from captures where device_id = %s",
@@ -92,7 +99,7 @@ def captures(dsn: str, serial: str) -> dict[str, tuple]:
 
 
 def errors(dsn: str, serial: str) -> list[tuple]:
-    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+    with closing(psycopg2.connect(dsn)) as conn, conn, conn.cursor() as cur:
         cur.execute(
             "select error_code, message, details from device_errors where device_id = %s",
             (serial,),
@@ -174,3 +181,304 @@ def test_more_than_five_files_take_several_batches(tmp_path, signer, mosquitto, 
     assert sum(s["deleted"] for s in summaries) == 12
     assert set(captures(database_url, cfg.serial)) == set(shas)
     assert list(cfg.buffer_dir.iterdir()) == []
+
+
+def objects(store, serial: str) -> list[str]:
+    return sorted(o.key for o in store.list(f"devices/{serial}/"))
+
+
+def grants(dsn: str, serial: str) -> dict[str, tuple]:
+    with closing(psycopg2.connect(dsn)) as conn, conn, conn.cursor() as cur:
+        cur.execute(
+            "select file_name, status, checked from edge_upload_grants where device_id = %s",
+            (serial,),
+        )
+        return {row[0]: row[1:] for row in cur.fetchall()}
+
+
+# ---- deployed seed firmware ----------------------------------------------------------------
+
+
+def test_seed_firmware_device_works_unchanged(tmp_path, signer, store, mosquitto, database_url):
+    """Names only, QoS 0 URL subscription, ast.literal_eval, verification subscribed late."""
+    from camfleet.edge.seed_device import run_seed_batch
+
+    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
+    buffer = tmp_path / "bufferStorage"
+    shas = write_images(buffer, 5, prefix="seed")
+    deleted = run_seed_batch(broker_block(mosquitto), serial, buffer, sorted(shas), tmp_path)
+    assert sorted(deleted) == sorted(shas)
+    assert list(buffer.iterdir()) == []
+    rows = captures(database_url, serial)
+    # The signer computed each SHA-256 from the stored object (the device sent none).
+    assert {n: r[0] for n, r in rows.items()} == shas
+    assert {g[1] for g in grants(database_url, serial).values()} == {False}
+    saved = json.loads((tmp_path / "signedUrls.json").read_text())
+    assert [f["filename"] for f in saved["files"]] == sorted(shas)
+
+
+# ---- forged and bad input ---------------------------------------------------------------------
+
+
+def test_forged_requests_are_refused(tmp_path, signer, store, mosquitto, database_url):
+    a, b = f"ENTO-A{uuid.uuid4().hex[:6]}", f"ENTO-B{uuid.uuid4().hex[:6]}"
+    dev = Listener(mosquitto, [f"cameraDevice/getURL/{a}", f"cameraDevice/fileUploaded/{a}"])
+    try:
+        # Another device's serial in the payload: refused as a whole, answered empty.
+        dev.publish(
+            f"cameraDevice/generateURL/{a}",
+            {"device-serialID": b, "bucket-name": "x", "files": ["x.jpg"]},
+        )
+        topic, payload = dev.get()
+        answer = json.loads(payload)
+        assert topic.endswith(a) and answer["files"] == [] and "does not match" in answer["error"]
+
+        # Names with path components: each refused, the good one granted under A's prefix.
+        names = ["ok.jpg", f"../{b}/x.jpg", f"{b}/x.jpg", "..", ".hidden"]
+        dev.publish(
+            f"cameraDevice/generateURL/{a}",
+            {"device-serialID": a, "bucket-name": "x", "files": names},
+        )
+        answer = json.loads(dev.get()[1])
+        assert [f["filename"] for f in answer["files"]] == ["ok.jpg"]
+        grant = answer["files"][0]
+        assert grant["key"] == grant["url"]["fields"]["key"] == f"devices/{a}/ok.jpg"
+        assert len(answer["rejected"]) == 4
+
+        # moto does not enforce the POST policy, so a device can store under another
+        # key; camfleet never verifies or records what it did not grant.
+        fields = dict(grant["url"]["fields"], key=f"devices/{b}/evil.jpg")
+        r = httpx.post(grant["url"]["url"], data=fields, files={"file": ("f", b"x" * 10)})
+        assert r.status_code < 300
+        with pytest.raises(queue.Empty):
+            dev.get(timeout=1.0)
+        assert captures(database_url, b) == {} and captures(database_url, a) == {}
+        assert grants(database_url, b) == {}
+        codes = sorted(e[0] for e in errors(database_url, a))
+        assert codes == [eb.E_REQUEST] + [eb.E_NAME] * 4
+    finally:
+        dev.close()
+
+
+def test_wrong_size_or_checksum_is_never_verified(tmp_path, signer, store, mosquitto, database_url):
+    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
+    dev = Listener(
+        mosquitto, [f"cameraDevice/getURL/{serial}", f"cameraDevice/fileUploaded/{serial}"]
+    )
+    good, other = b"\xff\xd8" + b"1" * 98, b"\xff\xd8" + b"2" * 98
+    sha = hashlib.sha256(good).hexdigest()
+    try:
+        dev.publish(
+            f"cameraDevice/generateURL/{serial}",
+            {
+                "device-serialID": serial,
+                "bucket-name": "x",
+                "request-id": "r1",
+                "files": ["big.jpg", "swap.jpg"],
+                "checksums": {
+                    "big.jpg": {"size": 100, "sha256": sha},
+                    "swap.jpg": {"size": 100, "sha256": sha},
+                },
+            },
+        )
+        answer = json.loads(dev.get()[1])
+        posts = {f["filename"]: f["url"] for f in answer["files"]}
+        # More bytes than the policy allows (moto accepts them; the signer does not).
+        for name, body in (("big.jpg", good * 3), ("swap.jpg", other)):
+            post = posts[name]
+            httpx.post(post["url"], data=post["fields"], files={"file": (name, body)})
+        with pytest.raises(queue.Empty):
+            dev.get(timeout=1.5)
+        codes = sorted(e[0] for e in errors(database_url, serial))
+        assert codes == [eb.E_SIZE, eb.E_CHECKSUM]
+        assert store.head(f"devices/{serial}/big.jpg") is None  # over the limit: removed
+        assert captures(database_url, serial) == {}
+    finally:
+        dev.close()
+
+
+# ---- partial failure and crashes -----------------------------------------------------------
+
+
+def test_a_missing_verification_leaves_exactly_that_file(
+    tmp_path, signer, store, mosquitto, database_url
+):
+    broker = broker_block(mosquitto)
+    cfg = device(tmp_path, broker)
+    write_images(cfg.repo_dir, 5)
+    up = EdgeUploader(cfg, broker, min_age_s=0)
+    batch = up.next_batch()
+    # The file changes on the card after it was hashed: the upload will not match.
+    victim = batch.files[2].name
+    data = (cfg.buffer_dir / victim).read_bytes()
+    (cfg.buffer_dir / victim).write_bytes(data[:-1] + b"\x00")
+    link = EdgeLink(broker, cfg.serial).connect()
+    try:
+        summary = run_batch(batch, link, cfg.buffer_dir, verify_timeout=2.0)
+    finally:
+        link.close()
+    up._release(batch)
+    assert summary["deleted"] == 4
+    assert [p.name for p in cfg.buffer_dir.iterdir()] == [victim]
+    # The next run takes that file first, hashes it afresh and gets it verified.
+    summaries = up.drain()
+    assert [s["deleted"] for s in summaries] == [1]
+    assert list(cfg.buffer_dir.iterdir()) == []
+    assert len(captures(database_url, cfg.serial)) == 5
+    assert len(objects(store, cfg.serial)) == 5
+
+
+def test_device_crash_mid_batch_loses_nothing_and_uploads_nothing_twice(
+    tmp_path, signer, store, mosquitto, database_url
+):
+    broker = broker_block(mosquitto)
+    cfg = device(tmp_path, broker)
+    shas = write_images(cfg.repo_dir, 8)
+    watcher = Listener(mosquitto, [f"cameraDevice/getURL/{cfg.serial}"])
+    try:
+        # Crash 1: right after the move (nothing asked yet).
+        first = EdgeUploader(cfg, broker, min_age_s=0).next_batch()
+        assert len(first.files) == 5 and len(list(cfg.buffer_dir.iterdir())) == 5
+        # Crash 2: a second process got URLs, uploaded two files and died before any
+        # verification was handled (its MQTT session is simply gone).
+        link = EdgeLink(broker, cfg.serial).connect()
+        batch = eb.DeviceBatch(cfg.serial, "b", first.files[:4])
+        request_urls(batch, link, cfg.buffer_dir)
+        for name in [f.name for f in first.files[:2]]:
+            post_file(httpx.Client(trust_env=False), batch.uploads[name], cfg.buffer_dir)
+        link.close()
+        time.sleep(0.5)  # the signer verifies those two while nobody listens
+        assert len(captures(database_url, cfg.serial)) == 2
+        while not watcher.q.empty():
+            watcher.get()
+
+        # The next run: leftovers first; the two verified ones are answered as
+        # "verified" (no second upload), everything ends verified and deleted.
+        summaries = EdgeUploader(cfg, broker, min_age_s=0).drain()
+        assert sum(s["deleted"] for s in summaries) == 8
+        first_answer = json.loads(watcher.get()[1])
+        assert sorted(first_answer["verified"]) == sorted(f.name for f in first.files[:2])
+        assert {f["filename"] for f in first_answer["files"]} == {f.name for f in first.files[2:5]}
+    finally:
+        watcher.close()
+    assert list(cfg.buffer_dir.iterdir()) == [] and list(cfg.repo_dir.iterdir()) == []
+    assert {n: r[0] for n, r in captures(database_url, cfg.serial).items()} == shas
+    assert objects(store, cfg.serial) == [f"devices/{cfg.serial}/{n}" for n in sorted(shas)]
+
+
+def test_broker_down_during_the_wait_recovers(tmp_path, store, database_url):
+    with MosquittoInstance() as own:
+        broker = broker_block(own)
+        cfg = device(tmp_path, broker)
+        shas = write_images(cfg.repo_dir, 5)
+        with Signer(store, database_url, broker, client_id="signer-bd", settle_s=0.2) as signer:
+            assert signer.wait_connected(5)
+            up = EdgeUploader(cfg, broker, min_age_s=0)
+            batch = up.next_batch()
+            link = EdgeLink(broker, cfg.serial).connect()
+            try:
+                request_urls(batch, link, cfg.buffer_dir)
+                own.kill()  # the broker dies before any verification is published
+                upload_files(batch, cfg.buffer_dir)
+                await_verifications(batch, link, cfg.buffer_dir, verify_timeout=1.0)
+                assert len(list(cfg.buffer_dir.iterdir())) == 5  # nothing deleted unverified
+                own.restart()
+                assert link.wait_connected(15) and signer.wait_connected(15)
+            finally:
+                link.close()
+                up._release(batch)
+            # Either the queued verifications or the next run's re-request finish it.
+            summaries = up.drain()
+    assert list(cfg.buffer_dir.iterdir()) == []
+    assert {n: r[0] for n, r in captures(database_url, cfg.serial).items()} == shas
+    assert objects(store, cfg.serial) == [f"devices/{cfg.serial}/{n}" for n in sorted(shas)]
+    assert sum(s["deleted"] for s in summaries) <= 5
+
+
+def test_signer_killed_mid_batch_resumes_its_grants(
+    tmp_path, s3, bucket, store, mosquitto, database_url, run_cli
+):
+    """A real `camfleet signer` process, SIGKILLed after granting, before verifying."""
+    import signal
+    import subprocess
+    import sys
+
+    broker = broker_block(mosquitto)
+    cfg = device(tmp_path, broker)
+    shas = write_images(cfg.repo_dir, 5)
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "STORAGE_URL": f"s3://{bucket}?endpoint_url={s3.endpoint_url}",
+        "AWS_ACCESS_KEY_ID": s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+        "MQTT_HOST": mosquitto.host,
+        "MQTT_PORT": str(mosquitto.port),
+    }
+    client_id = f"signer-{uuid.uuid4().hex[:6]}"
+    cmd = [sys.executable, "-m", "camfleet.cli", "signer", "--handoff", "none"]
+    cmd += ["--client-id", client_id]
+
+    def start():
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout.readline().startswith(b"signer:")
+        time.sleep(0.5)  # connected and subscribed
+        return proc
+
+    proc = start()
+    up = EdgeUploader(cfg, broker, min_age_s=0)
+    batch = up.next_batch()
+    link = EdgeLink(broker, cfg.serial).connect()
+    try:
+        request_urls(batch, link, cfg.buffer_dir)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        upload_files(batch, cfg.buffer_dir)
+        assert grants(database_url, cfg.serial).keys() == shas.keys()
+        proc = start()  # resumes the open grants from edge_upload_grants
+        deleted = await_verifications(batch, link, cfg.buffer_dir, verify_timeout=15.0)
+    finally:
+        link.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    assert deleted == 5 and list(cfg.buffer_dir.iterdir()) == []
+    assert {n: r[0] for n, r in captures(database_url, cfg.serial).items()} == shas
+    assert {g[0] for g in grants(database_url, cfg.serial).values()} == {"verified"}
+
+
+def test_expired_urls_are_renewed(tmp_path, store, mosquitto, database_url, s3):
+    broker = broker_block(mosquitto)
+    cfg = device(tmp_path, broker)
+    shas = write_images(cfg.repo_dir, 5)
+    with Signer(
+        store, database_url, broker, client_id="signer-exp", expires_in=1, grace_s=0
+    ) as signer:
+        assert signer.wait_connected(5)
+        up = EdgeUploader(cfg, broker, min_age_s=0)
+        batch = up.next_batch()
+        link = EdgeLink(broker, cfg.serial).connect()
+        try:
+            request_urls(batch, link, cfg.buffer_dir)
+            # The URLs expire before the upload: moto would still accept the POSTs, but
+            # the signer has closed those grants and verifies nothing.
+            time.sleep(2.5)
+            # A URL the store refuses (here: a 4xx for a bucket that does not exist)
+            # sends its file back to be requested again.
+            name = batch.files[0].name
+            u = batch.uploads[name]
+            batch.uploads[name] = eb.Upload(name, f"{s3.endpoint_url}/no-such-bucket-x", u.fields)
+            upload_files(batch, cfg.buffer_dir)
+            assert batch.states[name] is eb.FileState.BUFFERED
+            assert batch.count(eb.FileState.UPLOADED) == 4
+            await_verifications(batch, link, cfg.buffer_dir, verify_timeout=1.0)
+            assert len(list(cfg.buffer_dir.iterdir())) == 5
+            assert {g[0] for g in grants(database_url, cfg.serial).values()} == {"expired"}
+        finally:
+            link.close()
+            up._release(batch)
+        # The next run asks again, gets fresh URLs and finishes the batch.
+        signer.expires_in = 300
+        summaries = up.drain()
+    assert [s["deleted"] for s in summaries] == [5]
+    assert {n: r[0] for n, r in captures(database_url, cfg.serial).items()} == shas
+    assert objects(store, cfg.serial) == [f"devices/{cfg.serial}/{n}" for n in sorted(shas)]
