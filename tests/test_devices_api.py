@@ -40,6 +40,7 @@ def client(database_url, tmp_path):
     app = create_app(
         database_url=database_url,
         secret_key=SECRET,
+        processing_runs=None,  # no Prefect here: tests/test_devices_processing.py
         store=store,
         rate_limits=RateLimits(device="1000/second", user="1000/second"),
     )
@@ -199,6 +200,7 @@ def test_failed_activations_are_limited_per_address(database_url, tmp_path):
     app = create_app(
         database_url=database_url,
         secret_key=SECRET,
+        processing_runs=None,  # no Prefect here: tests/test_devices_processing.py
         store=LocalStore(tmp_path, public_url="http://testserver", secret=SECRET),
         rate_limits=RateLimits(activate_fail="3/minute"),
     )
@@ -220,6 +222,7 @@ def test_device_rate_limit_answers_429_with_retry_after(database_url, tmp_path):
     app = create_app(
         database_url=database_url,
         secret_key=SECRET,
+        processing_runs=None,  # no Prefect here: tests/test_devices_processing.py
         store=LocalStore(tmp_path, public_url="http://testserver", secret=SECRET),
         rate_limits=RateLimits(device="5/minute"),
     )
@@ -239,6 +242,7 @@ def test_user_rate_limit_spans_the_users_devices(database_url, tmp_path):
     app = create_app(
         database_url=database_url,
         secret_key=SECRET,
+        processing_runs=None,  # no Prefect here: tests/test_devices_processing.py
         store=LocalStore(tmp_path, public_url="http://testserver", secret=SECRET),
         rate_limits=RateLimits(user="6/minute", pair="100/minute"),
     )

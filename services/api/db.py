@@ -58,6 +58,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        runs = getattr(app.state, "processing_runs", None)
+        if runs is not None:  # the ingest window assigner's Prefect client
+            await runs.close()
         if own:
             await app.state.pool.close()
             app.state.pool = None

@@ -35,8 +35,10 @@ PROCESSING_DELAY_S = 5
 # After a failed creation (Prefect down), ingests do not wait on Prefect again for this
 # long: they answer task_id null at full speed and the next run adopts the items.
 RETRY_AFTER_FAILURE_S = 5.0
-# An ingest waits at most this long for a run id before answering without one.
-CREATE_TIMEOUT_S = 2.0
+# An ingest waits at most this long for a run id before answering without one. Only
+# the first ingest after start-up (or after an outage) waits at all: later windows'
+# runs are created ahead. A cold Prefect client takes 1-3 s on a busy small box.
+CREATE_TIMEOUT_S = 5.0
 
 
 def window_of(now: float, window_s: int = WINDOW_S) -> int:
@@ -55,8 +57,10 @@ class WindowRuns:
         create: Callable[[int], Awaitable[str | None]],
         clock: Callable[[], float],
         window_s: int = WINDOW_S,
+        close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._create = create
+        self._close = close
         self._clock = clock
         self.window_s = window_s
         self._runs: dict[int, asyncio.Future] = {}
@@ -72,7 +76,7 @@ class WindowRuns:
         try:
             run_id = await self._create(window)
         except Exception as exc:  # Prefect down, network error: ingest goes on without
-            log.warning("cannot create the processing flow run: %s", type(exc).__name__)
+            log.warning("cannot create the processing flow run: %r", exc)
             run_id = None
         if run_id is None:
             self._failed_at = self._clock()
@@ -92,6 +96,13 @@ class WindowRuns:
             return await asyncio.wait_for(asyncio.shield(fut), CREATE_TIMEOUT_S)
         except TimeoutError:
             return None
+
+    async def close(self) -> None:
+        for fut in self._runs.values():
+            fut.cancel()
+        self._runs.clear()
+        if self._close is not None:
+            await self._close()
 
 
 class PrefectRuns:
@@ -131,6 +142,9 @@ class PrefectRuns:
             idempotency_key=f"lifelog-ingest-window-{self.window_s}-{window}",
         )
         return str(run.id)
+
+    def window_runs(self, clock: Callable[[], float]) -> WindowRuns:
+        return WindowRuns(self.create, clock, self.window_s, close=self.close)
 
     async def close(self) -> None:
         if self._client is not None:

@@ -123,9 +123,9 @@ def _processing(request: Request):
     if not hasattr(state, "processing_runs"):
         runs = None
         if os.environ.get("PREFECT_API_URL"):
-            from services.api.ingest_batches import PrefectRuns, WindowRuns
+            from services.api.ingest_batches import PrefectRuns
 
-            runs = WindowRuns(PrefectRuns().create, time.time)
+            runs = PrefectRuns().window_runs(time.time)
         state.processing_runs = runs
     return state.processing_runs
 

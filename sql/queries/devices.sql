@@ -112,7 +112,19 @@ from captures
 where flow_run_id = :flow_run_id and source = 'lifelog'
 order by device_id, seq;
 
--- name: devices_ingest_mark_processed!
+-- name: devices_ingest_adopt_orphans!
+-- Items ingested while Prefect was unreachable (no run id) join the next run.
 update captures
-set metadata = metadata || :patch, updated_at = now()
+set flow_run_id = :flow_run_id, updated_at = now()
+where source = 'lifelog'
+  and flow_run_id is null
+  and created_at < now() - make_interval(secs => :min_age_s);
+
+-- name: devices_ingest_record_verified!
+update captures
+set sha256 = :sha256,
+    image_bytes = :image_bytes,
+    ingest_status = :ingest_status,
+    metadata = metadata || :patch,
+    updated_at = now()
 where record_id = :record_id;
