@@ -1,0 +1,85 @@
+"""`camfleet edge run` and `camfleet edge serve` as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+from tests.test_edge_flow import seed_conf
+from tests.test_edge_transaction import (  # noqa: F401 - fixtures
+    broker_block,
+    captures,
+    signer,
+    store,
+    write_images,
+)
+
+
+def test_edge_run_without_prefect(tmp_path, signer, mosquitto, database_url, run_cli):  # noqa: F811
+    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
+    conf = seed_conf(tmp_path, serial, mosquitto, PORT=mosquitto.port, TLS=False)
+    shas = write_images(tmp_path / "cameraImageRepo", 6)
+    out = run_cli(
+        [sys.executable, "-m", "camfleet.cli", "edge", "run", "--config", conf]
+        + ["--no-prefect", "--min-age", "0"],
+        timeout=120,
+    )
+    assert "2 batches: 6/6 files verified and deleted" in out.stdout
+    assert set(captures(database_url, serial)) == set(shas)
+
+
+def test_edge_serve_is_a_scheduled_deployment_that_runs(
+    tmp_path,
+    prefect_api_url,
+    signer,  # noqa: F811
+    mosquitto,
+    database_url,
+):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
+    conf = seed_conf(tmp_path, serial, mosquitto, PORT=mosquitto.port, TLS=False)
+    shas = write_images(tmp_path / "cameraImageRepo", 3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "camfleet.cli", "edge", "serve", "--config", conf]
+        + ["--interval", "3600"],
+        env={**os.environ, "PREFECT_API_URL": prefect_api_url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    name = f"edge-batch-upload/edge-{serial}"
+    try:
+
+        async def deployment():
+            async with get_client() as client:
+                for _ in range(120):
+                    try:
+                        return await client.read_deployment_by_name(name)
+                    except Exception:
+                        await asyncio.sleep(0.5)
+            raise AssertionError("the served deployment never appeared")
+
+        dep = asyncio.run(deployment())
+        assert [s.schedule.interval.total_seconds() for s in dep.schedules] == [3600]
+        # The served process runs it (min age 0 so the fresh test images qualify).
+        run = run_deployment(name, parameters={"min_age_s": 0}, timeout=120, poll_interval=1)
+        assert run.state.is_completed(), run.state
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    deadline = time.monotonic() + 5
+    while set(captures(database_url, serial)) != set(shas) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert set(captures(database_url, serial)) == set(shas)
+    assert list((tmp_path / "bufferStorage").iterdir()) == []
