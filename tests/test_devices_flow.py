@@ -284,3 +284,40 @@ def test_cli_revoke_rotate_and_list(api, env, user_key):
     assert httpx.post(f"{base}/devices/upload-url", json=body, headers=headers).status_code == 401
     r = httpx.post(f"{base}/devices/upload-url", json=body, headers={"X-Device-Token": new})
     assert r.status_code == 200
+
+
+def test_simulator_pairs_uploads_streams_and_retries_ingest(
+    api, env, user_key, s3, flow_bucket, flow_db, tmp_path
+):
+    base, _ = api
+    state_dir = tmp_path / "state"
+    args = [CAMFLEET, "simulate", "lifelog", "--api", base, "--devices", "2", "--photos", "3"]
+    result = run_command(
+        [*args, "--duplicate-rate", "1", "--state-dir", str(state_dir)],
+        env={**env, "CAMFLEET_USER_KEY": user_key},
+    )
+    summary = json.loads(result.stdout)
+    assert summary["statuses"] == {"queued": 6, "retry-duplicate": 6}
+    assert set(summary["p99_ms"]) == {"activate", "upload-url", "put", "ingest"}
+    # the state file keeps the token and the seq: a second run resumes at seq 4
+    result = run_command(
+        [*args[:-4], "--devices", "1", "--photos", "1", "--state-dir", str(state_dir)], env=env
+    )
+    assert json.loads(result.stdout)["statuses"] == {"queued": 1}
+    device_id = json.loads((state_dir / "lifelog-0.json").read_text())["device_id"]
+    import psycopg2
+
+    conn = psycopg2.connect(flow_db)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "select seq, storage_path from captures where device_id = %s order by seq",
+                (device_id,),
+            )
+            rows = cur.fetchall()
+    finally:
+        conn.close()
+    assert [seq for seq, _ in rows] == [1, 2, 3, 4]
+    for _, key in rows:
+        head = s3.client().head_object(Bucket=flow_bucket, Key=key)
+        assert head["ContentLength"] > 9000

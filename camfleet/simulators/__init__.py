@@ -1,0 +1,1 @@
+"""Simulated devices of each family, for tests, demos and benchmarks (`camfleet simulate`)."""
