@@ -186,6 +186,12 @@ class Signer:
         self.pool.close()
 
     def run_forever(self) -> None:
+        """Serve until SIGTERM/SIGINT, then stop gracefully (hand-off flushed)."""
+        import signal
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
         self.start()
         try:
             while not self._stop.wait(1.0):
