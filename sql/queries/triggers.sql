@@ -197,6 +197,15 @@ ORDER BY created_at
 LIMIT :limit
 FOR UPDATE SKIP LOCKED;
 
+-- name: eval_captures_by_ids
+-- Captures named by another pipeline (scored whatever their status), locked likewise.
+SELECT record_id, device_id, storage_path, content_type
+FROM captures
+WHERE record_id = ANY(:record_ids::text[])
+  AND storage_path IS NOT NULL
+ORDER BY created_at
+FOR UPDATE SKIP LOCKED;
+
 -- name: eval_save_results!
 UPDATE captures c
 SET evaluation_status = v.status, evaluation_result = v.result::jsonb, updated_at = now()
