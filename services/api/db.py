@@ -61,6 +61,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runs = getattr(app.state, "processing_runs", None)
         if runs is not None:  # the ingest window assigner's Prefect client
             await runs.close()
+        presigner = getattr(app.state, "presigner", None)
+        if presigner is not None:  # its HTTP client for storage HEADs
+            await presigner.aclose()
         if own:
             await app.state.pool.close()
             app.state.pool = None

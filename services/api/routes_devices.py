@@ -89,6 +89,9 @@ class DeviceApiConfig:
             if types
             else DEFAULT_CONTENT_TYPES,
             max_upload_bytes=int(os.environ.get("CAMFLEET_MAX_UPLOAD_BYTES", MAX_UPLOAD_BYTES)),
+            # Off only to measure what the check costs (bench/bench_lifelog_ingest.py).
+            check_object=os.environ.get("CAMFLEET_INGEST_CHECK_OBJECT", "on").lower()
+            not in ("off", "0", "false"),
         )
 
 
@@ -115,6 +118,24 @@ def _store(request: Request):
             store = LocalStore(store.root, public_url=public, secret=server_secret(request))
         state.store = store
     return store
+
+
+def _presigner(request: Request):
+    """For S3 storage: SigV4 URLs and async HEADs without boto3 on the hot path."""
+    state = request.app.state
+    if not hasattr(state, "presigner"):
+        from camfleet.storage.s3 import S3Store
+
+        store, presigner = _store(request), None
+        if isinstance(store, S3Store):
+            from services.api.presign import FastS3Presigner
+
+            try:
+                presigner = FastS3Presigner(store)
+            except ValueError:  # temporary credentials: boto3 handles their refresh
+                presigner = None
+        state.presigner = presigner
+    return state.presigner
 
 
 def _processing(request: Request):
@@ -317,8 +338,8 @@ async def upload_url(
         key = build_object_key(device.device_id, body.filename, body.seq, datetime.now(UTC))
     except BadName as exc:
         raise _error(400, "bad_filename", str(exc)) from None
-    store = _store(request)
-    signed = store.presigned_put(
+    signer = _presigner(request) or _store(request)
+    signed = signer.presigned_put(
         key, content_type, expires_in=cfg.upload_url_ttl_s, max_bytes=cfg.max_upload_bytes
     )
     return JSONResponse(
@@ -337,12 +358,16 @@ async def upload_url(
 # --- ingest -----------------------------------------------------------------------------
 
 
-async def _head(store, key: str):
+async def _head(request: Request, key: str):
     from camfleet.storage.local import LocalStore
 
+    presigner = _presigner(request)
+    if presigner is not None:
+        return await presigner.head(key)  # async HTTP HEAD on this event loop
+    store = _store(request)
     if isinstance(store, LocalStore):
         return store.head(key)  # a stat(): microseconds, no thread needed
-    return await run_in_threadpool(store.head, key)  # boto3 is blocking
+    return await run_in_threadpool(store.head, key)  # other backends block
 
 
 @router.post("/ingest")
@@ -362,9 +387,8 @@ async def ingest(
         raise _error(415, "unsupported_content_type", "content_type is not an allowed image type")
     size = None
     if cfg.check_object:
-        store = _store(request)
         try:
-            info = await _head(store, key)
+            info = await _head(request, key)
         except Exception as exc:  # storage down: the device retries later
             log.warning("storage HEAD failed: %s", type(exc).__name__)
             raise _error(
