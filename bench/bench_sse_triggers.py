@@ -1,0 +1,358 @@
+"""SSE command delivery: N devices holding streams on one `camfleet api` process.
+
+In one run, on a private PostgreSQL and one API process started as `camfleet api`
+(access log off, pings every 30 s as in production):
+
+  baseline   10 devices streaming, triggers at --rate/s for --seconds: dispatch lag
+             (trigger row created -> command line read by the device) p50/p99
+  fleet      N devices streaming (default 10,000), the same trigger rate: lag p50/p99,
+             the API process's memory per connection, and executed/created when every
+             device that gets a command uploads a capture (POST /v1/captures)
+
+Triggers are manual rows inserted one per transaction at the fixed rate by this
+process (psycopg2); the database announces each with NOTIFY and the API's hub writes
+it to the stream. The devices are one asyncio client process using raw asyncio
+streams (not an HTTP library per connection); uploads go through a pool of 16
+keep-alive connections. Everything shares the box's two cores: the figures are a floor.
+
+Targets (issue #6): 10,000 concurrent streams, 100 triggers/s with p99 <= 1 s and
+executed/created = 1.0.
+
+    .venv/bin/python bench/bench_sse_triggers.py [--devices 10000] [--rate 100] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from camfleet import db  # noqa: E402
+from camfleet.localsvc import PostgresInstance, free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "bench-secret-0123456789abcdefghijklmnop"
+BASELINE_DEVICES = 10
+CONNECT_CONCURRENCY = 100  # connects in flight at once (the listen backlog is 2048)
+UPLOAD_CONNECTIONS = 16
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+def tiny_jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.effect_noise((64, 48), 60).convert("RGB").save(out, "JPEG", quality=80)
+    return out.getvalue()
+
+
+class Fleet:
+    """Device streams as raw asyncio connections; records when each command arrives."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.connected: set[str] = set()
+        self.received: dict[str, float] = {}  # trigger_id -> monotonic-free wall time
+        self.pings = 0
+        self.errors = 0
+        self.tasks: list[asyncio.Task] = []
+        self.upload_queue: asyncio.Queue = asyncio.Queue()
+        self.upload = False
+
+    async def connect(self, device_id: str, ready: asyncio.Event | None = None) -> None:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            writer.write(
+                f"GET /v1/devices/{device_id}/commands HTTP/1.1\r\nHost: bench\r\n"
+                "Accept: text/event-stream\r\n\r\n".encode()
+            )
+            await writer.drain()
+            status = await reader.readline()
+            if b" 200 " not in status:
+                self.errors += 1
+                writer.close()
+                return
+            while (await reader.readline()) not in (b"\r\n", b""):
+                pass
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                if not line.startswith(b"data: "):
+                    continue  # chunk sizes, blank lines
+                event = json.loads(line[6:])
+                if event.get("event") == "connected":
+                    self.connected.add(device_id)
+                    if ready is not None:
+                        ready.set()
+                elif event.get("event") == "ping":
+                    self.pings += 1
+                elif event.get("cmd") == "capture":
+                    self.received[event["trigger_id"]] = time.time()
+                    if self.upload:
+                        self.upload_queue.put_nowait((device_id, event["trigger_id"]))
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            self.errors += 1
+        finally:
+            self.connected.discard(device_id)
+
+    async def connect_many(self, device_ids: list[str]) -> float:
+        sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
+        t0 = time.perf_counter()
+
+        async def one(dev: str) -> None:
+            async with sem:
+                ready = asyncio.Event()
+                self.tasks.append(asyncio.create_task(self.connect(dev, ready)))
+                try:
+                    await asyncio.wait_for(ready.wait(), 60)
+                except TimeoutError:
+                    self.errors += 1
+
+        await asyncio.gather(*(one(d) for d in device_ids))
+        return time.perf_counter() - t0
+
+    async def uploader(self, image_b64: str) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        while True:
+            device_id, trigger_id = await self.upload_queue.get()
+            body = json.dumps(
+                {
+                    "device_id": device_id,
+                    "trigger_id": trigger_id,
+                    "image_base64": image_b64,
+                    "trigger_label": "manual",
+                    "metadata": {"bench": True},
+                }
+            ).encode()
+            writer.write(
+                b"POST /v1/captures HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            status = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            if b" 201 " not in status:
+                self.errors += 1
+
+
+def insert_triggers(dsn: str, devices: list[str], rate: float, seconds: float) -> dict:
+    """Manual trigger rows at a fixed rate, one per transaction; returns id -> created."""
+    created: dict[str, float] = {}
+    conn = db.connect(dsn)
+    conn.autocommit = True
+    interval = 1.0 / rate
+    start = time.perf_counter()
+    n = int(rate * seconds)
+    with conn.cursor() as cur:
+        for i in range(n):
+            due = start + i * interval
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            device = random.choice(devices)
+            trigger_id = f"bench_{device}_{i}_{random.getrandbits(24):06x}"
+            cur.execute(
+                "INSERT INTO scheduled_triggers (trigger_id, device_id, trigger_type, expires_at)"
+                " VALUES (%s, %s, 'manual', now() + interval '5 minutes')"
+                " RETURNING extract(epoch FROM created_at)",
+                (trigger_id, device),
+            )
+            created[trigger_id] = float(cur.fetchone()[0])
+    achieved = n / (time.perf_counter() - start)
+    conn.close()
+    return {"created": created, "achieved_rate": achieved}
+
+
+async def run_phase(fleet: Fleet, dsn: str, devices: list[str], rate: float, seconds: float):
+    fleet.received.clear()
+    result = await asyncio.to_thread(insert_triggers, dsn, devices, rate, seconds)
+    created = result["created"]
+    deadline = time.time() + 10
+    while time.time() < deadline and not all(t in fleet.received for t in created):
+        await asyncio.sleep(0.1)
+    lags = [fleet.received[t] - c for t, c in created.items() if t in fleet.received]
+    return {
+        "created": len(created),
+        "delivered": len(lags),
+        "achieved_rate": result["achieved_rate"],
+        "p50_ms": percentile(lags, 50) * 1000,
+        "p99_ms": percentile(lags, 99) * 1000,
+        "max_ms": max(lags) * 1000 if lags else float("nan"),
+        "ids": list(created),
+    }
+
+
+def rss(pid: int) -> int:
+    return psutil.Process(pid).memory_info().rss
+
+
+async def main_async(args) -> None:
+    limit = raise_nofile()
+    if args.devices + 200 > limit:
+        print(f"open-file limit {limit} < devices; lowering --devices")
+        args.devices = limit - 200
+    with PostgresInstance(fast=True) as pg:
+        dsn = pg.create_database("bench")
+        db.migrate(dsn)
+        with db.transaction(dsn) as conn, conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO devices (device_id, kind) SELECT 'B' || lpad(g::text, 5, '0'),"
+                " 'visant' FROM generate_series(1, %s) g",
+                (args.devices,),
+            )
+        # PostgreSQL's default 100 connections is plenty: the API uses a pool of 20.
+        port = free_port()
+        storage = Path(tempfile.mkdtemp(prefix="bench-sse-"))
+        env = {
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "CAMFLEET_SECRET_KEY": SECRET,
+            "CAMFLEET_ALLOW_DEVICE_ID_ONLY": "true",
+            "STORAGE_URL": storage.as_uri(),
+            "PYTHONPATH": str(ROOT),
+        }
+        api = subprocess.Popen(
+            [sys.executable, "-m", "camfleet.cli", "api", "--port", str(port)]
+            + ["--log-level", "warning", "--no-access-log"],
+            cwd=ROOT,
+            env=env,
+        )
+        try:
+            for _ in range(300):
+                try:
+                    httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5)
+                    break
+                except httpx.HTTPError:
+                    await asyncio.sleep(0.1)
+            devices = [f"B{i:05d}" for i in range(1, args.devices + 1)]
+            fleet = Fleet(port)
+            fleet.upload = True
+            image_b64 = base64.b64encode(tiny_jpeg()).decode()
+            uploaders = [
+                asyncio.create_task(fleet.uploader(image_b64)) for _ in range(UPLOAD_CONNECTIONS)
+            ]
+            await asyncio.sleep(0.5)
+            rss_idle = rss(api.pid)
+
+            base_devices = devices[:BASELINE_DEVICES]
+            await fleet.connect_many(base_devices)
+            await run_phase(fleet, dsn, base_devices, args.rate, 2)  # warm-up, not counted
+            base = await run_phase(fleet, dsn, base_devices, args.rate, args.seconds)
+
+            cpu_c0 = psutil.Process(api.pid).cpu_times()
+            connect_s = await fleet.connect_many(devices[BASELINE_DEVICES:])
+            cpu_c1 = psutil.Process(api.pid).cpu_times()
+            connect_cpu = (cpu_c1.user + cpu_c1.system) - (cpu_c0.user + cpu_c0.system)
+            await asyncio.sleep(2)
+            rss_full = rss(api.pid)
+            n_connected = len(fleet.connected)
+            api_cpu0 = psutil.Process(api.pid).cpu_times()
+            full = await run_phase(fleet, dsn, devices, args.rate, args.seconds)
+            api_cpu1 = psutil.Process(api.pid).cpu_times()
+            # let the last uploads land, then count executed among this phase's triggers
+            while not fleet.upload_queue.empty():
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1.0)
+            with db.transaction(dsn) as conn, conn.cursor() as cur:
+                cur.execute(
+                    "SELECT count(*) FILTER (WHERE status = 'executed'),"
+                    " count(*) FILTER (WHERE capture_id IS NOT NULL)"
+                    " FROM scheduled_triggers WHERE trigger_id = ANY(%s)",
+                    (full["ids"],),
+                )
+                executed, linked = cur.fetchone()
+                cur.execute("SELECT count(*) FROM device_connections")
+                presence = cur.fetchone()[0]
+            for t in uploaders:
+                t.cancel()
+            for t in fleet.tasks:
+                t.cancel()
+        finally:
+            api.terminate()
+            try:
+                api.wait(15)
+            except subprocess.TimeoutExpired:
+                api.kill()
+
+    per_conn = (rss_full - rss_idle) / max(n_connected, 1)
+    cpu = (api_cpu1.user + api_cpu1.system) - (api_cpu0.user + api_cpu0.system)
+    print()
+    print(f"SSE command delivery, one API process, {os.cpu_count()} cores (shared with clients)")
+    print(f"{'':34}{'baseline':>14}{'fleet':>14}{'ratio':>10}")
+    print(f"{'devices streaming':34}{BASELINE_DEVICES:>14}{n_connected:>14}")
+    print(f"{'triggers created':34}{base['created']:>14}{full['created']:>14}")
+    print(
+        f"{'trigger rate achieved (/s)':34}{base['achieved_rate']:>14.1f}"
+        f"{full['achieved_rate']:>14.1f}"
+    )
+    print(f"{'delivered':34}{base['delivered']:>14}{full['delivered']:>14}")
+    for key, label in (("p50_ms", "dispatch lag p50 (ms)"), ("p99_ms", "dispatch lag p99 (ms)")):
+        ratio = full[key] / base[key] if base[key] else float("nan")
+        print(f"{label:34}{base[key]:>14.1f}{full[key]:>14.1f}{ratio:>9.2f}x")
+    print(f"{'dispatch lag max (ms)':34}{base['max_ms']:>14.1f}{full['max_ms']:>14.1f}")
+    print()
+    print(
+        f"connect {len(devices) - BASELINE_DEVICES} streams: {connect_s:.1f} s "
+        f"({(len(devices) - BASELINE_DEVICES) / connect_s:.0f}/s), API CPU {connect_cpu:.1f} s "
+        f"({1000 * connect_cpu / max(len(devices) - BASELINE_DEVICES, 1):.1f} ms per connect)"
+    )
+    print(
+        f"API RSS idle {rss_idle / 2**20:.0f} MiB, with {n_connected} streams "
+        f"{rss_full / 2**20:.0f} MiB: {per_conn / 1024:.1f} KiB per connection"
+    )
+    print(f"presence rows (device_connections): {presence}")
+    print(
+        f"API CPU during the fleet phase: {cpu:.1f} s over {args.seconds:.0f} s "
+        f"({100 * cpu / args.seconds:.0f}% of one core)"
+    )
+    print(
+        f"executed/created (fleet phase): {executed}/{full['created']} = "
+        f"{executed / max(full['created'], 1):.3f}; captures linked: {linked}"
+    )
+    print(f"pings received: {fleet.pings}; client-side errors: {fleet.errors}")
+    target = "met" if full["p99_ms"] <= 1000 and n_connected >= 10_000 else "not met"
+    print(f"target (10,000 streams, p99 <= 1 s at 100/s): {target}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
