@@ -23,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 
 from camfleet.edge import files as edge_files
 from camfleet.edge.config import DEFAULT_CONFIG_PATH, EdgeConfig, load_ento_conf
-from camfleet.edge.link import EdgeLink
+from camfleet.edge.link import EdgeLink, LinkError
 from camfleet.edge.uploader import (
     UPLOAD_ATTEMPTS,
     BatchFailed,
@@ -122,7 +122,7 @@ def edge_batch_upload(
                     break
                 try:
                     request_upload_urls(batch, link, config.buffer_dir, url_timeout_s)
-                except BatchFailed:
+                except (BatchFailed, LinkError):
                     break  # no answer after the task's retries: the cloud is away
                 upload_to_presigned_posts(batch, config.buffer_dir)
             batch.give_up_urls()

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from camfleet import db
+from camfleet.edge.link import no_delay
 from camfleet.protocol import edge_batch as eb
 from camfleet.storage import ObjectStore, StorageError
 from camfleet.storage.base import STREAM_CHUNK_BYTES
@@ -50,8 +51,9 @@ CHECK_WORKERS = 4
 
 # Inbound requests waiting for the worker: a fleet's burst after an outage. Beyond
 # this, paho's thread drops requests (the devices time out and ask again) instead of
-# growing memory without bound.
-MAX_QUEUED_REQUESTS = 10_000
+# growing memory without bound; payloads are cut to just over the request limit
+# before queueing, so the queue holds at most ~64 MiB.
+MAX_QUEUED_REQUESTS = 2_000
 
 # Grants watched at once: 2,000 devices with a 5-file batch each in flight.
 MAX_PENDING_GRANTS = 10_000
@@ -214,12 +216,14 @@ class Signer:
         if reason_code.is_failure:
             log.warning("signer: broker refused the connection: %s", reason_code)
             return
+        no_delay(client)
         client.subscribe(self.topics.request_filter(), qos=MQTT_QOS)
         self._connected.set()
 
     def _on_message(self, client, userdata, message) -> None:
         try:
-            self._inbox.put_nowait((message.topic, bytes(message.payload)))
+            payload = bytes(message.payload[: eb.MAX_REQUEST_BYTES + 1])  # parser refuses
+            self._inbox.put_nowait((message.topic, payload))
         except queue.Full:
             log.warning("signer: request queue full, dropping a request on %s", message.topic)
 

@@ -83,3 +83,39 @@ def test_edge_serve_is_a_scheduled_deployment_that_runs(
         time.sleep(0.2)
     assert set(captures(database_url, serial)) == set(shas)
     assert list((tmp_path / "bufferStorage").iterdir()) == []
+
+
+def test_device_process_killed_at_random_points_loses_nothing(
+    tmp_path,
+    signer,  # noqa: F811
+    store,  # noqa: F811
+    mosquitto,
+    database_url,
+    run_cli,
+):
+    """SIGKILL `camfleet edge run` mid-transaction, several times, then let it finish."""
+    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
+    conf = seed_conf(tmp_path, serial, mosquitto, PORT=mosquitto.port, TLS=False)
+    shas = write_images(tmp_path / "cameraImageRepo", 40)
+    cmd = [sys.executable, "-m", "camfleet.cli", "edge", "run", "--config", conf]
+    cmd += ["--no-prefect", "--min-age", "0"]
+    buffer = tmp_path / "bufferStorage"
+    buffer.mkdir()
+    for delay in (0.0, 0.1, 0.25):  # after the first move: mid-request, -upload, -verify
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not any(buffer.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        on_device = {
+            p.name for d in ("cameraImageRepo", "bufferStorage") for p in (tmp_path / d).iterdir()
+        }
+        # Every file is either still on the device or verified in the cloud.
+        assert on_device | set(captures(database_url, serial)) == set(shas)
+    run_cli(cmd, timeout=120)
+    assert {n: r[0] for n, r in captures(database_url, serial).items()} == shas
+    keys = sorted(o.key for o in store.list(f"devices/{serial}/"))
+    assert keys == [f"devices/{serial}/{n}" for n in sorted(shas)]  # one object per file
+    assert list((tmp_path / "bufferStorage").iterdir()) == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -19,8 +20,20 @@ log = logging.getLogger("camfleet.edge")
 MQTT_QOS = 1
 
 # Messages buffered between reads: a batch's answer plus its verifications, with
-# room for stale ones from earlier runs; beyond that the oldest are not needed.
-MAX_INBOX = 1000
+# room for stale ones from earlier runs. Each is cut to just over the largest valid
+# answer before queueing (the parser then refuses it), so the inbox stays under 26 MiB.
+MAX_INBOX = 200
+
+
+def no_delay(client) -> None:
+    """Send small MQTT packets at once: with Nagle's algorithm a publish that follows a
+    PUBACK waits for the broker's delayed TCP ACK (up to 40 ms per exchange)."""
+    sock = client.socket()
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not a TCP socket (e.g. a websocket wrapper): keep the default
 
 
 class LinkError(ConnectionError):
@@ -61,11 +74,13 @@ class EdgeLink:
         if reason_code.is_failure:
             log.warning("edge: broker refused the connection: %s", reason_code)
             return
+        no_delay(client)
         client.subscribe([(self.urls_topic, MQTT_QOS), (self.verified_topic, MQTT_QOS)])
 
     def _on_message(self, client, userdata, message) -> None:
         try:
-            self.inbox.put_nowait((message.topic, bytes(message.payload)))
+            payload = bytes(message.payload[: eb.MAX_ANSWER_BYTES + 1])
+            self.inbox.put_nowait((message.topic, payload))
         except queue.Full:
             log.warning("edge: inbox full, dropping a message on %s", message.topic)
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from camfleet.edge import files as edge_files
-from camfleet.edge.link import EdgeLink
+from camfleet.edge.link import EdgeLink, LinkError
 from camfleet.edge.upload import UploadExpired, http_client, post_file
 from camfleet.protocol import edge_batch as eb
 
@@ -155,7 +155,7 @@ def run_batch(
             break
         try:
             request_urls(batch, link, buffer_dir, url_timeout)
-        except BatchFailed as exc:
+        except (BatchFailed, LinkError) as exc:
             log.info("edge: %s", exc)
             continue
         upload_files(batch, buffer_dir, http)
@@ -197,7 +197,12 @@ class EdgeUploader:
             self._claimed.difference_update(f.name for f in batch.files)
 
     def _lane(self, max_batches: int | None, summaries: list, stop: threading.Event) -> None:
-        link = EdgeLink(self.broker, self.config.serial, self.config.topics).connect()
+        try:
+            link = EdgeLink(self.broker, self.config.serial, self.config.topics).connect()
+        except LinkError as exc:
+            log.warning("edge: %s; files stay buffered for the next run", exc)
+            stop.set()
+            return
         http = http_client()
         try:
             while not stop.is_set():
