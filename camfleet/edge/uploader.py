@@ -27,8 +27,11 @@ log = logging.getLogger("camfleet.edge")
 # only queue on a device's single uplink.
 UPLOAD_WORKERS = 5
 
-# POST attempts per file with the same URL before the batch leaves it for the next run.
+# POST attempts per file with the same URL before the batch leaves it for the next run,
+# one second apart (then two): long enough for a dropped Wi-Fi/cellular link to come
+# back, short enough to stay well inside the URL's lifetime.
 UPLOAD_ATTEMPTS = 3
+UPLOAD_RETRY_DELAY_S = 1.0
 
 
 class BatchFailed(RuntimeError):
@@ -80,19 +83,19 @@ def upload_files(batch: eb.DeviceBatch, buffer_dir: Path, http=None) -> int:
     A 4xx (expired URL) puts the file back to be requested again; other failures are
     retried UPLOAD_ATTEMPTS times with the same URL.
     """
-    from camfleet.protocol.edge_batch import Upload
-
     own_client = http is None
     http = http or http_client()
-    urls: dict[str, Upload] = batch.uploads
+    urls: dict[str, eb.Upload] = batch.uploads
     done = 0
     try:
-        for _attempt in range(UPLOAD_ATTEMPTS):
+        for attempt in range(UPLOAD_ATTEMPTS):
             todo = [urls[n] for n in batch.to_upload() if n in urls]
             if not todo:
                 break
+            if attempt:
+                time.sleep(UPLOAD_RETRY_DELAY_S * attempt)
 
-            def one(upload: Upload):
+            def one(upload: eb.Upload):
                 try:
                     post_file(http, upload, buffer_dir)
                     return upload.name, "ok", ""
