@@ -15,10 +15,14 @@ The statements are named queries in sql/queries/events.sql.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterable
 
 import psycopg2
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 from camfleet import db
 
@@ -147,6 +151,34 @@ class EventSession:
             )
         return row is not None
 
+    def insert_pending_many(self, jobs) -> set[str]:
+        """Phase 1 for a batch in one statement; returns the ids now 'pending'."""
+        jobs = list(jobs)
+        with self._lock:
+            for job in jobs:
+                self._require(job.event_id)
+            rows = db.queries.events_insert_pending_many(
+                self._conn,
+                event_ids=[j.event_id for j in jobs],
+                metadata=[json.dumps(j.metadata) for j in jobs],
+                video_bytes=[j.video_size for j in jobs],
+            )
+        return {row[0] for row in rows}
+
+    def mark_completed_many(self, jobs) -> set[str]:
+        """Phase 3 for a batch in one statement; returns the ids it completed."""
+        jobs = list(jobs)
+        with self._lock:
+            for job in jobs:
+                self._require(job.event_id)
+            rows = db.queries.events_mark_completed_many(
+                self._conn,
+                event_ids=[j.event_id for j in jobs],
+                remote_video_paths=[j.remote_video_path for j in jobs],
+                remote_json_paths=[j.remote_json_path for j in jobs],
+            )
+        return {row[0] for row in rows}
+
     def mark_completed(self, event_id: str, remote_video_path: str, remote_json_path: str) -> bool:
         """Phase 3. True when this call moved the row from 'pending' to 'completed'."""
         with self._lock:
@@ -177,3 +209,65 @@ class EventSession:
             "attempts last_error created_at updated_at"
         ).split()
         return dict(zip(keys, row, strict=True))
+
+
+# ---- Prefect tasks (flows/event_upload.py) -------------------------------------------
+# Each runs one phase over the run's batch of jobs (a task run per event would cost the
+# Prefect server more CPU than the upload itself). A task raises only when the database
+# connection is gone; its retry reconnects, re-claims the locks and skips the jobs the
+# ledger already shows done. Per-job errors are in the ledger, not task failures.
+
+
+# 2 s, 4 s, 8 s: rides out a database restart or failover without holding a run for
+# minutes; a longer outage is the next scheduled run's business.
+DB_RETRIES = 3
+DB_RETRY_DELAYS = exponential_backoff(backoff_factor=2)
+
+
+@task(
+    name="claim events",
+    retries=DB_RETRIES,
+    retry_delay_seconds=DB_RETRY_DELAYS,
+    cache_policy=NO_CACHE,
+)
+def claim_events(session: EventSession, jobs, pending_dir, ledger):
+    """Lock each event for this run; skip those another uploader holds."""
+    from camfleet.uploader import phases
+
+    claimed = phases.claim_phase(session, jobs, pending_dir, ledger, get_run_logger())
+    get_run_logger().info("claimed %d of %d events", len(claimed), len(jobs))
+    return claimed
+
+
+@task(
+    name="insert pending rows",
+    retries=DB_RETRIES,
+    retry_delay_seconds=DB_RETRY_DELAYS,
+    cache_policy=NO_CACHE,
+)
+def insert_pending(session: EventSession, jobs, ledger):
+    """Phase 1: an `events` row per job, status 'pending' (idempotent on event id)."""
+    from camfleet.uploader import phases
+
+    return phases.insert_phase(session, jobs, ledger, get_run_logger())
+
+
+@task(
+    name="mark rows completed",
+    retries=DB_RETRIES,
+    retry_delay_seconds=DB_RETRY_DELAYS,
+    cache_policy=NO_CACHE,
+)
+def mark_completed(session: EventSession, jobs, ledger):
+    """Phase 3: status 'completed' with both remote paths."""
+    from camfleet.uploader import phases
+
+    return phases.update_phase(session, jobs, ledger, get_run_logger())
+
+
+@task(name="record outcomes", cache_policy=NO_CACHE)
+def record_outcomes(session: EventSession, ledger) -> None:
+    """Failed and rejected events get their reason on the row (best effort)."""
+    from camfleet.uploader import phases
+
+    phases.record_outcomes(session, ledger, get_run_logger())

@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Protocol
 
 import paramiko
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 log = logging.getLogger("camfleet.uploader.sftp")
 
@@ -46,12 +49,15 @@ CONNECT_TIMEOUT_S = 15.0
 IO_TIMEOUT_S = 60.0
 # SSH keepalive between scans so NAT boxes and firewalls keep an idle connection.
 KEEPALIVE_S = 30
-# AEAD ciphers first: GCM authenticates in the same pass as it encrypts (no separate
-# HMAC), which measured ~10-25 % faster than aes128-ctr + hmac-sha2-256 on loopback.
+# AEAD ciphers first: GCM authenticates in the same pass as it encrypts, where the
+# CTR modes need a separate HMAC-SHA2 over every packet; paramiko's default order
+# would pick aes128-ctr + hmac-sha2-256. (Loopback runs were faster with GCM, within
+# the noise of a busy 2-core box.)
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 # Bytes per SFTP write request. OpenSSH's sftp-server accepts up to 256 KiB messages;
-# 64 KiB halves the per-request Python overhead of paramiko's 32 KiB default and
-# measured fastest here (bench/bench_sftp_upload.py prints the comparison).
+# 64 KiB halves the number of requests (and their Python overhead) against paramiko's
+# 32 KiB default while staying a small multiple of the 32 KiB SSH packet. On loopback
+# 32-255 KiB were within noise of each other (bench/bench_sftp_upload.py, part 2).
 WRITE_CHUNK = 64 * 1024
 # Our receive window and max packet size (they govern downloads and replies; uploads
 # are paced by the server's window, which OpenSSH sets to 2 MiB / 32 KiB packets).
@@ -354,3 +360,31 @@ def remove_quietly(client: paramiko.SFTPClient, path: str) -> None:
     """Best-effort cleanup of a temporary file after a failed attempt."""
     with contextlib.suppress(Exception):
         client.remove(path)
+
+
+# ---- Prefect task (flows/event_upload.py) --------------------------------------------
+
+
+# 2 s, 4 s, 8 s: an sshd restart or a network blip is over by then; the connection is
+# re-established by the retry. A longer outage is the next scheduled run's business.
+SFTP_RETRIES = 3
+SFTP_RETRY_DELAYS = exponential_backoff(backoff_factor=2)
+
+
+@task(
+    name="upload over sftp",
+    retries=SFTP_RETRIES,
+    retry_delay_seconds=SFTP_RETRY_DELAYS,
+    cache_policy=NO_CACHE,
+)
+def upload_lane(connection: SftpConnection, jobs, pending_dir, ledger):
+    """Phase 2 for one lane of jobs: video then JSON each, on one SFTP channel.
+
+    A retry reconnects and skips what this lane already uploaded.
+    """
+    from camfleet.uploader import phases
+
+    logger = get_run_logger()
+    uploaded = phases.upload_phase(connection, jobs, pending_dir, ledger, logger)
+    logger.info("uploaded %d of %d events to %s", len(uploaded), len(jobs), connection.describe())
+    return uploaded

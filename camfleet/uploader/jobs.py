@@ -77,6 +77,7 @@ class Wait:
 
     json_name: str
     reason: str
+    event_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -145,19 +146,19 @@ def check_files(
     if not json_info.regular:
         return Reject(json_name, "JSON is not a regular file (symlinks are refused)", event_id)
     if now - json_info.mtime < settle_seconds:
-        return Wait(json_name, f"JSON modified less than {settle_seconds:g}s ago")
+        return Wait(json_name, f"JSON modified less than {settle_seconds:g}s ago", event_id)
     if video_info is None:
         if now - json_info.mtime >= orphan_seconds:
             return Reject(
                 json_name, f"video {video_name} missing for over {orphan_seconds:g}s", event_id
             )
-        return Wait(json_name, f"video {video_name} missing")
+        return Wait(json_name, f"video {video_name} missing", event_id)
     if not video_info.regular:
         return Reject(
             json_name, "video is not a regular file (symlinks are refused)", event_id, video_name
         )
     if now - video_info.mtime < settle_seconds:
-        return Wait(json_name, f"video modified less than {settle_seconds:g}s ago")
+        return Wait(json_name, f"video modified less than {settle_seconds:g}s ago", event_id)
     if json_info.size == 0:
         return Reject(json_name, "JSON file is empty", event_id, video_name)
     if json_info.size > MAX_JSON_BYTES:

@@ -145,6 +145,11 @@ class Ledger:
             out = self._jobs.get(json_name)
             return out.state if out else None
 
+    def has_failures(self) -> bool:
+        """Any failed or rejected job with an event id (something to note on its row)."""
+        with self._lock:
+            return any(o.event_id and o.state in (FAILED, REJECTED) for o in self._jobs.values())
+
     def outcomes(self) -> list[Outcome]:
         with self._lock:
             return sorted(self._jobs.values(), key=lambda o: o.json_name)
@@ -223,57 +228,79 @@ def _drop_lost(session: EventSession, jobs: list[Job], ledger: Ledger, logger) -
 def insert_phase(
     session: EventSession, jobs: list[Job], ledger: Ledger, logger=log
 ) -> tuple[list[Job], list[Job]]:
-    """Phase 1. Returns (jobs to upload, jobs an earlier run already completed)."""
+    """Phase 1. Returns (jobs to upload, jobs an earlier run already completed).
+
+    One statement for the whole batch (one commit); if the database refuses it, one
+    statement per job, so the refusal lands on the job that caused it.
+    """
     to_upload: list[Job] = []
     completed_before: list[Job] = []
+    todo: list[Job] = []
     for job in _drop_lost(session, jobs, ledger, logger):
         if ledger.state_of(job.json_name) is not None:
             continue
         if ledger.passed(job, Phase.INSERT):
             to_upload.append(job)
-            continue
-        try:
-            pending = session.insert_pending(job.event_id, job.metadata, job.video_size)
-            if not pending:
-                row = session.get(job.event_id) or {}
-        except CONNECTION_ERRORS:
-            raise
-        except psycopg2.DataError as exc:
-            # The database refuses this metadata as such: retrying cannot help.
-            ledger.reject(
-                Reject(
-                    job.json_name,
-                    f"database refused the metadata: {describe_error(exc)}",
-                    job.event_id,
-                    job.video_name,
-                )
-            )
-            continue
-        except (psycopg2.Error, LockLost) as exc:
-            ledger.finish(job.json_name, FAILED, f"insert: {describe_error(exc)}", job.event_id)
-            logger.error(
-                "event %s: INSERT failed, will retry: %s", job.event_id, describe_error(exc)
-            )
-            continue
+        else:
+            todo.append(job)
+    if not todo:
+        return to_upload, completed_before
+    try:
+        pending_ids: set[str] | None = session.insert_pending_many(todo)
+    except CONNECTION_ERRORS:
+        raise
+    except (psycopg2.Error, LockLost) as exc:
+        logger.warning("batch INSERT refused (%s); one by one", describe_error(exc))
+        pending_ids = None
+    for job in todo:
+        if pending_ids is not None:
+            pending = job.event_id in pending_ids
+        else:
+            pending = _insert_one(session, job, ledger, logger)
+            if pending is None:
+                continue
         if pending:
             ledger.advance(job, Phase.INSERT)
             to_upload.append(job)
-        elif row.get("video_bytes") in (None, job.video_size):
+        elif _completed_with_same_video(session, job, ledger):
             # A crash between UPDATE and the move: the upload is done, only move it.
             ledger.advance(job, Phase.UPDATE, completed_before=True)
             completed_before.append(job)
             logger.info("event %s was completed by an earlier run; archiving", job.event_id)
-        else:
-            ledger.reject(
-                Reject(
-                    job.json_name,
-                    f"event id already completed with a different video "
-                    f"({row.get('video_bytes')} bytes, this one {job.video_size})",
-                    job.event_id,
-                    job.video_name,
-                )
-            )
     return to_upload, completed_before
+
+
+def _insert_one(session: EventSession, job: Job, ledger: Ledger, logger) -> bool | None:
+    """INSERT one job: True pending, False already completed, None failed (in ledger)."""
+    try:
+        return session.insert_pending(job.event_id, job.metadata, job.video_size)
+    except CONNECTION_ERRORS:
+        raise
+    except psycopg2.DataError as exc:
+        # The database refuses this metadata as such: retrying cannot help.
+        reason = f"database refused the metadata: {describe_error(exc)}"
+        ledger.reject(Reject(job.json_name, reason, job.event_id, job.video_name))
+    except (psycopg2.Error, LockLost) as exc:
+        ledger.finish(job.json_name, FAILED, f"insert: {describe_error(exc)}", job.event_id)
+        logger.error("event %s: INSERT failed, will retry: %s", job.event_id, describe_error(exc))
+    return None
+
+
+def _completed_with_same_video(session: EventSession, job: Job, ledger: Ledger) -> bool:
+    """A completed row for this event id: ours (same size) or a clash (reject)."""
+    row = session.get(job.event_id) or {}
+    if row.get("video_bytes") in (None, job.video_size):
+        return True
+    ledger.reject(
+        Reject(
+            job.json_name,
+            f"event id already completed with a different video "
+            f"({row.get('video_bytes')} bytes, this one {job.video_size})",
+            job.event_id,
+            job.video_name,
+        )
+    )
+    return False
 
 
 # ---- phase 2: SFTP ----------------------------------------------------------------------
@@ -359,28 +386,46 @@ def split_lanes(jobs: list[Job], lanes: int) -> list[list[Job]]:
 
 
 def update_phase(session: EventSession, jobs: list[Job], ledger: Ledger, logger=log) -> list[Job]:
-    """Phase 3: mark rows completed with both remote paths."""
+    """Phase 3: mark rows completed with both remote paths (batch, then one by one)."""
     completed: list[Job] = []
+    todo: list[Job] = []
     for job in _drop_lost(session, jobs, ledger, logger):
         if ledger.state_of(job.json_name) is not None:
             continue
         if ledger.passed(job, Phase.UPDATE):
             completed.append(job)
-            continue
-        try:
-            done = session.mark_completed(job.event_id, job.remote_video_path, job.remote_json_path)
-        except CONNECTION_ERRORS:
-            raise
-        except (psycopg2.Error, LockLost) as exc:
-            # The files are on the server but the row says pending: inconsistent until
-            # the next run re-uploads (the same bytes, renamed over) and updates.
-            ledger.finish(job.json_name, FAILED, f"update: {describe_error(exc)}", job.event_id)
-            logger.critical(
-                "event %s: UPDATE failed after upload (inconsistent until retried): %s",
-                job.event_id,
-                describe_error(exc),
-            )
-            continue
+        else:
+            todo.append(job)
+    if not todo:
+        return completed
+    try:
+        done_ids: set[str] | None = session.mark_completed_many(todo)
+    except CONNECTION_ERRORS:
+        raise
+    except (psycopg2.Error, LockLost) as exc:
+        logger.warning("batch UPDATE refused (%s); one by one", describe_error(exc))
+        done_ids = None
+    for job in todo:
+        if done_ids is not None:
+            done = job.event_id in done_ids
+        else:
+            try:
+                done = session.mark_completed(
+                    job.event_id, job.remote_video_path, job.remote_json_path
+                )
+            except CONNECTION_ERRORS:
+                raise
+            except (psycopg2.Error, LockLost) as exc:
+                # The files are on the server but the row says pending: inconsistent
+                # until the next run re-uploads (the same bytes, renamed over) and updates.
+                reason = describe_error(exc)
+                ledger.finish(job.json_name, FAILED, f"update: {reason}", job.event_id)
+                logger.critical(
+                    "event %s: UPDATE failed after upload (inconsistent until retried): %s",
+                    job.event_id,
+                    reason,
+                )
+                continue
         if not done:
             ledger.finish(job.json_name, FAILED, "update: row was not pending", job.event_id)
             logger.critical("event %s: row not pending at UPDATE", job.event_id)

@@ -56,7 +56,7 @@ def scan(config: UploaderConfig, sftp_dirs: tuple[str, str], ledger: Ledger) -> 
     )
     for wait in result.waiting:
         log.info("%s: waiting (%s)", wait.json_name, wait.reason)
-        ledger.finish(wait.json_name, phases.WAITING, wait.reason)
+        ledger.finish(wait.json_name, phases.WAITING, wait.reason, wait.event_id)
     for reject in result.rejected:
         phases.set_aside(reject, config.pending_dir, config.failed_dir)
         ledger.reject(reject)
@@ -113,39 +113,40 @@ class DataUploader:
         started = time.monotonic()
         ledger = Ledger()
         result = scan(self.config, self._remote_dirs(), ledger)
-        if result.ready:
-            self._process_all(result.ready, ledger)
+        session = EventSession(self._dsn)  # connects only when there is something to write
+        try:
+            if result.ready:
+                self._process_all(result.ready, session, ledger)
+            phases.record_outcomes(session, ledger)
+        finally:
+            session.close()
         return RunReport(ledger.counts(), ledger.rows(), time.monotonic() - started)
 
     def _remote_dirs(self) -> tuple[str, str]:
         return self.sftp_server.remote_video_dir, self.sftp_server.remote_json_dir
 
-    def _process_all(self, jobs: list[Job], ledger: Ledger) -> None:
-        session = EventSession(self._dsn)
+    def _process_all(self, jobs: list[Job], session: EventSession, ledger: Ledger) -> None:
         try:
-            try:
-                claimed = phases.claim_phase(session, jobs, self.config.pending_dir, ledger)
-            except Exception as exc:
-                ledger.fail_open(jobs, Phase.CLAIM, phases.describe_error(exc))
-                log.error(
-                    "database unavailable, %d jobs left for the next scan: %s",
-                    len(jobs),
-                    phases.describe_error(exc),
-                )
-                return
-            lanes = phases.split_lanes(claimed, self.config.concurrency)
-            if len(lanes) <= 1:
-                for lane in lanes:
-                    self._run_lane(lane, session, ledger)
-            else:
-                with ThreadPoolExecutor(len(lanes), thread_name_prefix="uploader-lane") as ex:
-                    list(ex.map(lambda lane: self._run_lane(lane, session, ledger), lanes))
-            for reject in ledger.rejects:
-                if reject.event_id and any(j.json_name == reject.json_name for j in claimed):
-                    phases.set_aside(reject, self.config.pending_dir, self.config.failed_dir)
-            phases.record_outcomes(session, ledger)
-        finally:
-            session.close()
+            claimed = phases.claim_phase(session, jobs, self.config.pending_dir, ledger)
+        except Exception as exc:
+            ledger.fail_open(jobs, Phase.CLAIM, phases.describe_error(exc))
+            log.error(
+                "database unavailable, %d jobs left for the next scan: %s",
+                len(jobs),
+                phases.describe_error(exc),
+            )
+            return
+        lanes = phases.split_lanes(claimed, self.config.concurrency)
+        if len(lanes) <= 1:
+            for lane in lanes:
+                self._run_lane(lane, session, ledger)
+        else:
+            with ThreadPoolExecutor(len(lanes), thread_name_prefix="uploader-lane") as ex:
+                list(ex.map(lambda lane: self._run_lane(lane, session, ledger), lanes))
+        claimed_names = {j.json_name for j in claimed}
+        for reject in ledger.rejects:
+            if reject.json_name in claimed_names:  # found by a phase, not by the scan
+                phases.set_aside(reject, self.config.pending_dir, self.config.failed_dir)
 
     def _run_lane(self, jobs: list[Job], session: EventSession, ledger: Ledger) -> None:
         lane = _Lane(self._connection)

@@ -30,6 +30,41 @@ ON CONFLICT (event_id) DO UPDATE
     WHERE events.status <> 'completed'
 RETURNING status;
 
+-- name: events_insert_pending_many
+-- Phase 1 for a batch in one statement (one commit, not one per event); the same
+-- upsert as events_insert_pending. Returns the ids that are 'pending' now: an id
+-- missing from the result was already 'completed'.
+INSERT INTO events (event_id, metadata, status, video_bytes, attempts)
+SELECT b.event_id, b.metadata, 'pending', b.video_bytes, 1
+FROM unnest(CAST(:event_ids AS text[]), CAST(:metadata AS jsonb[]),
+            CAST(:video_bytes AS bigint[])) AS b (event_id, metadata, video_bytes)
+ON CONFLICT (event_id) DO UPDATE
+    SET metadata = EXCLUDED.metadata,
+        video_bytes = EXCLUDED.video_bytes,
+        status = 'pending',
+        remote_video_path = NULL,
+        remote_json_path = NULL,
+        attempts = events.attempts + 1,
+        last_error = NULL,
+        updated_at = now()
+    WHERE events.status <> 'completed'
+RETURNING event_id;
+
+-- name: events_mark_completed_many
+-- Phase 3 for a batch in one statement; returns the ids it moved to 'completed'.
+UPDATE events AS e
+SET status = 'completed',
+    remote_video_path = b.remote_video_path,
+    remote_json_path = b.remote_json_path,
+    last_error = NULL,
+    updated_at = now()
+FROM unnest(CAST(:event_ids AS text[]), CAST(:remote_video_paths AS text[]),
+            CAST(:remote_json_paths AS text[]))
+     AS b (event_id, remote_video_path, remote_json_path)
+WHERE e.event_id = b.event_id
+  AND e.status = 'pending'
+RETURNING e.event_id;
+
 -- name: events_mark_completed!
 -- Phase 3: only a pending row becomes completed (0 rows means someone else finished it).
 UPDATE events

@@ -1,0 +1,261 @@
+"""SFTP event upload: camfleet's SFTP path vs OpenSSH's `sftp`, and events/s end to end.
+
+    .venv/bin/python bench/bench_sftp_upload.py [--mb 100] [--repeat 3] [--events 200]
+
+All against private services on loopback started here (sshd, PostgreSQL, a Prefect
+server). Prints, each beside a baseline measured in the same run:
+
+1. one large file (default 100 MB): OpenSSH `sftp` (the baseline), camfleet's
+   `upload_file` (temp name, pipelined 64 KiB writes, every ack checked, size check,
+   rename), and paramiko's stock `SFTPClient.put` for reference; MB/s and the ratio;
+2. camfleet's write size: 32 / 64 / 128 / 255 KiB requests (why WRITE_CHUNK is 64 KiB);
+3. small events (default 200 x 50 KB video + 1 KB JSON): the Prefect flow
+   (INSERT, two SFTP files, UPDATE, move; artifacts) vs DataUploader alone
+   (the same phases, no Prefect); events/s and the ratio.
+
+Medians of --repeat runs. Numbers move with whatever else runs on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from camfleet import db  # noqa: E402
+from camfleet.localsvc import PostgresInstance, PrefectServerInstance, SshdInstance  # noqa: E402
+
+
+def target(sshd: SshdInstance) -> SimpleNamespace:
+    return SimpleNamespace(
+        host=sshd.host,
+        port=sshd.port,
+        username=sshd.username,
+        ssh_key_path=str(sshd.client_key_path),
+        private_key=None,
+        passphrase=None,
+        host_key_fingerprint=sshd.host_key_fingerprint,
+        known_hosts_path=None,
+    )
+
+
+def openssh_put(sshd: SshdInstance, local: Path, remote: str) -> float:
+    """Seconds for OpenSSH `sftp` to put `local` (connection setup included)."""
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            "sftp",
+            "-q",
+            "-b",
+            "-",
+            "-i",
+            str(sshd.client_key_path),
+            "-P",
+            str(sshd.port),
+            "-o",
+            f"UserKnownHostsFile={sshd.known_hosts_path}",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            f"{sshd.username}@{sshd.host}",
+        ],
+        input=f"put {local} {remote}\n",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - start
+
+
+def camfleet_put(sshd: SshdInstance, local: Path, remote: str, chunk: int | None = None) -> float:
+    """Seconds for camfleet's SFTP path (connection setup included, like `sftp`)."""
+    from tasks.sftp import WRITE_CHUNK, SftpConnection, upload_file
+
+    start = time.perf_counter()
+    with SftpConnection(target(sshd)) as conn:
+        client = conn.channel()
+        upload_file(client, local, remote, chunk=chunk or WRITE_CHUNK)
+    return time.perf_counter() - start
+
+
+def paramiko_put(sshd: SshdInstance, local: Path, remote: str) -> float:
+    """Seconds for paramiko out of the box: SSHClient + SFTPClient.put (32 KiB writes)."""
+    import paramiko
+
+    start = time.perf_counter()
+    ssh = paramiko.SSHClient()
+    ssh.load_host_keys(str(sshd.known_hosts_path))
+    ssh.connect(
+        sshd.host,
+        sshd.port,
+        sshd.username,
+        key_filename=str(sshd.client_key_path),
+        look_for_keys=False,
+        allow_agent=False,
+    )
+    ssh.open_sftp().put(str(local), remote)
+    ssh.close()
+    return time.perf_counter() - start
+
+
+def median_rate(fn, size: int, repeat: int) -> float:
+    return statistics.median(size / fn() / 1e6 for _ in range(repeat))
+
+
+def bench_large(sshd: SshdInstance, mb: int, repeat: int) -> None:
+    size = mb * 1024 * 1024
+    work = Path(tempfile.mkdtemp(prefix="bench-sftp-"))
+    local = work / "big.bin"
+    with open(local, "wb") as f:
+        for _ in range(mb):
+            f.write(os.urandom(1024 * 1024))
+    remote = str(Path(sshd.root) / "big.bin")
+    try:
+        # Interleaved, so a burst of load elsewhere hits all of them alike.
+        rates: dict[str, list[float]] = {"openssh": [], "camfleet": [], "paramiko": []}
+        for _ in range(repeat):
+            rates["openssh"].append(size / openssh_put(sshd, local, remote) / 1e6)
+            rates["camfleet"].append(size / camfleet_put(sshd, local, remote) / 1e6)
+            rates["paramiko"].append(size / paramiko_put(sshd, local, remote) / 1e6)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        print(f"\n1. one {mb} MB file to sshd on loopback (median of {repeat}, MB/s)")
+        print(f"   OpenSSH sftp (baseline)        {med['openssh']:7.1f}")
+        print(
+            f"   camfleet upload_file           {med['camfleet']:7.1f}   "
+            f"ratio {med['camfleet'] / med['openssh']:.2f}x  (target >= 0.8x)"
+        )
+        print(
+            f"   paramiko SFTPClient.put        {med['paramiko']:7.1f}   "
+            f"ratio {med['paramiko'] / med['openssh']:.2f}x"
+        )
+        print(
+            "   runs: "
+            + "; ".join(f"{k} " + " ".join(f"{x:.0f}" for x in v) for k, v in rates.items())
+        )
+
+        print(f"\n2. camfleet write request size (median of {repeat}, interleaved, MB/s)")
+        chunks = (32 * 1024, 64 * 1024, 128 * 1024, 255 * 1024)
+        by_chunk: dict[int, list[float]] = {c: [] for c in chunks}
+        for _ in range(repeat):
+            for chunk in chunks:
+                by_chunk[chunk].append(size / camfleet_put(sshd, local, remote, chunk) / 1e6)
+        for chunk, runs in by_chunk.items():
+            print(
+                f"   {chunk // 1024:4d} KiB                       "
+                f"{statistics.median(runs):7.1f}   runs " + " ".join(f"{x:.0f}" for x in runs)
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        Path(remote).unlink(missing_ok=True)
+
+
+def bench_events(sshd: SshdInstance, dsn: str, events: int, repeat: int) -> None:
+    from camfleet.uploader import DataUploader
+    from camfleet.uploader.simulate import local_config, write_events
+    from flows.event_upload import event_upload
+
+    def site(name: str) -> tuple[Path, dict]:
+        base = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        config = local_config(sshd, dsn, base)
+        (base / "config.json").write_text(json.dumps(config))
+        write_events(config["uploader"]["pending_dir"], events, 50_000)
+        return base, config
+
+    def reset(conn) -> None:
+        with conn.cursor() as cur:
+            cur.execute("TRUNCATE events")
+        conn.commit()
+
+    conn = db.connect(dsn)
+    plain, flow, flow_inner = [], [], []
+    try:
+        for _ in range(repeat):
+            reset(conn)
+            base, config = site("plain")
+            uploader = DataUploader(config)
+            start = time.perf_counter()
+            report = uploader.run_once()
+            plain.append(events / (time.perf_counter() - start))
+            uploader.close()
+            assert report.counts == {"uploaded": events}, report.counts
+            shutil.rmtree(base, ignore_errors=True)
+
+            reset(conn)
+            base, _ = site("flow")
+            start = time.perf_counter()
+            summary = asyncio.run(event_upload(str(base / "config.json")))
+            flow.append(events / (time.perf_counter() - start))
+            flow_inner.append(summary["events_per_second"])
+            assert summary["counts"] == {"uploaded": events}, summary["counts"]
+            shutil.rmtree(base, ignore_errors=True)
+    finally:
+        conn.close()
+    p, f = statistics.median(plain), statistics.median(flow)
+    print(
+        f"\n3. {events} events of 50 KB video + 1 KB JSON, whole pipeline "
+        f"(median of {repeat}, events/s)"
+    )
+    print(f"   DataUploader, no Prefect (baseline)  {p:7.1f}")
+    print(
+        f"   Prefect flow, call to return         {f:7.1f}   ratio {f / p:.2f}x  "
+        f"(target >= 50 events/s)"
+    )
+    print(f"   Prefect flow, inside the flow body   {statistics.median(flow_inner):7.1f}")
+    print(
+        "   runs: plain "
+        + " ".join(f"{x:.0f}" for x in plain)
+        + "; flow "
+        + " ".join(f"{x:.0f}" for x in flow)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=100, help="large file size in MB")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--events", type=int, default=200)
+    parser.add_argument(
+        "--fast-db",
+        action="store_true",
+        help="PostgreSQL with fsync off (default: durable commits)",
+    )
+    parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--skip-events", action="store_true")
+    args = parser.parse_args()
+
+    print(
+        f"camfleet SFTP upload benchmark, {os.cpu_count()} CPUs, "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
+    )
+    with SshdInstance() as sshd:
+        if not args.skip_large:
+            bench_large(sshd, args.mb, args.repeat)
+        if not args.skip_events:
+            with (
+                PostgresInstance(fast=args.fast_db) as pg,
+                PrefectServerInstance(services=False) as prefect,
+            ):
+                os.environ["PREFECT_API_URL"] = prefect.api_url
+                dsn = pg.create_database("bench_events")
+                db.migrate(dsn)
+                bench_events(sshd, dsn, args.events, args.repeat)
+                print(
+                    f"   (PostgreSQL fsync {'off' if args.fast_db else 'on'}; "
+                    "Prefect server on SQLite, services off)"
+                )
+
+
+if __name__ == "__main__":
+    main()
