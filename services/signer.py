@@ -39,11 +39,16 @@ log = logging.getLogger("camfleet.signer")
 
 # First look for an uploaded object this long after the grant, then back off by
 # CHECK_BACKOFF up to CHECK_MAX_INTERVAL_S: a 50 KB upload on a LAN lands in tens of
-# milliseconds, a slow cellular one in tens of seconds, and a HEAD per pending file
+# milliseconds, a slow cellular one in tens of seconds, and one GET per pending request
 # every 2 s at most keeps an idle fleet cheap for the object store.
-CHECK_FIRST_S = 0.05
-CHECK_BACKOFF = 1.5
+CHECK_FIRST_S = 0.04
+CHECK_BACKOFF = 1.25
 CHECK_MAX_INTERVAL_S = 2.0
+
+# A device uploads a batch's files together, so only the first open file of a request
+# is probed; when it appears the others are checked at once. They are also checked on
+# their own this much later, in case the device uploads them one by one.
+SIBLING_FALLBACK_S = 1.0
 
 # Verification reads objects back to hash them; a few in parallel hide store latency
 # without flooding a small S3-compatible server.
@@ -78,6 +83,7 @@ class _Pending:
     group: str | None  # unchecked requests publish per group, after the settle delay
     next_check: float
     interval: float = CHECK_FIRST_S
+    siblings: tuple[str, str] | None = None  # (serial, request) shared by a batch's files
     in_flight: bool = False  # a verification thread is looking at it right now
 
 
@@ -365,7 +371,11 @@ class Signer:
                     # request picks it up.
                     log.warning("signer: %d grants pending; not watching more", len(self._pending))
                     break
-                self._pending[(serial, grant.name)] = _Pending(grant, group, now + CHECK_FIRST_S)
+                first = grant is grants[0][0]
+                due = now + (CHECK_FIRST_S if first else SIBLING_FALLBACK_S)
+                self._pending[(serial, grant.name)] = _Pending(
+                    grant, group, due, siblings=(serial, grant.request_id or "")
+                )
             self.stats.granted += len(grants)
 
         answer = eb.url_answer(
@@ -421,6 +431,8 @@ class Signer:
             log.warning("signer: store error checking %s: %s", grant.key, type(exc).__name__)
             return
         size, sha = stored if stored else (None, None)
+        if stored is not None:
+            self._wake_siblings(pending, now)
         verdict, reason = eb.judge_upload(grant, size, sha)
         if verdict is eb.Verdict.MISSING:
             if now > grant.expires_at + self.grace_s:
@@ -451,6 +463,15 @@ class Signer:
             self._publish_verification(pub)
         if self._handoff and capture:
             self._handoff.add([capture])
+
+    def _wake_siblings(self, pending: _Pending, now: float) -> None:
+        """This file arrived: the rest of its batch is probably there too."""
+        if pending.siblings is None:
+            return
+        with self._lock:
+            for other in self._pending.values():
+                if other.siblings == pending.siblings and other is not pending:
+                    other.next_check = min(other.next_check, now)
 
     def _backoff(self, pending: _Pending, now: float) -> None:
         pending.interval = min(pending.interval * CHECK_BACKOFF, CHECK_MAX_INTERVAL_S)

@@ -25,16 +25,23 @@ log = logging.getLogger("camfleet.edge")
 MIN_FILE_AGE_S = 2.0
 
 
-def _candidates(directory: Path, min_age_s: float, now: float) -> list[tuple[float, str]]:
+def _candidates(
+    directory: Path, min_age_s: float, now: float, exclude: Collection[str] = ()
+) -> list[tuple[float, str]]:
     out = []
     try:
         entries = list(os.scandir(directory))
     except FileNotFoundError:
         return []
     for entry in entries:
-        if not entry.is_file(follow_symlinks=False) or entry.name.startswith("."):
+        if entry.name in exclude or entry.name.startswith("."):
             continue
-        st = entry.stat(follow_symlinks=False)
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # deleted meanwhile (verified by another batch, or the camera)
         if now - st.st_mtime < min_age_s:
             continue
         out.append((st.st_mtime, entry.name))
@@ -48,7 +55,10 @@ def _usable(directory: Path, name: str, max_bytes: int) -> bool:
     except BadName as exc:
         log.warning("edge: leaving %r in %s: %s", name[:80], directory, exc)
         return False
-    size = (directory / name).stat().st_size
+    try:
+        size = (directory / name).stat().st_size
+    except FileNotFoundError:
+        return False
     if not 0 < size <= max_bytes:
         log.warning(
             "edge: leaving %s in %s: size %d outside 1-%d", name, directory, size, max_bytes
@@ -83,10 +93,10 @@ def take_batch(
     buffer_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
     chosen: list[str] = []
-    for _, name in _candidates(buffer_dir, 0.0, now):
+    for _, name in _candidates(buffer_dir, 0.0, now, exclude):
         if len(chosen) >= batch_size:
             break
-        if name not in exclude and _usable(buffer_dir, name, max_bytes):
+        if _usable(buffer_dir, name, max_bytes):
             chosen.append(name)
     if len(chosen) < batch_size:
         for _, name in _candidates(repo_dir, min_age_s, now):
@@ -96,13 +106,19 @@ def take_batch(
                 continue  # a same-named file waits in the buffer: never overwrite it
             if not _usable(repo_dir, name, max_bytes):
                 continue
-            os.rename(repo_dir / name, buffer_dir / name)  # atomic on one filesystem
+            try:
+                os.rename(repo_dir / name, buffer_dir / name)  # atomic on one filesystem
+            except FileNotFoundError:
+                continue  # the camera removed it meanwhile
             chosen.append(name)
         _fsync_dir(buffer_dir)
         _fsync_dir(repo_dir)
     batch = []
     for name in chosen:
-        sha, size = sha256_file(buffer_dir / name)
+        try:
+            sha, size = sha256_file(buffer_dir / name)
+        except FileNotFoundError:
+            continue
         batch.append(eb.LocalFile(name, size, sha))
     return batch
 
