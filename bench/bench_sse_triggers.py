@@ -203,7 +203,13 @@ async def run_phase(fleet: Fleet, dsn: str, devices: list[str], rate: float, sec
     while time.time() < deadline and not all(t in fleet.received for t in created):
         await asyncio.sleep(0.1)
     lags = [fleet.received[t] - c for t, c in created.items() if t in fleet.received]
+    t0 = min(created.values())
+    slices: dict[int, list[float]] = {}
+    for t, c in created.items():
+        if t in fleet.received:
+            slices.setdefault(int((c - t0) // 5), []).append(fleet.received[t] - c)
     return {
+        "slice_p99_ms": [round(percentile(v, 99) * 1000) for _, v in sorted(slices.items())],
         "created": len(created),
         "delivered": len(lags),
         "achieved_rate": result["achieved_rate"],
@@ -322,6 +328,8 @@ async def main_async(args) -> None:
         ratio = full[key] / base[key] if base[key] else float("nan")
         print(f"{label:34}{base[key]:>14.1f}{full[key]:>14.1f}{ratio:>9.2f}x")
     print(f"{'dispatch lag max (ms)':34}{base['max_ms']:>14.1f}{full['max_ms']:>14.1f}")
+    print(f"fleet lag p99 per 5 s slice (ms): {full['slice_p99_ms']}")
+    print(f"box load average (1 min) at the end: {os.getloadavg()[0]:.1f}")
     print()
     print(
         f"connect {len(devices) - BASELINE_DEVICES} streams: {connect_s:.1f} s "
