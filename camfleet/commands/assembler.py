@@ -1,0 +1,70 @@
+"""`camfleet assembler`: the MQTT chunk assembler service for ESP32-CAM fleets (seed 002)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def assembler(
+    mqtt_block: str = typer.Option(
+        None, envvar="CAMFLEET_MQTT_BLOCK", help="saved camfleet-mqtt-broker block (else MQTT_*)"
+    ),
+    database_url: str = typer.Option(
+        None, help="PostgreSQL URL (else DATABASE_URL / the database block)", show_default=False
+    ),
+    storage_url: str = typer.Option(None, help="object store URL (else STORAGE_URL)"),
+    client_id: str = typer.Option(
+        None, help="stable MQTT client id for the persistent session (else MQTT_CLIENT_ID)"
+    ),
+    log_control_only: bool = typer.Option(
+        False,
+        envvar="CAMFLEET_MQTT_LOG_CONTROL_ONLY",
+        help="device_publish_log: skip chunk messages (status, metadata, ACK/NACK only)",
+    ),
+    no_prefect: bool = typer.Option(
+        False, help="store, record and ACK without Prefect flow runs (no flow_run_id)"
+    ),
+    batch_max: int = typer.Option(200, help="finished images per flow run, at most"),
+    batch_window_ms: int = typer.Option(20, help="how long a batch waits for more images"),
+    concurrent_batches: int = typer.Option(2, help="flow runs in flight"),
+) -> None:
+    """Assemble chunked images from ESP32CAM/+/data, store them, write rows, ACK_OK."""
+    import logging
+
+    from blocks.mqtt import MqttBroker
+    from camfleet.protocol.assembler import Timing
+    from camfleet.settings import get_settings
+    from services.assembler import AssemblerService, ServiceConfig
+
+    s = get_settings()
+    logging.basicConfig(
+        level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    broker = MqttBroker.load(mqtt_block) if mqtt_block else MqttBroker.from_env()
+    dsn = database_url
+    if dsn is None:
+        if s.database_block:
+            from blocks.postgres import PostgresDatabase
+
+            dsn = PostgresDatabase.load(s.database_block).dsn()
+        elif s.database_url is not None:
+            dsn = s.database_url.get_secret_value()
+    if not dsn:
+        raise typer.BadParameter("no database: set DATABASE_URL or --database-url")
+    cfg = ServiceConfig(
+        database_url=dsn,
+        storage_url=storage_url or s.resolved_storage_url(),
+        timing=Timing.from_ms(s.capture_timeout_ms, s.retransmit_delay_ms, s.retransmit_max),
+        client_id=client_id or s.mqtt_client_id or "camfleet-assembler",
+        log_control_only=log_control_only,
+        use_prefect=not no_prefect,
+        max_batch_images=batch_max,
+        batch_window_s=batch_window_ms / 1000,
+        max_concurrent_batches=concurrent_batches,
+        topics=(s.topic_pattern_status, s.topic_pattern_data, s.topic_pattern_ack),
+    )
+    AssemblerService(broker, cfg).run_forever()
+
+
+def register(app: typer.Typer, simulate: typer.Typer) -> None:
+    app.command("assembler")(assembler)
