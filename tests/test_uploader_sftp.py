@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import threading
 import time
 import uuid
@@ -49,8 +50,9 @@ def remote_dir(sshd) -> Path:
 def test_known_hosts_and_fingerprint_are_accepted(sshd):
     with SftpConnection(target(sshd)) as conn:
         assert conn.alive
-    with SftpConnection(target(sshd, known_hosts_path=None,
-                               host_key_fingerprint=sshd.host_key_fingerprint)) as conn:
+    with SftpConnection(
+        target(sshd, known_hosts_path=None, host_key_fingerprint=sshd.host_key_fingerprint)
+    ) as conn:
         assert conn.alive
 
 
@@ -78,8 +80,9 @@ def test_changed_host_key_is_refused(sshd, tmp_path):
         SftpConnection(target(sshd, host_key_fingerprint=fingerprint(other))).connect()
 
 
-def test_upload_lands_complete_under_the_final_name_and_replaces_an_older_copy(sshd, remote_dir,
-                                                                               tmp_path):
+def test_upload_lands_complete_under_the_final_name_and_replaces_an_older_copy(
+    sshd, remote_dir, tmp_path
+):
     local = tmp_path / "v.mp4"
     local.write_bytes(os.urandom(700_000))
     final = str(remote_dir / "v.mp4")
@@ -107,8 +110,9 @@ def test_a_failed_pipelined_write_is_an_error_not_a_short_file(sshd):
                 confirm_writes(client, f)
 
 
-def test_local_file_that_changed_since_the_scan_is_not_renamed_into_place(sshd, remote_dir,
-                                                                         tmp_path):
+def test_local_file_that_changed_since_the_scan_is_not_renamed_into_place(
+    sshd, remote_dir, tmp_path
+):
     local = tmp_path / "v.mp4"
     local.write_bytes(b"x" * 1000)
     with SftpConnection(target(sshd)) as conn, pytest.raises(OSError, match="size"):
@@ -155,3 +159,12 @@ def test_sshd_killed_mid_transfer_leaves_nothing_under_the_final_name(tmp_path):
         assert final.read_bytes() == local.read_bytes()
         assert not partial.exists()  # the stale temp was overwritten and renamed
         conn.close()
+
+
+def test_hashed_known_hosts_entries_are_understood(sshd, tmp_path):
+    hashed = tmp_path / "known_hosts"
+    hashed.write_text(Path(sshd.known_hosts_path).read_text())
+    subprocess.run(["ssh-keygen", "-H", "-f", str(hashed)], check=True, capture_output=True)
+    assert hashed.read_text().startswith("|1|")
+    with SftpConnection(target(sshd, known_hosts_path=str(hashed))) as conn:
+        assert conn.alive
