@@ -64,8 +64,9 @@ def event_row(dsn: str, event_id: str):
         ("emptyjson", b"", b"v" * 100, "JSON file is empty"),
     ],
 )
-def test_bad_package_is_set_aside_with_its_reason(site, database_url, name, json_bytes, video,
-                                                  reason):
+def test_bad_package_is_set_aside_with_its_reason(
+    site, database_url, name, json_bytes, video, reason
+):
     (pending(site) / f"{name}.mp4").parent.mkdir(parents=True, exist_ok=True)
     (pending(site) / f"{name}.mp4").write_bytes(video)
     (pending(site) / f"{name}.json").write_bytes(json_bytes)

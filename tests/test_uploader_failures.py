@@ -51,8 +51,10 @@ def assert_all_uploaded_once(cfg: dict, ids: list[str], dsn: str) -> None:
     assert {table[i][0] for i in ids} == {"completed"}
     assert listing(cfg["pending_dir"]) == []
     for event_id in ids:
-        for remote_dir, suffix in ((sftp["remote_video_dir"], ".mp4"),
-                                   (sftp["remote_json_dir"], ".json")):
+        for remote_dir, suffix in (
+            (sftp["remote_video_dir"], ".mp4"),
+            (sftp["remote_json_dir"], ".json"),
+        ):
             remote = Path(remote_dir) / f"{event_id}{suffix}"
             archived = Path(cfg["uploaded_dir"]) / f"{event_id}{suffix}"
             assert remote.read_bytes() == archived.read_bytes()
@@ -196,8 +198,7 @@ def test_two_uploaders_at_once_upload_each_event_exactly_once(sshd, database_url
     assert {r[1] for r in rows(database_url).values()} == {1}  # one INSERT per event
 
 
-def test_a_crash_between_update_and_move_is_finished_without_re_uploading(sshd, database_url,
-                                                                          base):
+def test_a_crash_between_update_and_move_is_finished_without_re_uploading(sshd, database_url, base):
     cfg = local_config(sshd, database_url, base)["uploader"]
     write_event(cfg["pending_dir"], "done", video_bytes=1234)
     write_event(cfg["pending_dir"], "clash", video_bytes=999)
@@ -209,8 +210,9 @@ def test_a_crash_between_update_and_move_is_finished_without_re_uploading(sshd, 
     # An earlier run moved one video and died before moving its JSON.
     write_event(cfg["pending_dir"], "halfmoved", video_bytes=10)
     Path(cfg["uploaded_dir"]).mkdir(parents=True)
-    os.rename(Path(cfg["pending_dir"]) / "halfmoved.mp4",
-              Path(cfg["uploaded_dir"]) / "halfmoved.mp4")
+    os.rename(
+        Path(cfg["pending_dir"]) / "halfmoved.mp4", Path(cfg["uploaded_dir"]) / "halfmoved.mp4"
+    )
 
     report = DataUploader({"uploader": cfg}).run_once()
     states = {r["event"]: (r["state"], r["reason"]) for r in report.rows}
@@ -219,9 +221,11 @@ def test_a_crash_between_update_and_move_is_finished_without_re_uploading(sshd, 
     assert states["clash"][0] == "rejected" and "different video" in states["clash"][1]
     assert listing(cfg["pending_dir"]) == []
     assert set(listing(cfg["uploaded_dir"])) == {
-        "done.json", "done.mp4", "halfmoved.json", "halfmoved.mp4"
+        "done.json",
+        "done.mp4",
+        "halfmoved.json",
+        "halfmoved.mp4",
     }
     assert listing(cfg["sftp"]["remote_video_dir"]) == []  # nothing was re-sent
-    assert set(listing(cfg["failed_dir"])) == {"clash.json", "clash.mp4",
-                                               "clash.json.reason.txt"}
+    assert set(listing(cfg["failed_dir"])) == {"clash.json", "clash.mp4", "clash.json.reason.txt"}
     assert rows(database_url)["clash"][0] == "completed"  # the earlier upload still stands

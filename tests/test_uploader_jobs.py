@@ -28,8 +28,9 @@ OLD = NOW - 60  # settled
 
 def decide(json_name="evt1.json", json_info=None, video_info=None, **kw):
     json_info = json_info or FileInfo(100, OLD)
-    return check_files(json_name, json_info, video_info, NOW, settle_seconds=5,
-                       orphan_seconds=3600, **kw)
+    return check_files(
+        json_name, json_info, video_info, NOW, settle_seconds=5, orphan_seconds=3600, **kw
+    )
 
 
 def test_settled_package_goes_on_to_the_json():
@@ -92,8 +93,9 @@ def test_bad_json_is_refused_with_a_reason(raw, expected):
 
 def test_good_json_becomes_a_job_with_remote_paths_inside_the_remote_dirs():
     raw = json.dumps({"eventId": "evt1", "species": "fox"}).encode()
-    job = make_job("evt1.json", FileInfo(len(raw), OLD), FileInfo(5000, OLD), raw,
-                   "/srv/videos/", "/srv/json")
+    job = make_job(
+        "evt1.json", FileInfo(len(raw), OLD), FileInfo(5000, OLD), raw, "/srv/videos/", "/srv/json"
+    )
     assert job.metadata == {"eventId": "evt1", "species": "fox"}
     assert (job.remote_video_path, job.remote_json_path) == (
         "/srv/videos/evt1.mp4",
