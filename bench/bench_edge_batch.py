@@ -27,6 +27,8 @@ import time
 import uuid
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blocks.mqtt import MqttBroker  # noqa: E402
@@ -35,6 +37,18 @@ from camfleet.edge.config import EdgeConfig  # noqa: E402
 from camfleet.edge.uploader import EdgeUploader  # noqa: E402
 from camfleet.localsvc import MosquittoInstance, PostgresInstance, S3Instance  # noqa: E402
 from camfleet.storage.s3 import S3Store  # noqa: E402
+
+
+def cpu_seconds(procs) -> float:
+    """User+system CPU seconds used so far by these processes (gone ones count 0)."""
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def make_files(directory: Path, count: int, size: int) -> dict[str, str]:
@@ -82,13 +96,21 @@ def main() -> None:
         client = s3.client()
         names = sorted(os.listdir(source))
 
+        me = psutil.Process()
+        moto = s3.processes()
+        services = moto + broker_svc.processes() + pg.processes()
+        cpu: dict[str, float] = {}
+
         def baseline() -> float:
             bucket = s3.create_bucket(f"base-{uuid.uuid4().hex[:8]}")
+            c0 = cpu_seconds([me, *moto])
             t0 = time.perf_counter()
             for name in names:
                 with open(source / name, "rb") as f:
                     client.put_object(Bucket=bucket, Key=f"devices/bench/{name}", Body=f)
-            return time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            cpu["baseline"] = cpu.get("baseline", 0.0) + cpu_seconds([me, *moto]) - c0
+            return took
 
         baseline_runs = [baseline()]
 
@@ -123,9 +145,12 @@ def main() -> None:
         try:
             signer.stdout.readline()  # "signer: storage ..., broker ..."
             time.sleep(1.0)  # connected and subscribed
+            everything = [me, psutil.Process(signer.pid), *services]
+            c0 = cpu_seconds(everything)
             t0 = time.perf_counter()
             summaries = EdgeUploader(cfg, broker, lanes=args.lanes, min_age_s=0).drain()
             txn_s = time.perf_counter() - t0
+            cpu["transaction"] = cpu_seconds(everything) - c0
         finally:
             signer.send_signal(signal.SIGTERM)
             signer.wait(30)
@@ -148,6 +173,12 @@ def main() -> None:
     )
     print(f"edge transaction         : {txn_rate:8.1f} files/s ({txn_s:.2f} s)")
     print(f"ratio transaction/baseline: {txn_rate / base_rate:.2f}  (target >= 0.5)")
+    # CPU per file is what a shared machine's load does not distort.
+    print(
+        f"CPU per file: baseline {1000 * cpu['baseline'] / (2 * args.files):.1f} ms "
+        f"(client + S3 server), transaction {1000 * cpu['transaction'] / max(1, deleted):.1f} ms "
+        f"(device + signer + S3 server + broker + PostgreSQL); load avg {os.getloadavg()[0]:.1f}"
+    )
     print(
         f"verified+deleted {deleted}/{args.files}, captures rows {rows}, "
         f"left on device {leftover}, batches {len(summaries)}"
