@@ -116,6 +116,7 @@ async def event_upload(
             )
             return {"counts": {}, "skipped": f"no config at {config_path}"}
     config = load_config(config_path, sftp_block, database_block)
+    await load_blocks(config)
     server = config.sftp_server()
     ledger = Ledger()
     progress = await acreate_progress_artifact(
@@ -161,6 +162,21 @@ async def event_upload(
             "see the event-upload-events artifact"
         )
     return summary
+
+
+async def load_blocks(config: UploaderConfig) -> None:
+    """Fill the `sftp` / `database` sections from their named blocks (Block.load would
+    hand an async flow a coroutine)."""
+    from blocks.postgres import PostgresDatabase
+    from blocks.sftp import SftpServer
+    from camfleet.settings import get_settings
+
+    if config.sftp is None and config.sftp_block:
+        config.sftp = await SftpServer.aload(config.sftp_block)
+    if config.database is None:
+        name = config.database_block or get_settings().database_block
+        if name:
+            config.database = await PostgresDatabase.aload(name)
 
 
 def load_config(

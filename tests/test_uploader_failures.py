@@ -229,3 +229,19 @@ def test_a_crash_between_update_and_move_is_finished_without_re_uploading(sshd, 
     assert listing(cfg["sftp"]["remote_video_dir"]) == []  # nothing was re-sent
     assert set(listing(cfg["failed_dir"])) == {"clash.json", "clash.mp4", "clash.json.reason.txt"}
     assert rows(database_url)["clash"][0] == "completed"  # the earlier upload still stands
+
+
+def test_run_is_the_seeds_main_loop_and_stops_cleanly(sshd, database_url, base):
+    cfg = local_config(sshd, database_url, base, scan_interval_seconds=1)["uploader"]
+    uploader = DataUploader({"uploader": cfg})
+    loop = threading.Thread(target=uploader.run, daemon=True)
+    loop.start()
+    time.sleep(0.2)
+    ids = write_events(cfg["pending_dir"], 2)  # they arrive while it sleeps
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(listing(cfg["uploaded_dir"])) < 4:
+        time.sleep(0.1)
+    uploader.stop()
+    loop.join(10)
+    assert not loop.is_alive()
+    assert_all_uploaded_once(cfg, ids, database_url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 import time
 import uuid
@@ -167,3 +168,35 @@ def test_two_overlapping_flow_runs_upload_each_event_exactly_once(
     assert sorted(table) == sorted(ids)
     assert {(r[0], r[3]) for r in table.values()} == {("completed", 1)}  # one INSERT each
     assert sorted(p.name for p in Path(cfg["pending_dir"]).iterdir()) == []
+
+
+def test_flow_takes_sftp_and_database_settings_from_saved_blocks(
+    prefect_api_url, sshd, database_url, base, run_cli
+):
+    config_path, cfg = write_config(base, sshd, database_url)
+    name = f"site-{uuid.uuid4().hex[:8]}"
+    out = run_cli(
+        [
+            sys.executable,
+            "-m",
+            "camfleet.cli",
+            "uploader",
+            "save-blocks",
+            "--config",
+            str(config_path),
+            "--name",
+            name,
+        ],
+        env={"PREFECT_API_URL": prefect_api_url},
+    )
+    assert f"saved camfleet-sftp-server/{name}" in out.stdout
+    # The file keeps only paths: the endpoints and credentials live in the blocks.
+    stripped = {k: v for k, v in cfg.items() if k not in ("sftp", "database")}
+    config_path.write_text(json.dumps({"uploader": stripped}))
+    ids = write_events(cfg["pending_dir"], 3)
+
+    state = run_flow(config_path, sftp_block=name, database_block=name)
+
+    assert state.is_completed(), state.message
+    assert state.result()["counts"] == {"uploaded": 3}
+    assert sorted(rows(database_url)) == ids
