@@ -38,7 +38,9 @@ def _logging() -> None:
         level=get_settings().log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("paramiko").setLevel(logging.WARNING)  # one line per channel
+    # One line per SFTP channel and per Prefect API request: noise at INFO.
+    for noisy in ("paramiko", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @uploader_app.command("run")
