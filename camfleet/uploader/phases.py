@@ -171,7 +171,7 @@ class Ledger:
         """One row per job, for the Prefect table artifact and the CLI."""
         return [
             {
-                "event": o.event_id or o.json_name,
+                "event": o.event_id or repr(o.json_name),  # an unusable name: quoted
                 "state": o.state or "unfinished",
                 "last phase": o.phase.name.lower(),
                 "video bytes": o.video_bytes,
@@ -473,14 +473,18 @@ def set_aside(reject: Reject, pending_dir: Path, failed_dir: Path, logger=log) -
     """Move a package that can never succeed to `failed_dir`, with `<json>.reason.txt`."""
     failed_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    # The name is the device's: quoted (repr) wherever it is written, so a name with a
+    # newline or escape sequence cannot forge a log line.
     (failed_dir / f"{reject.json_name}.reason.txt").write_text(
-        f"{stamp} camfleet event upload refused {reject.json_name}: {reject.reason}\n"
+        f"{stamp} camfleet event upload refused {reject.json_name!r}: {reject.reason}\n"
     )
     for name in (reject.video_name, reject.json_name):
-        if name and (pending_dir / name).exists():
-            shutil.move(pending_dir / name, failed_dir / name)
+        if name:
+            # Another uploader sharing the directory may have set it aside first.
+            with contextlib.suppress(FileNotFoundError):
+                shutil.move(pending_dir / name, failed_dir / name)
     logger.error(
-        "event package %s set aside in %s: %s", reject.json_name, failed_dir, reject.reason
+        "event package %r set aside in %s: %s", reject.json_name, failed_dir, reject.reason
     )
 
 

@@ -5,7 +5,9 @@ Only `lstat` and one bounded read of each settled JSON; symlinks are never follo
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import heapq
 import os
 import shutil
 import stat
@@ -50,6 +52,25 @@ def read_json_bounded(path: Path) -> bytes:
         return f.read(MAX_JSON_BYTES + 1)
 
 
+# A scan looks at most this many of the oldest `*.json` per job it may take (and at
+# least MIN_CANDIDATES): waiting and rejected packages use up candidates too, and a
+# directory with a million entries must not cost a million stat results in memory.
+# Whatever is left over is seen by the next run.
+CANDIDATES_PER_JOB = 4
+MIN_CANDIDATES = 10_000
+
+
+def _candidates(entries):
+    for entry in entries:
+        if not is_candidate(entry.name):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # moved away meanwhile (another uploader)
+        yield (st.st_mtime, entry.name, st)
+
+
 def scan_pending(
     pending_dir: Path,
     uploaded_dir: Path,
@@ -64,17 +85,10 @@ def scan_pending(
     """Every `*.json` in `pending_dir`, oldest first, decided: ready, waiting, rejected."""
     now = time.time() if now is None else now
     result = ScanResult()
-    candidates = []
     with os.scandir(pending_dir) as entries:
-        for entry in entries:
-            if not is_candidate(entry.name):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # moved away meanwhile (another uploader)
-            candidates.append((st.st_mtime, entry.name, st))
-    candidates.sort()
+        candidates = heapq.nsmallest(
+            max(max_jobs * CANDIDATES_PER_JOB, MIN_CANDIDATES), _candidates(entries)
+        )
     for _, name, st in candidates:
         if len(result.ready) >= max_jobs:
             break
@@ -111,4 +125,5 @@ def scan_pending(
 
 def finish_reconcile(item: Reconcile, pending_dir: Path, uploaded_dir: Path) -> None:
     """The video is archived already (only done after UPDATE): the JSON follows it."""
-    shutil.move(pending_dir / item.json_name, uploaded_dir / item.json_name)
+    with contextlib.suppress(FileNotFoundError):  # another uploader was quicker
+        shutil.move(pending_dir / item.json_name, uploaded_dir / item.json_name)
