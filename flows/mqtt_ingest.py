@@ -49,7 +49,7 @@ async def mqtt_ingest(batch_id: str, images: list[dict]) -> dict:
     if any(i.stored for i in batch.items):
         recorded = await record_captures(batch_id, batch.flow_run_id, return_state=True)
         if recorded.is_failed():
-            message = _state_message(recorded)
+            message = await _state_message(recorded)
             for item in batch.items:
                 if item.stored and item.record_id is None:
                     item.error = 2205
@@ -68,9 +68,9 @@ async def mqtt_ingest(batch_id: str, images: list[dict]) -> dict:
     return summary
 
 
-def _state_message(state) -> str:
+async def _state_message(state) -> str:
     try:
-        state.result()
+        await state.aresult()
     except Exception as exc:  # the task's final exception, without secrets (no DSN)
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     return state.message or "failed"
