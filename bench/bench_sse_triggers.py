@@ -139,7 +139,9 @@ class Fleet:
         return time.perf_counter() - t0
 
     async def uploader(self, image_b64: str) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        """One keep-alive upload connection; reopened when the server closed it (the
+        API drops connections idle for 60 s, e.g. during a long connect phase)."""
+        reader = writer = None
         while True:
             device_id, trigger_id = await self.upload_queue.get()
             body = json.dumps(
@@ -151,20 +153,35 @@ class Fleet:
                     "metadata": {"bench": True},
                 }
             ).encode()
-            writer.write(
+            request = (
                 b"POST /v1/captures HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
-            await writer.drain()
-            status = await reader.readline()
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            await reader.readexactly(length)
-            if b" 201 " not in status:
-                self.errors += 1
+            for attempt in range(3):
+                try:
+                    if writer is None:
+                        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                    writer.write(request)
+                    await writer.drain()
+                    status = await reader.readline()
+                    if not status:
+                        raise ConnectionResetError("closed by server")
+                    length = 0
+                    while (line := await reader.readline()) not in (b"\r\n", b""):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    await reader.readexactly(length)
+                    if b" 201 " not in status:
+                        self.errors += 1
+                    break
+                except (OSError, asyncio.IncompleteReadError):
+                    if writer is not None:
+                        writer.close()
+                    reader = writer = None
+                    if attempt == 2:
+                        self.errors += 1
+            self.upload_queue.task_done()
 
 
 def insert_triggers(dsn: str, devices: list[str], rate: float, seconds: float) -> dict:
@@ -288,9 +305,11 @@ async def main_async(args) -> None:
             full = await run_phase(fleet, dsn, devices, args.rate, args.seconds)
             api_cpu1 = psutil.Process(api.pid).cpu_times()
             # let the last uploads land, then count executed among this phase's triggers
-            while not fleet.upload_queue.empty():
-                await asyncio.sleep(0.2)
-            await asyncio.sleep(1.0)
+            try:
+                await asyncio.wait_for(fleet.upload_queue.join(), 120)
+            except TimeoutError:
+                print("uploads did not drain within 120 s")
+            await asyncio.sleep(0.5)
             with db.transaction(dsn) as conn, conn.cursor() as cur:
                 cur.execute(
                     "SELECT count(*) FILTER (WHERE status = 'executed'),"
