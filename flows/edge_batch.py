@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from camfleet.edge import files as edge_files
 from camfleet.edge.config import DEFAULT_CONFIG_PATH, EdgeConfig, load_ento_conf
 from camfleet.edge.link import EdgeLink, LinkError
+from camfleet.edge.upload import http_client
 from camfleet.edge.uploader import (
     UPLOAD_ATTEMPTS,
     BatchFailed,
@@ -71,9 +72,9 @@ def request_upload_urls(
 
 
 @task(name="upload-files", cache_policy=NO_CACHE)
-def upload_to_presigned_posts(batch: eb.DeviceBatch, buffer_dir: Path) -> int:
+def upload_to_presigned_posts(batch: eb.DeviceBatch, buffer_dir: Path, http) -> int:
     """POST each file, streamed from disk (each retried UPLOAD_ATTEMPTS times)."""
-    return upload_files(batch, buffer_dir)
+    return upload_files(batch, buffer_dir, http)
 
 
 @task(name="await-verifications", cache_policy=NO_CACHE)
@@ -110,6 +111,7 @@ def edge_batch_upload(
     logger = get_run_logger()
     config = load_ento_conf(config_path)
     link = connect_to_broker(config, mqtt_block)
+    http = http_client()  # one client per run: TLS setup once, connections reused
     summaries: list[dict] = []
     try:
         for number in range(1, max_batches + 1):
@@ -124,7 +126,7 @@ def edge_batch_upload(
                     request_upload_urls(batch, link, config.buffer_dir, url_timeout_s)
                 except (BatchFailed, LinkError):
                     break  # no answer after the task's retries: the cloud is away
-                upload_to_presigned_posts(batch, config.buffer_dir)
+                upload_to_presigned_posts(batch, config.buffer_dir, http)
             batch.give_up_urls()
             batch.give_up_uploads()
             await_verification_and_delete(batch, link, config.buffer_dir, verify_timeout_s)
@@ -138,6 +140,7 @@ def edge_batch_upload(
                 logger.warning("nothing verified in this batch; leaving the rest for next run")
                 break
     finally:
+        http.close()
         link.close()
     return summaries
 

@@ -10,7 +10,6 @@ import logging
 import queue
 import socket
 import threading
-import time
 import uuid
 
 from camfleet.protocol import edge_batch as eb
@@ -95,11 +94,12 @@ class EdgeLink:
         if not self._subscribed.wait(timeout):
             raise LinkError("not connected to the broker")
         info = self._client.publish(self.request_topic, payload, qos=MQTT_QOS)
-        deadline = time.monotonic() + timeout
-        while not info.is_published():
-            if time.monotonic() > deadline or not self._subscribed.is_set():
-                raise LinkError("request not acknowledged by the broker")
-            time.sleep(0.005)
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):
+            raise LinkError("request not sent: the connection dropped") from None
+        if not info.is_published():
+            raise LinkError("request not acknowledged by the broker")
 
     def next(self, timeout: float) -> tuple[str, bytes] | None:
         try:
