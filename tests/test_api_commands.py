@@ -203,3 +203,35 @@ def test_device_token_required_when_the_device_has_one(database_url, storage_dir
         assert r.status_code == 401 and "CAMFLEET_ALLOW_DEVICE_ID_ONLY" in r.text
         assert httpx.post(api.url + "/v1/devices/TOK2/trigger").status_code == 401
         assert httpx.get(api.url + "/v1/devices/connected").status_code == 401
+
+
+def test_database_restart_stream_recovers_and_trigger_is_delivered(tmp_path, storage_dir):
+    """PostgreSQL restarts under a streaming device: LISTEN reconnects, nothing is lost."""
+    from camfleet import db
+    from camfleet.localsvc import PostgresInstance
+
+    with PostgresInstance(fast=True) as pg:
+        dsn = pg.create_database("restart")
+        db.migrate(dsn)
+        add_device(dsn, "PGR1")
+        with ApiProcess(dsn, storage_dir) as api:
+            sse = SseReader(api.url, "PGR1")
+            try:
+                assert sse.next()["event"] == "connected"
+                pg.restart()
+                tid = trig.create_manual(dsn, "PGR1", ttl_seconds=60)
+                # delivered on the open stream (listener reconnected and reloaded) or,
+                # if the stream broke with the database, after the device reconnects
+                try:
+                    cmd = sse.next_command(timeout=8)
+                except AssertionError:
+                    sse.close()
+                    sse = SseReader(api.url, "PGR1")
+                    assert sse.next(timeout=10)["event"] == "connected"
+                    cmd = sse.next_command(timeout=8)
+                assert cmd["trigger_id"] == tid
+                r = httpx.post(api.url + "/v1/captures", json=capture_body("PGR1", tid))
+                assert r.status_code == 201, r.text
+                assert trig.trigger_state(dsn, tid)["status"] == "executed"
+            finally:
+                sse.close()
