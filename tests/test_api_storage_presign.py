@@ -71,3 +71,39 @@ def test_session_credentials_fall_back_to_boto3():
     store.client._request_signer._credentials.token = "session-token"
     with pytest.raises(ValueError):
         FastS3Presigner(store)
+
+
+def test_head_survives_a_storage_restart_and_reports_it_down():
+    from camfleet.localsvc import S3Instance
+    from camfleet.storage import StorageError
+
+    with S3Instance() as server:
+        bucket = server.create_bucket("presign-restart")
+        store = S3Store(
+            bucket, "", server.endpoint_url, server.region, server.access_key, server.secret_key
+        )
+        store.put("devices/d/a.jpg", b"abc")
+        presigner = FastS3Presigner(store)
+
+        async def head():
+            return await presigner.head("devices/d/a.jpg")
+
+        async def scenario():
+            first = await head()
+            # moto restarts empty on the same port: the pooled keep-alive connection is
+            # dead; the client must notice and use a fresh one (answer: 404 -> None)
+            await asyncio.to_thread(server.restart)
+            await asyncio.to_thread(server.create_bucket, "presign-restart")
+            second = await head()
+            await asyncio.to_thread(server.kill)
+            try:
+                await head()
+            except StorageError as exc:
+                third = exc
+            await presigner.aclose()
+            return first, second, third
+
+        first, second, third = asyncio.run(scenario())
+        assert first.size == 3
+        assert second is None
+        assert "S3 HEAD failed" in str(third)
