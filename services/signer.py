@@ -71,6 +71,12 @@ HANDOFF_MAX_WAIT_S = 5.0
 
 MQTT_QOS = 1
 
+# device_errors rows per device per minute: enough to diagnose a misbehaving device,
+# few enough that one replaying garbage cannot fill the table. Devices tracked at once
+# is bounded too (the window map is cleared when it grows past that).
+MAX_ERRORS_PER_DEVICE_PER_MIN = 20
+MAX_ERROR_WINDOWS = 10_000
+
 # How long the worker sleeps waiting for requests: long when idle, short while
 # verification threads are busy (they may schedule an earlier check).
 IDLE_POLL_S = 0.5
@@ -156,6 +162,7 @@ class Signer:
         self._publishing = eb.VerificationQueue(settle_s)
         self._handoff = _Handoff(handoff, self.pool) if handoff else None
         self._lock = threading.Lock()  # verification threads resolve grants concurrently
+        self._error_windows: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._thread: threading.Thread | None = None
@@ -350,6 +357,8 @@ class Signer:
                     expires_at=grant.expires_at,
                 )
             for rejection in request.rejected:
+                if not self._error_allowed(serial):
+                    break
                 self._insert_error(
                     conn,
                     serial,
@@ -363,7 +372,7 @@ class Signer:
 
         with self._lock:
             if group is not None and grants:
-                self._publishing.open_request(serial, group, [g.name for g, _, _ in grants])
+                self._publishing.open_request(serial, group, [g.name for g, _, _ in grants], now)
             for grant, _, _ in grants:
                 full = len(self._pending) >= MAX_PENDING_GRANTS
                 if full and (serial, grant.name) not in self._pending:
@@ -526,9 +535,10 @@ class Signer:
                     stored_sha256=sha,
                     capture_id=None,
                 )
-                self._insert_error(
-                    conn, grant.serial, grant.name, code, "error", reason, {"key": grant.key}
-                )
+                if self._error_allowed(grant.serial):
+                    self._insert_error(
+                        conn, grant.serial, grant.name, code, "error", reason, {"key": grant.key}
+                    )
         except Exception as exc:
             self._backoff(pending, self.clock())
             log.warning("signer: could not record failure of %s: %s", grant.key, type(exc).__name__)
@@ -558,11 +568,24 @@ class Signer:
             if group is not None:
                 groups.setdefault((serial, group), []).append(name)
         for (serial, group), names in groups.items():
-            self._publishing.open_request(serial, group, names)
+            self._publishing.open_request(serial, group, names, now)
         if rows:
             log.info("signer: resumed %d open grants", len(rows))
 
+    def _error_allowed(self, serial: str) -> bool:
+        minute = int(self.clock() // 60)
+        with self._lock:
+            if len(self._error_windows) > MAX_ERROR_WINDOWS:
+                self._error_windows.clear()
+            start, count = self._error_windows.get(serial, (minute, 0))
+            if start != minute:
+                start, count = minute, 0
+            self._error_windows[serial] = (start, count + 1)
+        return count < MAX_ERRORS_PER_DEVICE_PER_MIN
+
     def _record_error(self, serial, capture_id, code, severity, message, details) -> None:
+        if not self._error_allowed(serial):
+            return
         try:
             with self.pool.connection() as conn:
                 self._insert_error(conn, serial, capture_id, code, severity, message, details)

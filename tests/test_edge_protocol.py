@@ -124,12 +124,22 @@ def test_judge_upload():
 
 def test_unchecked_verifications_wait_for_the_whole_request_and_settle():
     q = eb.VerificationQueue(settle_s=2.0)
-    q.open_request("E", "g", ["a", "b"])
+    q.open_request("E", "g", ["a", "b"], now=0.0)
     assert q.resolved("E", "g", "a", True, now=10.0) == []
     assert q.resolved("E", "g", "b", False, now=11.0) == []
     assert q.due(12.9) == []
     assert q.due(13.0) == [eb.Publish("E", "a")]
     assert q.resolved("E", None, "c", True, now=14.0) == [eb.Publish("E", "c")]
+
+
+def test_a_re_request_takes_its_files_out_of_the_earlier_request():
+    q = eb.VerificationQueue(settle_s=1.0)
+    q.open_request("E", "old", ["a", "b"], now=0.0)
+    q.resolved("E", "old", "a", True, now=1.0)
+    q.open_request("E", "new", ["b"], now=2.0)  # the device gave up and asked again
+    assert q.due(3.0) == [eb.Publish("E", "a")]  # the old request is complete now
+    q.resolved("E", "new", "b", True, now=3.0)
+    assert q.due(4.0) == [eb.Publish("E", "b")] and q.next_due() is None
 
 
 def _batch():

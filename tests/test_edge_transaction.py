@@ -482,3 +482,23 @@ def test_expired_urls_are_renewed(tmp_path, store, mosquitto, database_url, s3):
     assert [s["deleted"] for s in summaries] == [5]
     assert {n: r[0] for n, r in captures(database_url, cfg.serial).items()} == shas
     assert objects(store, cfg.serial) == [f"devices/{cfg.serial}/{n}" for n in sorted(shas)]
+
+
+def test_a_device_replaying_garbage_gets_bounded_error_rows(signer, mosquitto, database_url):
+    from services.signer import MAX_ERRORS_PER_DEVICE_PER_MIN
+
+    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
+    dev = Listener(mosquitto, [f"cameraDevice/getURL/{serial}"])
+    try:
+        for _ in range(MAX_ERRORS_PER_DEVICE_PER_MIN + 15):
+            dev.publish(f"cameraDevice/generateURL/{serial}", b"\x00not json")
+        for _ in range(MAX_ERRORS_PER_DEVICE_PER_MIN + 15):
+            assert json.loads(dev.get()[1])["files"] == []  # every one still answered
+    finally:
+        dev.close()
+    # (a minute boundary may split the burst into two windows)
+    assert (
+        MAX_ERRORS_PER_DEVICE_PER_MIN
+        <= len(errors(database_url, serial))
+        <= 2 * MAX_ERRORS_PER_DEVICE_PER_MIN
+    )

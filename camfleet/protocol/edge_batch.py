@@ -387,8 +387,15 @@ class VerificationQueue:
         # (serial, request key) -> {"open": set of names, "done": [names], "ready_at"}
         self._groups: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def open_request(self, serial: str, group: str, names: Iterable[str]) -> None:
-        self._groups[(serial, group)] = {"open": set(names), "done": [], "ready_at": None}
+    def open_request(self, serial: str, group: str, names: Iterable[str], now: float) -> None:
+        """A new request; names it re-requests leave the device's earlier requests."""
+        names = set(names)
+        for (other_serial, other), entry in self._groups.items():
+            if other_serial == serial and other != group and entry["open"] & names:
+                entry["open"] -= names
+                if not entry["open"]:
+                    entry["ready_at"] = now + self.settle_s
+        self._groups[(serial, group)] = {"open": names, "done": [], "ready_at": None}
 
     def resolved(
         self, serial: str, group: str | None, name: str, ok: bool, now: float
