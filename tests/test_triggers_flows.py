@@ -44,7 +44,8 @@ def test_scheduler_flow_dispatches_a_window_in_batches_without_doubling(prefect_
         " min(status), max(status) FROM scheduled_triggers",
     )[0]
     assert rows[0] == rows[1] == first["created"] + second["created"]
-    assert rows[2] == 2 and rows[3] == rows[4] == "pending"  # each row names its flow run
+    # each row names the flow run that created it
+    assert rows[2] == 1 + (second["created"] > 0) and rows[3] == rows[4] == "pending"
     assert not fetch(db_env, "SELECT 1 FROM scheduled_triggers WHERE device_id IN ('BAD1','OFF1')")
 
 
