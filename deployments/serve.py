@@ -34,6 +34,13 @@ DEPLOYMENTS = [
         cron="0 6 * * *",
         description="Daily fleet summary as artifacts, Parquet, CSV and a chart.",
     ),
+    # No schedule: the device API creates one run per 10 s window of ingests (docs/devices-api.md).
+    Spec(
+        "flows.ingest_processing",
+        "lifelog_ingest_processing",
+        "lifelog-ingest-processing",
+        description="Verify and record the Lifelog items ingested in one window.",
+    ),
 ]
 
 
