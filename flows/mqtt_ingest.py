@@ -1,19 +1,25 @@
-"""MQTT chunk ingest (seed 002): one flow run stores a *batch* of finished images.
+"""MQTT chunk ingest (seed 002): the flow runs behind the assembler service.
 
-The story of a run: put every image of the batch in object storage, write their
-`captures` and `sensor_readings` rows in one transaction (the run's id on each row, so
-the UI shows which run stored which capture), then publish ACK_OK to each device.
-An image whose object could not be stored after retries gets error 2204, one whose row
-could not be written 2205; neither is ACKed, so the device keeps its copy and resends.
+Two flows, one per ACK path of services/assembler.py (its docstring has the measured
+decision):
 
-Why a batch and not a run per image: a flow run costs ~0.2 s (async) and each task run
-~35-50 ms of Prefect-server CPU on this 2-core machine (DESIGN.md, "Prefect as
-measured"), so at 100 devices x a few images/s one run per image would saturate the
-server.  The service (services/assembler.py) collects whatever finished while the
-previous runs were busy into the next run; the batch grows with the load and the
-per-image Prefect cost shrinks with it.
+``mqtt-ingest-record`` (default): the service has stored objects, written rows and
+sent ACK_OK in its own batches (the tasks' bodies below, with their retries); one run
+per interval verifies the objects of every capture ACKed since the last run and puts
+its id on their rows.
 
-The flow is called in-process by the assembler service (never through a deployment:
+``mqtt-ingest`` (``--ack-path flow``): one run per batch of finished images tells the
+whole story: put every image in object storage, write their `captures` and
+`sensor_readings` rows in one transaction (the run's id on each row), then publish
+ACK_OK.  An image whose object could not be stored after retries gets error 2204, one
+whose row could not be written 2205; neither is ACKed, so the device keeps its copy
+and resends.
+
+Why batches and never a run per image: a flow run costs ~0.2 s (async) and each task
+run ~35-50 ms of Prefect-server CPU on this 2-core machine (DESIGN.md, "Prefect as
+measured"), so one run per image would saturate the server at fleet rates.
+
+The flows are called in-process by the assembler service (never through a deployment:
 a deployment run spawns a process, ~2.5 s).  Image bytes stay in the process; the run's
 parameters are the batch id and a manifest (device, image, sha256, bytes).
 """
@@ -28,7 +34,9 @@ from tasks.mqtt import (
     get_batch,
     publish_acks,
     record_captures,
+    stamp_captures,
     store_objects,
+    verify_objects,
 )
 
 
@@ -109,3 +117,18 @@ async def run_batch_direct(batch_id: str) -> dict:
                     item.error = 2205
                     ctx.on_error(2205, item, f"{type(exc).__name__}")
     return {"acked": await publish_acks.fn(batch_id)}
+
+
+@flow(name="mqtt-ingest-record", log_prints=False, persist_result=False, validate_parameters=False)
+async def mqtt_ingest_record(records: list[dict]) -> dict:
+    """The default ACK path's flow run (see services/assembler.py): the service has
+    stored, recorded and ACKed these captures in its own batches; this run verifies
+    their objects and puts its id on their rows, so the UI shows which run covers which
+    capture without a flow run sitting between a device's last chunk and its ACK_OK."""
+    logger = get_run_logger()
+    run_id = str(flow_run.get_id())
+    verified = await verify_objects(records)
+    stamped = await stamp_captures([r["record_id"] for r in records], run_id)
+    summary = {"captures": len(records), "verified": verified, "stamped": stamped}
+    logger.info("recorded %s", summary)
+    return summary

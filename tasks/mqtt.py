@@ -50,6 +50,7 @@ class Item:
     error_message: str | None = None
     next_wake_time: str | None = None
     acked: bool = False
+    finalized_at: float = 0.0  # monotonic, when the assembler finished the image
 
 
 @dataclass
@@ -88,13 +89,14 @@ def context() -> IngestContext:
     return _CONTEXT
 
 
-def new_batch(images: list[FinalizeImage]) -> IngestBatch:
+def new_batch(images: list[tuple[FinalizeImage, float]]) -> IngestBatch:
+    """A batch of (image, monotonic time it was assembled)."""
     items = []
-    for img in images:
+    for img, finalized_at in images:
         key = object_key(
             "esp32", img.device_id, f"{img.sha256[:16]}-{sanitize_name(img.safe_name)}"
         )
-        items.append(Item(img, key, img.image_name))
+        items.append(Item(img, key, img.image_name, finalized_at=finalized_at))
     batch = IngestBatch(uuid.uuid4().hex, items)
     _BATCHES[batch.batch_id] = batch
     return batch
@@ -310,3 +312,47 @@ async def publish_acks(batch_id: str) -> int:
         item.acked = True
         n += 1
     return n
+
+
+# -- recording (the default ACK path: see services/assembler.py) --------------------------
+
+
+@task(
+    name="verify-objects",
+    retries=TASK_RETRIES,
+    retry_delay_seconds=exponential_backoff(RETRY_BACKOFF_S),
+    cache_policy=NO_CACHE,
+)
+async def verify_objects(records: list[dict]) -> int:
+    """Every recorded capture's object exists with the recorded size."""
+    ctx = context()
+    loop = asyncio.get_running_loop()
+    heads = await asyncio.gather(
+        *(loop.run_in_executor(_pool, ctx.store.head, r["storage_path"]) for r in records)
+    )
+    bad = [
+        r["record_id"]
+        for r, h in zip(records, heads, strict=True)
+        if h is None or (h.size is not None and h.size != r["bytes"])
+    ]
+    if bad:
+        raise RuntimeError(f"{len(bad)} objects missing or of the wrong size: {bad[:5]}")
+    return len(records)
+
+
+@task(
+    name="stamp-captures",
+    retries=TASK_RETRIES,
+    retry_delay_seconds=exponential_backoff(RETRY_BACKOFF_S),
+    cache_policy=NO_CACHE,
+)
+async def stamp_captures(record_ids: list[str], flow_run_id: str) -> int:
+    """Record this flow run's id on the captures it covers."""
+    ctx = context()
+
+    def stamp():
+        with ctx.pool.connection() as conn:
+            db.queries.ingest_stamp_flow_run(conn, flow_run_id=flow_run_id, record_ids=record_ids)
+
+    await asyncio.to_thread(stamp)
+    return len(record_ids)

@@ -140,13 +140,17 @@ def test_fleet_with_drops_duplicates_reorder_is_byte_identical(
     r = simulate(b, opts)
     assert r.images_acked == 16 and r.images_failed == 0
     assert r.nacks > 0  # drops were recovered through NACK
-    got = rows(database_url, "select device_id, device_capture_id, ingest_status, storage_path,"
-               " sha256, flow_run_id from captures order by 1, 2")  # fmt: skip
+    query = ("select device_id, device_capture_id, ingest_status, storage_path, sha256,"
+             " flow_run_id from captures order by 1, 2")  # fmt: skip
+    # the recording flow run stamps its id on the rows shortly after the ACKs
+    got = wait_for(
+        lambda: all(g[5] for g in rows(database_url, query)) and rows(database_url, query)
+    )
     assert len(got) == 16
     for dev, name, status, path, sha, run_id in got:
         assert status == "stored" and run_id
         assert (tmp_path / "objects" / path).read_bytes() == r.sent[(dev, name)]
-    # batching: fewer flow runs than images
+    # one recording run per interval, not per image
     assert len({g[5] for g in got}) < 16
     assert rows(database_url, "select count(*) from sensor_readings") == [(16,)]
 
@@ -256,7 +260,8 @@ def test_every_device_side_error_code(mosquitto, make_service, database_url):
     got = rows(database_url, "select device_capture_id, ingest_status from captures where"
                " device_id = %s and ingest_status = 'quarantined' order by 1", d.dev)  # fmt: skip
     assert got == [("sig.jpg", "quarantined"), ("size.jpg", "quarantined")]
-    assert [c for (c,) in errors(database_url, d.dev)][-2:] == [2202, 2203]
+    codes = wait_for(lambda: [c for (c,) in errors(database_url, d.dev)][6:] == [2202, 2203])
+    assert codes, errors(database_url, d.dev)
     d.close()
 
 
@@ -396,3 +401,15 @@ def test_no_prefect_mode_stores_without_flow_run(mosquitto, make_service, databa
         lambda: rows(database_url, "select payload from device_publish_log where direction = 'in'")
     )
     assert log and not any("chunk_id" in p for (p,) in log)
+
+
+def test_flow_on_ack_path_mode(mosquitto, make_service, database_url, tmp_path):
+    b = broker_block(mosquitto)
+    make_service(b, ack_path="flow")
+    r = simulate(b, SimOptions(devices=4, images=1, id_prefix="F10F10", seed=4))
+    assert r.images_acked == 4
+    got = rows(database_url, "select ingest_status, flow_run_id, storage_path from captures")
+    assert len(got) == 4
+    # the run id is on each row when the ACK is sent: the run stored it
+    assert all(status == "stored" and run for status, run, _ in got)
+    assert len({run for _, run, _ in got}) < 4

@@ -99,6 +99,11 @@ def test_seed_mosquitto_pub_commands_get_ack_ok_and_a_stored_row(
             assert len(rows) == 1
             status, nbytes, chunks, sha, path, flow_run_id = rows[0]
             assert (status, nbytes, chunks) == ("stored", 4, 2)
+            for _ in range(100):  # the recording flow run stamps its id within ~2 s
+                cur.execute("select flow_run_id from captures where device_id = 'TESTMAC123'")
+                if (flow_run_id := cur.fetchone()[0]) is not None:
+                    break
+                time.sleep(0.1)
             assert flow_run_id
             assert (tmp_path / "objects" / path).read_bytes() == b"\xff\xd8\xff\xd9"
             cur.execute("select temperature_c, humidity_pct, pressure_hpa from sensor_readings")

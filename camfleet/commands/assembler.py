@@ -24,12 +24,20 @@ def assembler(
     no_prefect: bool = typer.Option(
         False, help="store, record and ACK without Prefect flow runs (no flow_run_id)"
     ),
+    ack_path: str = typer.Option(
+        "direct",
+        help="direct: store+rows+ACK in the service's batch, one recording flow run per "
+        "interval; flow: one mqtt-ingest flow run per batch on the ACK path (slower here)",
+    ),
     batch_max: int = typer.Option(200, help="finished images per flow run, at most"),
     batch_window_ms: int = typer.Option(20, help="how long a batch waits for more images"),
     concurrent_batches: int = typer.Option(2, help="flow runs in flight"),
 ) -> None:
     """Assemble chunked images from ESP32CAM/+/data, store them, write rows, ACK_OK."""
     import logging
+
+    if ack_path not in ("direct", "flow"):
+        raise typer.BadParameter("--ack-path is direct or flow")
 
     from blocks.mqtt import MqttBroker
     from camfleet.protocol.assembler import Timing
@@ -58,6 +66,7 @@ def assembler(
         client_id=client_id or s.mqtt_client_id or "camfleet-assembler",
         log_control_only=log_control_only,
         use_prefect=not no_prefect,
+        ack_path=ack_path,
         max_batch_images=batch_max,
         batch_window_s=batch_window_ms / 1000,
         max_concurrent_batches=concurrent_batches,

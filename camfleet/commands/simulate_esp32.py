@@ -20,7 +20,7 @@ def simulate_esp32(
     broker: str = typer.Option(None, help="host:port (else the MQTT_* environment variables)"),
     mqtt_block: str = typer.Option(None, help="a saved camfleet-mqtt-broker block"),
     id_prefix: str = typer.Option("A0B0C0", help="device ids are PREFIX + 6 hex digits"),
-    clients: int = typer.Option(4, help="MQTT connections shared by the devices"),
+    clients: int = typer.Option(1, help="MQTT connections shared by the devices"),
     seed: int = typer.Option(0, help="random seed (image bytes, drops)"),
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:

@@ -37,7 +37,7 @@ class SimOptions:
     wait_ack: bool = True
     ack_timeout: float = 15.0
     max_resends: int = 3
-    clients: int = 4
+    clients: int = 1
     id_prefix: str = "A0B0C0"
     seed: int = 0
     qos: int = 1
@@ -152,6 +152,7 @@ class Esp32Fleet:
                 "pressure": 1013.25,
                 "gas_resistance": 12345.67,
             }
+            encoded = [json.dumps(chunk(cid), separators=(",", ":")) for cid in range(total)]
             acked = False
             for attempt in range(o.max_resends + 1):
                 if attempt:
@@ -164,14 +165,19 @@ class Esp32Fleet:
                         if rnd.random() < o.reorder:
                             order[k], order[k + 1] = order[k + 1], order[k]
                 sent = 0
+                last_info = None
                 for cid in order:
                     if attempt == 0 and rnd.random() < o.drop:
                         continue
-                    pub(data_topic, chunk(cid))
+                    last_info = client.publish(data_topic, encoded[cid], qos=o.qos)
                     sent += 1
                     if attempt == 0 and rnd.random() < o.duplicate:
-                        pub(data_topic, chunk(cid))
+                        client.publish(data_topic, encoded[cid], qos=o.qos)
                         sent += 1
+                if last_info is not None and o.wait_ack:
+                    # latency counts from when the broker has the last chunk (PUBACK),
+                    # not from when it entered this process's own send queue
+                    last_info.wait_for_publish(o.ack_timeout)
                 t_last = time.monotonic()
                 with self._lock:
                     self.result.chunks_sent += sent
@@ -204,7 +210,7 @@ class Esp32Fleet:
                             self.result.nacks += 1
                         for cid in msg["missing_chunks"]:
                             if isinstance(cid, int) and 0 <= cid < total:
-                                pub(data_topic, chunk(cid))
+                                client.publish(data_topic, encoded[cid], qos=o.qos)
                         t_last = time.monotonic()
                         deadline = t_last + o.ack_timeout
                 if acked:

@@ -90,3 +90,9 @@ set last_seen_at = greatest(devices.last_seen_at, excluded.last_seen_at);
 -- psycopg2.extras.execute_values: (device_id, topic, direction, payload, received_at).
 insert into device_publish_log (device_id, topic, direction, payload, received_at)
 values %s;
+
+-- name: ingest_stamp_flow_run!
+-- The recording flow run claims the captures stored (and ACKed) by the service's batch.
+update captures
+set flow_run_id = :flow_run_id, updated_at = now()
+where record_id = any(:record_ids) and flow_run_id is null;
