@@ -48,6 +48,15 @@ def test_trigger_for_an_mqtt_device_is_published_once_on_its_cmd_topic(
             extra = None
         assert extra is None, f"unexpected second publish: {extra}"
         assert trig.trigger_state(database_url, r.json()["trigger_id"])["status"] == "sent"
+
+        # made while no API runs: published when one starts again
+        a.stop()
+        b.stop()
+        waiting = trig.create_manual(database_url, "AA:BB:CC:00:11:22", ttl_seconds=60)
+        a.start()
+        topic, payload = got.get(timeout=10)
+        assert payload["trigger_id"] == waiting
+        assert trig.trigger_state(database_url, waiting)["status"] == "sent"
     finally:
         sub.loop_stop()
         a.stop()

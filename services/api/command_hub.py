@@ -53,6 +53,8 @@ MAX_QUEUED_PER_STREAM = 64
 # Pending triggers sent on connect: a device offline for days gets the newest
 # deliverable ones (older ones expire), never an unbounded backlog.
 MAX_PENDING_ON_CONNECT = 50
+# Pending MQTT-device triggers re-loaded at start-up: a fleet's worth of the next minutes.
+MAX_MQTT_RELOAD = 20_000
 # How long to wait before reconnecting the LISTEN connection after it dropped.
 LISTENER_RETRY_SECONDS = 1.0
 
@@ -121,6 +123,7 @@ class CommandHub:
         async with self.pool.acquire() as conn:
             await self._q.triggers_instance_heartbeat(conn, instance_id=self.instance_id)
         await self._listen()
+        await self.load_pending_mqtt()
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="hub-heartbeat"),
             asyncio.create_task(self._presence_loop(), name="hub-presence"),
@@ -164,6 +167,8 @@ class CommandHub:
             for stream in list(self._streams.values()):
                 with contextlib.suppress(Exception):
                     await self.load_pending(stream)
+            with contextlib.suppress(Exception):
+                await self.load_pending_mqtt()
 
     async def _heartbeat_loop(self) -> None:
         last_touch = time.monotonic()
@@ -253,6 +258,27 @@ class CommandHub:
             )
         return len(rows)
 
+    async def load_pending_mqtt(self) -> int:
+        """Pending triggers of MQTT-transport devices (made while no API was listening)."""
+        if self.mqtt_sender is None or not self.mqtt_sender.devices:
+            return 0
+        async with self.pool.acquire() as conn:
+            rows = [
+                r
+                async for r in self._q.triggers_pending_for_devices(
+                    conn, device_ids=sorted(self.mqtt_sender.devices), max_rows=MAX_MQTT_RELOAD
+                )
+            ]
+        for row in rows:
+            self._schedule(
+                row["device_id"],
+                row["trigger_id"],
+                row["trigger_type"],
+                row["scheduled_at"].timestamp(),
+                via_mqtt=True,
+            )
+        return len(rows)
+
     async def claim(self, device_id: str, trigger_id: str) -> str | None:
         """pending -> sent; the trigger type when this caller won, else None."""
         async with self.pool.acquire() as conn:
@@ -328,6 +354,10 @@ class MqttCommandSender:
 
     def handles(self, device_id: str) -> bool:
         return device_id in self._devices
+
+    @property
+    def devices(self) -> set[str]:
+        return self._devices
 
     async def start(self) -> None:
         self._client = self.broker.client(client_id=f"camfleet-cmd-{uuid.uuid4().hex[:8]}")

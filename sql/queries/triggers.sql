@@ -216,3 +216,13 @@ WHERE c.record_id = v.record_id;
 -- Devices that take their commands over MQTT instead of an SSE stream.
 SELECT device_id FROM devices
 WHERE status = 'active' AND config -> 'trigger' ->> 'transport' = 'mqtt';
+
+-- name: triggers_pending_for_devices
+-- Undelivered, unexpired triggers of several devices (MQTT devices after a restart).
+SELECT trigger_id, device_id, trigger_type, scheduled_at
+FROM scheduled_triggers
+WHERE device_id = ANY(:device_ids::text[])
+  AND status = 'pending'
+  AND (expires_at IS NULL OR expires_at > now())
+ORDER BY scheduled_at
+LIMIT :max_rows;
