@@ -321,3 +321,39 @@ def test_simulator_pairs_uploads_streams_and_retries_ingest(
     for _, key in rows:
         head = s3.client().head_object(Bucket=flow_bucket, Key=key)
         assert head["ContentLength"] > 9000
+
+
+def test_demo_mode_pairs_with_its_own_user_and_uploads_real_jpegs(api, env, flow_db, tmp_path):
+    """`camfleet up --demo` runs `camfleet simulate lifelog --demo` until stopped."""
+    import psycopg2
+
+    base, _ = api
+    demo_env = {**os.environ, **env, "CAMFLEET_DATA_DIR": str(tmp_path)}
+    proc = subprocess.Popen(
+        [CAMFLEET, "simulate", "lifelog", "--demo", "--api", base],
+        env=demo_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    rows = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(rows) < 2:
+            time.sleep(0.5)
+            assert proc.poll() is None, proc.stderr.read().decode()
+            conn = psycopg2.connect(flow_db)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(
+                        "select c.image_bytes from captures c join devices d using (device_id)"
+                        " where d.user_id = 'demo'"
+                    )
+                    rows = cur.fetchall()
+            finally:
+                conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert len(rows) == 2  # one photo from each of the two cameras, then a 30 s pause
+    assert all(size > 10_000 for (size,) in rows)
+    assert (tmp_path / "demo-lifelog" / "user-key").stat().st_mode & 0o077 == 0
