@@ -8,6 +8,10 @@ batch of the next run. Serve it with an interval schedule on the device:
 
     camfleet edge serve --config /etc/entomologist/ento.conf --interval 60
 
+Two task runs per batch of five (`send-batch`, `await-verifications`) plus one
+progress artifact: a central Prefect server pays ~40 ms of CPU per task run, so a
+fleet reporting to one costs it ~16 ms per image, not one task run per image.
+
 `edge_uploads_received` is the cloud side's post-processing flow: the signer hands it
 the captures it verified, in batches (never one run per file).
 """
@@ -26,7 +30,6 @@ from camfleet.edge.config import DEFAULT_CONFIG_PATH, EdgeConfig, load_ento_conf
 from camfleet.edge.link import EdgeLink, LinkError
 from camfleet.edge.upload import http_client
 from camfleet.edge.uploader import (
-    UPLOAD_ATTEMPTS,
     BatchFailed,
     await_verifications,
     request_urls,
@@ -50,31 +53,34 @@ def connect_to_broker(config: EdgeConfig, mqtt_block: str | None) -> EdgeLink:
     return EdgeLink(broker, config.serial, config.topics).connect()
 
 
-@task(name="take-batch", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
-def take_batch(config: EdgeConfig, min_age_s: float) -> list[eb.LocalFile]:
-    """Buffered leftovers first, then the oldest new images, moved atomically."""
-    return edge_files.take_batch(
+@task(name="send-batch", retries=2, retry_delay_seconds=[2, 10], cache_policy=NO_CACHE)
+def send_batch(
+    config: EdgeConfig, link: EdgeLink, http, min_age_s: float, url_timeout_s: float
+) -> eb.DeviceBatch | None:
+    """Move a batch into the buffer, ask for its presigned POSTs, upload the files.
+
+    Buffered leftovers come first, so a retry of this task takes the same files. The
+    answer is awaited URL_ATTEMPTS times; a URL the store refuses (expired) sends its
+    file back for a new one; each POST is tried UPLOAD_ATTEMPTS times.
+    """
+    files = edge_files.take_batch(
         config.repo_dir, config.buffer_dir, config.batch_size, min_age_s=min_age_s
     )
-
-
-@task(
-    name="request-upload-urls",
-    retries=eb.URL_ATTEMPTS - 1,
-    retry_delay_seconds=1,
-    cache_policy=NO_CACHE,
-)
-def request_upload_urls(
-    batch: eb.DeviceBatch, link: EdgeLink, buffer_dir: Path, url_timeout_s: float
-) -> int:
-    """Publish the file list and wait for the presigned POSTs (retried on timeout)."""
-    return request_urls(batch, link, buffer_dir, url_timeout_s)
-
-
-@task(name="upload-files", cache_policy=NO_CACHE)
-def upload_to_presigned_posts(batch: eb.DeviceBatch, buffer_dir: Path, http) -> int:
-    """POST each file, streamed from disk (each retried UPLOAD_ATTEMPTS times)."""
-    return upload_files(batch, buffer_dir, http)
+    if not files:
+        return None
+    batch = eb.DeviceBatch(config.serial, config.bucket_name, files)
+    for _ in range(eb.URL_ATTEMPTS):
+        if not batch.needs_urls():
+            break
+        try:
+            request_urls(batch, link, config.buffer_dir, url_timeout_s)
+        except (BatchFailed, LinkError) as exc:
+            get_run_logger().warning("%s", exc)
+            continue
+        upload_files(batch, config.buffer_dir, http)
+    batch.give_up_urls()
+    batch.give_up_uploads()
+    return batch
 
 
 @task(name="await-verifications", cache_policy=NO_CACHE)
@@ -115,26 +121,15 @@ def edge_batch_upload(
     summaries: list[dict] = []
     try:
         for number in range(1, max_batches + 1):
-            files = take_batch(config, min_age_s)
-            if not files:
-                break
-            batch = eb.DeviceBatch(config.serial, config.bucket_name, files)
-            for _ in range(UPLOAD_ATTEMPTS):  # expired URLs send files back for new ones
-                if not batch.needs_urls():
-                    break
-                try:
-                    request_upload_urls(batch, link, config.buffer_dir, url_timeout_s)
-                except (BatchFailed, LinkError):
-                    break  # no answer after the task's retries: the cloud is away
-                upload_to_presigned_posts(batch, config.buffer_dir, http)
-            batch.give_up_urls()
-            batch.give_up_uploads()
+            batch = send_batch(config, link, http, min_age_s, url_timeout_s)
+            if batch is None:
+                break  # cameraImageRepo/ and bufferStorage/ are empty
             await_verification_and_delete(batch, link, config.buffer_dir, verify_timeout_s)
             _progress(batch, number)
             summary = batch.summary()
             summaries.append(summary)
             logger.info(
-                "batch %d: %d/%d verified and deleted", number, summary["deleted"], len(files)
+                "batch %d: %d/%d verified and deleted", number, summary["deleted"], summary["files"]
             )
             if summary["deleted"] == 0:
                 logger.warning("nothing verified in this batch; leaving the rest for next run")

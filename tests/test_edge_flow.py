@@ -129,6 +129,21 @@ def test_flow_over_tls_and_password_uploads_verifies_and_reports(
                 )
             )
 
+    async def task_runs():
+        async with get_client() as client:
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+                )
+            )
+
+    # One connect, two task runs per batch of five (never one per image), and the
+    # send-batch that found nothing left.
+    names = sorted(t.name.rsplit("-", 1)[0] for t in asyncio.run(task_runs()))
+    assert names == ["await-verifications"] * 2 + ["connect-to-broker"] + ["send-batch"] * 3
+
     arts = asyncio.run(artifacts())
     progress = [a for a in arts if a.type == "progress"]
     assert len(progress) == 2 and {a.data for a in progress} == {100.0}
