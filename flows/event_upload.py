@@ -239,7 +239,10 @@ def upload_in_lanes(
         try:
             uploaded |= {job.json_name for job in future.result()}
         except Exception as exc:
-            phase.fail(lane, Phase.UPLOAD, exc)
+            # What the lane finished before it gave up goes on to UPDATE and the move.
+            done = {job.json_name for job in lane if ledger.passed(job, Phase.UPLOAD)}
+            uploaded |= done
+            phase.fail([job for job in lane if job.json_name not in done], Phase.UPLOAD, exc)
     return [job for job in jobs if job.json_name in uploaded]  # scan order
 
 

@@ -103,9 +103,14 @@ def test_flow_with_sshd_killed_mid_video_fails_and_the_next_run_completes(
 ):
     with SshdInstance() as sshd:
         config_path, cfg = write_config(base, sshd, database_url, concurrency=1)
+        # Oldest first: two small events go through before the big one is cut off.
+        early = write_events(cfg["pending_dir"], 2, prefix="early", age_seconds=120)
         write_event(cfg["pending_dir"], "big", video_bytes=40 * 1024 * 1024, age_seconds=60)
-        ids = ["big", *write_events(cfg["pending_dir"], 3)]
-        before = sorted(p.name for p in Path(cfg["pending_dir"]).iterdir())
+        later = write_events(cfg["pending_dir"], 3)
+        ids = [*early, "big", *later]
+        before = sorted(
+            p.name for p in Path(cfg["pending_dir"]).iterdir() if not p.name.startswith("early")
+        )
         videos = Path(cfg["sftp"]["remote_video_dir"])
         partial = videos / ".big.mp4.part"
 
@@ -126,14 +131,18 @@ def test_flow_with_sshd_killed_mid_video_fails_and_the_next_run_completes(
         assert not sshd.running, "sshd was not killed mid-transfer"
         assert state.is_failed()
         assert "4 event(s) not uploaded" in state.message
+        # What the lane finished before the kill was still updated and archived...
+        table = rows(database_url)
+        assert {i: table[i][0] for i in early} == {i: "completed" for i in early}
+        assert {table[i][0] for i in ["big", *later]} == {"pending"}
+        # ...and everything else is untouched locally, with nothing partial remotely.
         assert sorted(p.name for p in Path(cfg["pending_dir"]).iterdir()) == before
         assert not (videos / "big.mp4").exists()
-        assert {r[0] for r in rows(database_url).values()} == {"pending"}
 
         sshd.start()
         state = run_flow(config_path)
         assert state.is_completed(), state.message
-        assert state.result()["counts"] == {"uploaded": 4}
+        assert state.result()["counts"] == {"uploaded": 4}  # big + the three later ones
         table = rows(database_url)
         assert sorted(table) == sorted(ids) and {r[0] for r in table.values()} == {"completed"}
         for event_id in ids:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import posixpath
 import shutil
 import threading
 import time
@@ -329,8 +330,8 @@ def upload_phase(
     if client is None:
         client = connection.channel()
     try:
-        dirs = {str(Path(j.remote_video_path).parent) for j in jobs}
-        dirs |= {str(Path(j.remote_json_path).parent) for j in jobs}
+        dirs = {posixpath.dirname(j.remote_video_path) for j in jobs}
+        dirs |= {posixpath.dirname(j.remote_json_path) for j in jobs}
         connection.ensure_dirs(client, *sorted(dirs))
         for job in jobs:
             if ledger.passed(job, Phase.UPLOAD):
