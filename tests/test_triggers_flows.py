@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -136,3 +137,48 @@ def test_agent_executes_manual_triggers_across_an_api_restart_then_evaluation(
         assert line in out, out
     assert "[OK] 2 triggers marked as executed" in out
     assert "[OK] All captures are being evaluated" in out
+
+
+def test_prefect_deployment_run_manual_trigger_fails_visibly(prefect_api_url, db_env, tmp_path):
+    """`prefect deployment run 'manual-trigger/manual-trigger' -p device_id=...` from the CLI."""
+    import os
+    import signal
+
+    add_device(db_env, "CLI1")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "serve.log", "w")
+    served = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from flows.triggers import manual_trigger\n"
+            "manual_trigger.serve(name='manual-trigger')",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        prefect = str(ROOT / ".venv" / "bin" / "prefect")
+        args = [prefect, "deployment", "run", "manual-trigger/manual-trigger"]
+        args += ["-p", "device_id=CLI1", "-p", "timeout_seconds=1", "--watch"]
+        args += ["--watch-timeout", "90"]
+        deadline = time.monotonic() + 60
+        while True:  # the deployment exists once serve() registered it
+            run = subprocess.run(
+                args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+            )
+            if "not found" not in (run.stdout + run.stderr).lower() or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        out = run.stdout + run.stderr
+        assert run.returncode != 0, out
+        assert "Failed" in out or "FAILED" in out, out
+        [(status, reason)] = fetch(db_env, "SELECT status, failed_reason FROM scheduled_triggers")
+        assert status == "failed" and "not executed" in reason
+    finally:
+        os.killpg(served.pid, signal.SIGTERM)
+        served.wait(20)
+        log.close()
