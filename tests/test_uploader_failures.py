@@ -245,3 +245,18 @@ def test_run_is_the_seeds_main_loop_and_stops_cleanly(sshd, database_url, base):
     loop.join(10)
     assert not loop.is_alive()
     assert_all_uploaded_once(cfg, ids, database_url)
+
+
+def test_passwords_never_reach_logs_reports_or_rows(sshd, base, caplog):
+    from camfleet.localsvc import free_port
+
+    secret = "hunter2-" + uuid.uuid4().hex
+    cfg = local_config(sshd, f"postgresql://uploader:{secret}@127.0.0.1:{free_port()}/x", base)
+    write_events(cfg["uploader"]["pending_dir"], 2)
+    uploader = DataUploader(cfg)  # the database port is closed: every attempt fails
+    with caplog.at_level("DEBUG"):
+        report = uploader.run_once()
+        uploader.run(max_runs=1)
+    assert report.counts == {"failed": 2}
+    assert secret not in caplog.text
+    assert secret not in repr(report) + repr(uploader.config) + str(uploader.config.describe())
