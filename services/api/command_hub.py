@@ -60,7 +60,7 @@ LISTENER_RETRY_SECONDS = 1.0
 
 
 class CommandSettings(BaseSettings):
-    """Environment settings of command delivery (`camfleet config` lists them)."""
+    """Environment settings of command delivery (docs/triggers.md, "Settings")."""
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
 
