@@ -119,3 +119,60 @@ def test_device_process_killed_at_random_points_loses_nothing(
     keys = sorted(o.key for o in store.list(f"devices/{serial}/"))
     assert keys == [f"devices/{serial}/{n}" for n in sorted(shas)]  # one object per file
     assert list((tmp_path / "bufferStorage").iterdir()) == []
+
+
+def test_local_storage_uploads_through_the_device_api(tmp_path, mosquitto, database_url, run_cli):
+    """`camfleet up`'s default: no S3; presigned POSTs go to the device API's signed route."""
+    import httpx
+
+    from camfleet.edge.config import EdgeConfig
+    from camfleet.edge.uploader import EdgeUploader
+    from camfleet.localsvc import free_port
+    from camfleet.storage.local import LocalStore
+    from services.signer import Signer
+
+    secret, port, root = "edge-test-secret-key-0123456789", free_port(), tmp_path / "objects"
+    public = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "CAMFLEET_SECRET_KEY": secret,
+        "STORAGE_URL": root.as_uri(),
+        "CAMFLEET_PUBLIC_URL": public,
+    }
+    api = subprocess.Popen(
+        [sys.executable, "-m", "camfleet.cli", "api", "--port", str(port), "--no-access-log"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{public}/health", trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "device API did not start"
+            time.sleep(0.2)
+        store = LocalStore(root, public_url=public, secret=secret.encode())
+        broker = broker_block(mosquitto)
+        cfg = EdgeConfig(
+            serial=f"ENTO-{uuid.uuid4().hex[:6]}",
+            buffer_dir=tmp_path / "bufferStorage",
+            repo_dir=tmp_path / "cameraImageRepo",
+            broker_host=broker.host,
+            broker_port=broker.port,
+            tls=False,
+        )
+        shas = write_images(cfg.repo_dir, 6)
+        with Signer(store, database_url, broker, client_id=f"s-{uuid.uuid4().hex[:6]}") as s:
+            assert s.wait_connected(5)
+            summaries = EdgeUploader(cfg, broker, min_age_s=0).drain()
+    finally:
+        api.terminate()
+        api.wait(15)
+    assert sum(x["deleted"] for x in summaries) == 6
+    assert {n: r[0] for n, r in captures(database_url, cfg.serial).items()} == shas
+    assert sorted(p.name for p in (root / "devices" / cfg.serial).iterdir()) == sorted(shas)
