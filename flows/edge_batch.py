@@ -27,14 +27,9 @@ from prefect.cache_policies import NO_CACHE
 
 from camfleet.edge import files as edge_files
 from camfleet.edge.config import DEFAULT_CONFIG_PATH, EdgeConfig, load_ento_conf
-from camfleet.edge.link import EdgeLink, LinkError
+from camfleet.edge.link import EdgeLink
 from camfleet.edge.upload import http_client
-from camfleet.edge.uploader import (
-    BatchFailed,
-    await_verifications,
-    request_urls,
-    upload_files,
-)
+from camfleet.edge.uploader import await_verifications, send
 from camfleet.protocol import edge_batch as eb
 
 # Batches per run: a run that drains a backlog of 100 images should still end, so the
@@ -69,17 +64,7 @@ def send_batch(
     if not files:
         return None
     batch = eb.DeviceBatch(config.serial, config.bucket_name, files)
-    for _ in range(eb.URL_ATTEMPTS):
-        if not batch.needs_urls():
-            break
-        try:
-            request_urls(batch, link, config.buffer_dir, url_timeout_s)
-        except (BatchFailed, LinkError) as exc:
-            get_run_logger().warning("%s", exc)
-            continue
-        upload_files(batch, config.buffer_dir, http)
-    batch.give_up_urls()
-    batch.give_up_uploads()
+    send(batch, link, config.buffer_dir, http, url_timeout=url_timeout_s)
     return batch
 
 

@@ -149,17 +149,17 @@ def await_verifications(
     return batch.count(eb.FileState.DELETED)
 
 
-def run_batch(
+def send(
     batch: eb.DeviceBatch,
     link: EdgeLink,
     buffer_dir: Path,
     http=None,
     pool: ThreadPoolExecutor | None = None,
     url_timeout: float = eb.URL_TIMEOUT_S,
-    verify_timeout: float = eb.VERIFY_TIMEOUT_S,
     attempts: int = eb.URL_ATTEMPTS,
-) -> dict:
-    """The whole transaction for one batch; its summary. Never raises for the files."""
+) -> None:
+    """Ask for URLs (up to `attempts` times) and upload, until every file has gone up
+    or is given up for this run; files whose URL the store refused are asked for again."""
     for _ in range(attempts):
         if not batch.needs_urls():
             break
@@ -169,16 +169,28 @@ def run_batch(
             log.info("edge: %s", exc)
             continue
         upload_files(batch, buffer_dir, http, pool)
-        if not batch.needs_urls():
-            break
     batch.give_up_urls()
     batch.give_up_uploads()
+
+
+def run_batch(
+    batch: eb.DeviceBatch,
+    link: EdgeLink,
+    buffer_dir: Path,
+    http=None,
+    pool: ThreadPoolExecutor | None = None,
+    url_timeout: float = eb.URL_TIMEOUT_S,
+    verify_timeout: float = eb.VERIFY_TIMEOUT_S,
+) -> dict:
+    """The whole transaction for one batch; its summary. Never raises for the files."""
+    send(batch, link, buffer_dir, http, pool, url_timeout)
     await_verifications(batch, link, buffer_dir, verify_timeout)
     return batch.summary()
 
 
 class EdgeUploader:
-    """Drains the repo through the buffer, batch after batch (the flow's engine)."""
+    """Drains the repo through the buffer, batch after batch, without Prefect
+    (`camfleet edge run --no-prefect`, `camfleet simulate edge`, the benchmark)."""
 
     def __init__(self, config, broker=None, lanes: int = 1, min_age_s: float | None = None):
         self.config = config
