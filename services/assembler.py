@@ -49,6 +49,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import multiprocessing
 import queue
 import re
 import signal
@@ -147,6 +148,9 @@ class AssemblerService:
         self._ingest_idle.set()
         self._ingest_loop: asyncio.AbstractEventLoop | None = None
         self._to_record: deque = deque()
+        self._recorder_lock = threading.Lock()
+        self._recorder_proc = None
+        self._recorder_conn = None
         self.client = None
         self.stats = {"messages": 0, "batches": 0, "acks": 0, "nacks": 0, "db_errors": 0}
         # timings for the summary printed at stop (bounded: the last 100k of each)
@@ -487,15 +491,12 @@ class AssemblerService:
                 await self._record_once()
 
     async def _record_once(self) -> bool:
-        from flows.mqtt_ingest import mqtt_ingest_record
-
         take = []
         while self._to_record and len(take) < RECORD_MAX:
             take.append(self._to_record.popleft())
         records = [r for r, _ in take]
         try:
-            state = await mqtt_ingest_record(records, return_state=True)
-            ok = state.is_completed()
+            ok = await asyncio.to_thread(self._recorder_call, records)
         except Exception:
             log.exception("recording flow run crashed")
             ok = False
@@ -504,6 +505,40 @@ class AssemblerService:
             self._to_record.extendleft(reversed(retry))
             log.warning("recording flow run failed for %d captures", len(records))
         return ok
+
+    def _recorder_call(self, records: list[dict]) -> bool:
+        with self._recorder_lock:
+            if self._recorder_proc is None or not self._recorder_proc.is_alive():
+                self._start_recorder()
+            self._recorder_conn.send(records)
+            return bool(self._recorder_conn.recv())
+
+    def _start_recorder(self) -> None:
+        """The recording flow runs live in a child process: Prefect's client (HTTP,
+        events, logs) then never holds this process's GIL while chunks and ACKs wait."""
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=_recorder_main,
+            args=(child, self.cfg.storage_url, self.cfg.database_url),
+            name="assembler-recorder",
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        self._recorder_proc, self._recorder_conn = proc, parent
+
+    def _stop_recorder(self) -> None:
+        with self._recorder_lock:
+            if self._recorder_proc is not None and self._recorder_proc.is_alive():
+                try:
+                    self._recorder_conn.send(None)
+                except OSError:
+                    pass
+                self._recorder_proc.join(30)
+                if self._recorder_proc.is_alive():
+                    self._recorder_proc.kill()
+            self._recorder_proc = None
 
     def _next_finished(self):
         """Block until an image is finished (None: shutting down and nothing left)."""
@@ -586,6 +621,7 @@ class AssemblerService:
         self._worker_done.set()
         self._threads[0].join(max(0.1, end - time.monotonic()))
         self._threads[1].join(max(0.1, end - time.monotonic()))  # in-flight stores + ACKs
+        self._stop_recorder()
         if self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()
@@ -619,3 +655,39 @@ class AssemblerService:
         while not stop.wait(1.0):
             pass
         self.stop()
+
+
+def _recorder_main(conn, storage_url: str, database_url: str) -> None:
+    """Child process: run one `mqtt-ingest-record` flow per list of records received."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    from camfleet.storage import open_store
+    from flows.mqtt_ingest import mqtt_ingest_record
+    from tasks import mqtt as tm
+
+    pool = db.Pool(database_url, maxconn=2)
+    tm.set_context(
+        tm.IngestContext(
+            store=open_store(storage_url),
+            pool=pool,
+            publish=lambda topic, payload: None,
+            on_error=lambda *a, **k: None,
+        )
+    )
+
+    async def main() -> None:
+        while True:
+            records = await asyncio.to_thread(conn.recv)
+            if records is None:
+                return
+            try:
+                state = await mqtt_ingest_record(records, return_state=True)
+                ok = state.is_completed()
+            except Exception:
+                log.exception("recording flow run crashed")
+                ok = False
+            conn.send(ok)
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.close()

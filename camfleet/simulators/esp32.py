@@ -240,7 +240,7 @@ class Esp32Fleet:
         self.result.elapsed = time.monotonic() - t0
         # let QoS 1 publishes drain before disconnecting
         for c in self._clients:
-            end = time.monotonic() + 10
+            end = time.monotonic() + 120
             while c._out_messages and time.monotonic() < end:  # noqa: SLF001
                 time.sleep(0.01)
             c.disconnect()
