@@ -148,3 +148,24 @@ def test_flow_over_tls_and_password_uploads_verifies_and_reports(
     progress = [a for a in arts if a.type == "progress"]
     assert len(progress) == 2 and {a.data for a in progress} == {100.0}
     assert not any(mosquitto_tls.password in str(a.data) + str(a.description) for a in arts)
+
+
+def test_flow_takes_its_tls_broker_from_a_saved_block(
+    tmp_path, prefect_api_url, mosquitto_tls, s3, bucket, database_url
+):
+    """ento.conf exactly as the seed writes it; TLS + login come from a camfleet block."""
+    from flows.edge_batch import edge_batch_upload
+
+    broker = broker_block(mosquitto_tls)
+    name = f"edge-broker-{uuid.uuid4().hex[:6]}"
+    broker.save(name)
+    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
+    conf = seed_conf(tmp_path, serial, broker)  # ENDPOINT_URL only, port 8883 default
+    shas = write_images(tmp_path / "cameraImageRepo", 3)
+    with Signer(make_store(s3, bucket), database_url, broker, client_id=f"s-{serial}") as s:
+        assert s.wait_connected(5)
+        summaries = edge_batch_upload(conf, mqtt_block=name, min_age_s=0)
+    assert [x["deleted"] for x in summaries] == [3]
+    with closing(psycopg2.connect(database_url)) as conn, conn, conn.cursor() as cur:
+        cur.execute("select count(*) from captures where device_id = %s", (serial,))
+        assert cur.fetchone()[0] == len(shas)
