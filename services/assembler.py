@@ -18,21 +18,24 @@ Decision: no flow run between a device's last chunk and its ACK_OK (measured)
 ---------------------------------------------------------------------------
 ACK_OK may only be sent once the object and its row are durable, and the target is
 p99 <= 1 s after the last chunk at 100 devices.  Both designs are implemented and
-measured by bench/bench_mqtt_ingest.py on this 2-core machine (100 devices x 5 images
-x 45 chunks, other work running on the box):
+measured by bench/bench_mqtt_ingest.py on this 2-core machine (100 devices x 10
+images x 45 chunks, QoS 1; the machine was shared with other benchmarks, so the
+plain-subscriber baseline itself drifted between ~3,400 and ~6,700 chunks/s):
 
 * ``--ack-path flow``: one in-process async `mqtt-ingest` flow run per batch whose
-  tasks store, write rows and ACK.  A run took p50 ~1.1 s / p99 ~2 s under load (the
-  flow run, three task runs and their events compete with the assembler for the GIL
-  and with the Prefect server for the CPUs): ACK p50 1.5 s, p99 2.5 s, 0.27x the plain
-  subscriber's throughput.  Misses the target.
+  tasks store, write rows and ACK.  A run took p50 0.6-1.0 s, p99 1.3-2.8 s (the flow
+  run, three task runs and their events compete with the assembler for the GIL and
+  with the Prefect server for the CPUs): ACK p50 0.9-1.6 s, p99 1.5-3.4 s, 0.28-0.56x
+  the plain subscriber.  Misses the target.
 * ``--ack-path direct`` (default): the service's batch runs the very same task bodies
   (store with retries and exponential backoff, one transaction for the rows, then
-  ACK) without Prefect: batch p50 ~0.13 s, ACK p50 0.4 s, p99 1.0 s, 0.49x.  Every
-  RECORD_INTERVAL_S the ACKed captures go to ONE `mqtt-ingest-record` flow run that
-  verifies their objects and stamps its id on their rows (``flow_run_id``), so the UI
-  still shows which run covers which capture, at one flow run per interval instead of
-  per batch.
+  ACK) without Prefect: batch p50 ~50-95 ms, ACK p50 0.18-0.29 s, p99 0.66-0.77 s,
+  0.51-0.82x.  Every RECORD_INTERVAL_S the ACKed captures go to ONE
+  `mqtt-ingest-record` flow run (in a child process, so Prefect's client never holds
+  this process's GIL) that verifies their objects and stamps its id on their rows
+  (``flow_run_id``): the UI shows which run covers which capture, at one flow run per
+  interval (4 runs for 1,000 images) instead of one per batch.  Cost: the child is a
+  second Python process with Prefect loaded (~120 MB RSS).
 
 Batches are formed by load: a batch takes everything that finished while the previous
 batches were busy (up to MAX_BATCH_IMAGES).  ``--no-prefect`` drops the recording run
