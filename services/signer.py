@@ -20,6 +20,8 @@ the `{"file"}` message follows at once, without a second upload.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import queue
@@ -143,6 +145,7 @@ class Signer:
         expires_in: int = eb.URL_EXPIRES_S,
         max_file_bytes: int = eb.MAX_FILE_BYTES,
         settle_s: float = eb.LEGACY_SETTLE_S,
+        legacy_answer_delay_s: float = eb.LEGACY_ANSWER_DELAY_S,
         grace_s: float = eb.GRANT_GRACE_S,
         handoff: Callable[[list[dict]], str | None] | None = None,
         clock: Callable[[], float] = time.time,
@@ -161,6 +164,9 @@ class Signer:
         self._pending: dict[tuple[str, str], _Pending] = {}
         self._publishing = eb.VerificationQueue(settle_s)
         self._handoff = _Handoff(handoff, self.pool) if handoff else None
+        self.legacy_answer_delay_s = legacy_answer_delay_s
+        self._answers_due: list[tuple[float, int, str, dict]] = []  # delayed seed answers
+        self._answer_seq = itertools.count()
         self._lock = threading.Lock()  # verification threads resolve grants concurrently
         self._error_windows: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
@@ -259,6 +265,9 @@ class Signer:
                     checks.submit(self._check_safely, p)
                 for pub in publish:
                     self._publish_verification(pub)
+                while self._answers_due and self._answers_due[0][0] <= now:
+                    _, _, serial, answer = heapq.heappop(self._answers_due)
+                    self._publish_answer(serial, answer)
                 try:
                     topic, payload = self._inbox.get(timeout=self._idle_timeout())
                 except queue.Empty:
@@ -282,6 +291,8 @@ class Signer:
             ready = self._publishing.next_due()
         if ready is not None:
             times.append(ready)
+        if self._answers_due:
+            times.append(self._answers_due[0][0])
         if not times:
             return IDLE_POLL_S
         return min(IDLE_POLL_S, max(0.0, min(times) - now))
@@ -395,7 +406,12 @@ class Signer:
             rejected=request.rejected,
             expires_in=self.expires_in,
         )
-        self._publish_answer(serial, answer)
+        if request.checked or not self.legacy_answer_delay_s:
+            self._publish_answer(serial, answer)
+        else:
+            due_at = self.clock() + self.legacy_answer_delay_s
+            entry = (due_at, next(self._answer_seq), serial, answer)
+            heapq.heappush(self._answers_due, entry)
         for spec, _ in already:
             self._publish_verification(eb.Publish(serial, spec.name))
         if self._handoff:

@@ -217,6 +217,24 @@ def test_seed_firmware_device_works_unchanged(tmp_path, signer, store, mosquitto
     assert [f["filename"] for f in saved["files"]] == sorted(shas)
 
 
+def test_seed_answer_waits_for_a_subscriber_that_connects_late(signer, mosquitto):
+    """The seed publishes its request and subscribes for the answer at the same time."""
+    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
+    pub = Listener(mosquitto, [f"unused/{serial}"])
+    pub.publish(
+        f"cameraDevice/generateURL/{serial}",
+        {"device-serialID": serial, "bucket-name": "x", "files": ["a.jpg"]},
+    )
+    time.sleep(0.5)  # the subscriber's own TLS connection is still being set up
+    sub = Listener(mosquitto, [f"cameraDevice/getURL/{serial}"])
+    try:
+        answer = json.loads(sub.get(timeout=5)[1])
+        assert [f["filename"] for f in answer["files"]] == ["a.jpg"]
+    finally:
+        sub.close()
+        pub.close()
+
+
 # ---- forged and bad input ---------------------------------------------------------------------
 
 

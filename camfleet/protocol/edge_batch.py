@@ -45,9 +45,10 @@ size against the presigned POST's content-length range and records the SHA-256 i
 computes, so later audits can compare. Either way the object key is chosen by the
 signer (``devices/{serial}/{name}``), never by the device.
 
-Unchecked requests get their verifications only once every file of the request is
-resolved, after a short settle delay: the seed device subscribes to the verification
-topic only after its last upload, so earlier messages would be lost.
+Unchecked requests are answered LEGACY_ANSWER_DELAY_S late and get their
+verifications only once every file of the request is resolved, after a short settle
+delay: the seed device subscribes to the URL topic while it publishes the request, and
+to the verification topic only after its last upload, so earlier messages would be lost.
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ GRANT_GRACE_S = 30
 # Unchecked (seed firmware) requests: wait this long after the last file of a request
 # is resolved before publishing, so the device has subscribed to the verification topic.
 LEGACY_SETTLE_S = 2.0
+
+# Unchecked (seed firmware) requests: the seed starts its URL subscriber and its
+# request publisher at the same moment, each with its own TLS connection; answering
+# this much later lets the subscriber be in place (its subscription is QoS 0 and not
+# persistent, so an earlier answer would be lost and the device would wait forever).
+LEGACY_ANSWER_DELAY_S = 1.5
 
 # Device side: how long to wait for the answer to a request before asking again, and
 # how often to ask before the batch is left for the next run.
