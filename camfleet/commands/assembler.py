@@ -18,11 +18,14 @@ def assembler(
     ),
     log_control_only: bool = typer.Option(
         False,
+        "--log-control-only",
         envvar="CAMFLEET_MQTT_LOG_CONTROL_ONLY",
         help="device_publish_log: skip chunk messages (status, metadata, ACK/NACK only)",
     ),
     no_prefect: bool = typer.Option(
-        False, help="store, record and ACK without Prefect flow runs (no flow_run_id)"
+        False,
+        "--no-prefect",
+        help="store, record and ACK without Prefect flow runs (no flow_run_id)",
     ),
     ack_path: str = typer.Option(
         "direct",

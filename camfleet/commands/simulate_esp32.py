@@ -15,7 +15,9 @@ def simulate_esp32(
     drop: float = typer.Option(0.0, help="probability a chunk's first send is lost"),
     duplicate: float = typer.Option(0.0, help="probability a chunk is sent twice"),
     reorder: float = typer.Option(0.0, help="probability two neighbouring chunks swap"),
-    no_wait_ack: bool = typer.Option(False, help="fire and forget, do not wait for ACK_OK"),
+    no_wait_ack: bool = typer.Option(
+        False, "--no-wait-ack", help="fire and forget, do not wait for ACK_OK"
+    ),
     ack_timeout: float = typer.Option(15.0, help="seconds to wait for ACK_OK before resending"),
     broker: str = typer.Option(None, help="host:port (else the MQTT_* environment variables)"),
     mqtt_block: str = typer.Option(None, help="a saved camfleet-mqtt-broker block"),
