@@ -15,7 +15,9 @@ def run(
     mqtt_block: str = typer.Option(None, help="camfleet-mqtt-broker block (else ento.conf)"),
     max_batches: int = typer.Option(20, help="batches in this run"),
     min_age: float = typer.Option(2.0, help="seconds a new image must be unchanged"),
-    no_prefect: bool = typer.Option(False, help="run without Prefect (no flow run, no UI)"),
+    no_prefect: bool = typer.Option(
+        False, "--no-prefect", help="run without Prefect (no flow run, no UI)"
+    ),
 ) -> None:
     """Drain cameraImageRepo/ once: move, request, upload, verify, delete."""
     from camfleet.edge.config import ConfigError, load_ento_conf

@@ -14,7 +14,9 @@ def simulate_edge(
     workdir: str = typer.Option(".camfleet/edge-sim", help="where the device's directories go"),
     mqtt_block: str = typer.Option(None, help="camfleet-mqtt-broker block (else MQTT_* env)"),
     seed_firmware: bool = typer.Option(
-        False, help="behave like deployed seed firmware (names only, no checksums)"
+        False,
+        "--seed-firmware",
+        help="behave like deployed seed firmware (names only, no checksums)",
     ),
     lanes: int = typer.Option(1, help="batches in flight at once (camfleet device only)"),
 ) -> None:
