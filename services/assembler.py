@@ -100,6 +100,10 @@ RECORD_MAX = 2000
 # A recording run that keeps failing gives up on its captures after this many tries
 # (they are stored and ACKed; only the flow_run_id stays empty).
 RECORD_ATTEMPTS = 5
+# Assembled images waiting for (or inside) a store/row/ACK batch.  When storage or the
+# database stalls, images beyond this are refused (2200 "ingest_backlog", no ACK: the
+# device keeps its copy and resends) instead of growing the heap without bound.
+MAX_BACKLOG_BYTES = 128 * 1024 * 1024
 # How long stop() waits for in-flight stores before giving up (devices resend anyway).
 SHUTDOWN_TIMEOUT_S = 60
 
@@ -151,6 +155,8 @@ class AssemblerService:
         self._ingest_idle.set()
         self._ingest_loop: asyncio.AbstractEventLoop | None = None
         self._to_record: deque = deque()
+        self._backlog_bytes = 0
+        self._backlog_lock = threading.Lock()
         self._recorder_lock = threading.Lock()
         self._recorder_proc = None
         self._recorder_conn = None
@@ -433,6 +439,22 @@ class AssemblerService:
 
     # -- ingest: batches -> flow runs --------------------------------------------------
     def _submit(self, fin: core.FinalizeImage) -> None:
+        with self._backlog_lock:
+            if self._backlog_bytes + len(fin.data) > MAX_BACKLOG_BYTES:
+                refused = True
+            else:
+                refused = False
+                self._backlog_bytes += len(fin.data)
+        if refused:
+            err = core.error(
+                2200,
+                fin.device_id,
+                fin.image_name,
+                "ingest_backlog",
+                backlog_bytes=self._backlog_bytes,
+            )
+            self._queue_row("error", self._error_row(err))
+            return
         self._ingest_idle.clear()
         self.finished.put((fin, time.monotonic()))
 
@@ -590,6 +612,8 @@ class AssemblerService:
             self.stats["batches"] += 1
             self.stats["acks"] += sum(1 for i in batch.items if i.acked)
             tm.forget_batch(batch.batch_id)
+            with self._backlog_lock:
+                self._backlog_bytes -= sum(len(i.image.data) for i in batch.items)
             self._inflight_batches -= 1
             slots.release()
             if self._inflight_batches == 0 and self.finished.empty():

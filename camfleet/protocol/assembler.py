@@ -31,6 +31,8 @@ Error codes (exactly the seed's table) and what this implementation uses them fo
                 (``too_many_bytes``), no room for another assembly (``capacity``) or
                 for a chunk that came before its metadata (``early_buffer_full``, once
                 per image; the chunk is recovered by NACK if the metadata follows).
+                The service adds ``ingest_backlog``: stores/rows stalled and too many
+                assembled bytes are waiting for them.
                 The assembly is dropped, no ACK: the device keeps its copy and resends.
 2201  error     assembly timeout: chunks still missing ``CAPTURE_TIMEOUT_MS`` after the
                 last progress (NACKs were sent at most ``RETRANSMIT_MAX`` times), or
