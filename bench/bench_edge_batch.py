@@ -64,6 +64,43 @@ def make_files(directory: Path, count: int, size: int) -> dict[str, str]:
     return shas
 
 
+def run_flow(work: Path, source: Path, broker, args) -> float:
+    """The same files through `edge-batch-upload` on a private Prefect server."""
+    import json
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from camfleet.localsvc import PrefectServerInstance
+    from flows.edge_batch import edge_batch_upload
+
+    device = work / "flow-device"
+    shutil.copytree(source, device / "cameraImageRepo", copy_function=shutil.copy2)
+    conf = device / "ento.conf"
+    conf.write_text(
+        json.dumps(
+            {
+                "device": {
+                    "SERIAL_ID": "ENTO-BENCH-FLOW",
+                    "ENDPOINT_URL": broker.host,
+                    "PORT": broker.port,
+                    "TLS": False,
+                    "STORAGE_PATH": str(device / "bufferStorage"),
+                    "BATCH_SIZE": args.batch,
+                }
+            }
+        )
+    )
+    with PrefectServerInstance() as server, temporary_settings({PREFECT_API_URL: server.api_url}):
+        t0 = time.perf_counter()
+        summaries = edge_batch_upload(str(conf), max_batches=10_000, min_age_s=0)
+        took = time.perf_counter() - t0
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()  # before the server goes away
+    assert sum(s["deleted"] for s in summaries) == args.files, "flow left files behind"
+    return took
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--files", type=int, default=500)
@@ -71,6 +108,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=5, help="files per transaction (seed: 5)")
     ap.add_argument("--lanes", type=int, default=4, help="batches in flight at once")
     ap.add_argument("--handoff", default="none", help="signer post-processing: none | flow")
+    ap.add_argument(
+        "--prefect",
+        action="store_true",
+        help="also time the same files through the Prefect flow (one lane, local server)",
+    )
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-edge-"))
@@ -151,6 +193,7 @@ def main() -> None:
             summaries = EdgeUploader(cfg, broker, lanes=args.lanes, min_age_s=0).drain()
             txn_s = time.perf_counter() - t0
             cpu["transaction"] = cpu_seconds(everything) - c0
+            flow_s = run_flow(work, source, broker, args) if args.prefect else None
         finally:
             signer.send_signal(signal.SIGTERM)
             signer.wait(30)
@@ -179,6 +222,12 @@ def main() -> None:
         f"(client + S3 server), transaction {1000 * cpu['transaction'] / max(1, deleted):.1f} ms "
         f"(device + signer + S3 server + broker + PostgreSQL); load avg {os.getloadavg()[0]:.1f}"
     )
+    if flow_s is not None:
+        flow_rate = args.files / flow_s
+        print(
+            f"Prefect flow (1 lane)    : {flow_rate:8.1f} files/s ({flow_s:.2f} s; "
+            f"ratio to baseline {flow_rate / base_rate:.2f})"
+        )
     print(
         f"verified+deleted {deleted}/{args.files}, captures rows {rows}, "
         f"left on device {leftover}, batches {len(summaries)}"
