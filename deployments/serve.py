@@ -34,6 +34,33 @@ DEPLOYMENTS = [
         cron="0 6 * * *",
         description="Daily fleet summary as artifacts, Parquet, CSV and a chart.",
     ),
+    # Capture triggers (docs/triggers.md): one scheduler run a minute plans the next window.
+    Spec(
+        "flows.triggers",
+        "trigger_scheduler",
+        "trigger-scheduler",
+        interval=60,
+        description="Sweep ended triggers, then plan the next window of scheduled captures.",
+    ),
+    Spec(
+        "flows.triggers",
+        "manual_trigger",
+        "manual-trigger",
+        description="One capture now; fails when the device does not execute it in time.",
+    ),
+    Spec(
+        "flows.triggers",
+        "expire_triggers",
+        "expire-triggers",
+        description="End triggers whose time is up.",
+    ),
+    Spec(
+        "flows.evaluation",
+        "evaluate_captures",
+        "evaluate-captures",
+        interval=60,
+        description="Score pending captures with Pillow.",
+    ),
     # No schedule: the device API creates one run per 10 s window of ingests (docs/devices-api.md).
     Spec(
         "flows.ingest_processing",

@@ -16,12 +16,7 @@ SERVICES = [
     ("signer", "camfleet.commands.signer", ["signer"]),
 ]
 DEPLOYMENTS = ("deployments", "deployments.serve", None)
-DEMO = [
-    ("demo-esp32", "camfleet.commands.simulate_esp32", ["simulate", "esp32", "--demo"]),
-    ("demo-edge", "camfleet.commands.simulate_edge", ["simulate", "edge", "--demo"]),
-    ("demo-lifelog", "camfleet.commands.simulate_lifelog", ["simulate", "lifelog", "--demo"]),
-    ("demo-visant", "camfleet.commands.agent", ["agent", "--demo"]),
-]
+DEMO = [("demo", "camfleet.demo", None)]
 
 
 def _available(module: str) -> bool:

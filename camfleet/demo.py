@@ -1,0 +1,206 @@
+"""`camfleet up --demo`: simulated devices of every kind, so captures flow within a minute.
+
+One process that drives the real simulators (as subprocesses of the `camfleet` CLI)
+against the stack `camfleet up` started:
+
+- ESP32-CAMs sending chunked JPEGs over MQTT (seed 002) to the assembler;
+- an entomologist edge box batch-uploading through the signer (seed 000);
+- Lifelog cameras pairing, uploading and ingesting (seed 004);
+- a Visant camera holding an SSE stream, executing scheduled triggers (seed 003).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+log = logging.getLogger("camfleet.demo")
+
+ESP32_EVERY_S = 20
+EDGE_EVERY_S = 30
+VISANT_TRIGGER_INTERVAL_S = 15
+LIFELOG_INTERVAL_S = 10
+
+
+def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "camfleet.cli", *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=300,
+    )
+
+
+def _spawn(*args: str, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "camfleet.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def _demo_jpeg(path: Path) -> Path:
+    """A small scene with texture, so evaluation has something to score."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (640, 480), (70, 110, 150))
+    draw = ImageDraw.Draw(image)
+    for i in range(0, 640, 40):
+        draw.rectangle([i, 300 - i // 4, i + 30, 480], fill=(30 + i // 4, 140, 60))
+    draw.ellipse([480, 40, 580, 140], fill=(250, 220, 90))
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=85)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def _wait_for_api(api_url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"device API at {api_url} did not come up")
+
+
+def _pair_device(api_url: str, user_key: str, name: str) -> tuple[str, str]:
+    auth = {"Authorization": f"Bearer {user_key}"}
+    pair = httpx.post(f"{api_url}/devices/pair", json={"name": name}, headers=auth, timeout=10)
+    pair.raise_for_status()
+    activate = httpx.post(
+        f"{api_url}/devices/activate",
+        json={"pairing_code": pair.json()["pairing_code"]},
+        timeout=10,
+    )
+    activate.raise_for_status()
+    body = activate.json()
+    return body["device_id"], body["device_token"]
+
+
+def run(api_url: str, work_dir: Path) -> None:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    logs = work_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    _wait_for_api(api_url)
+    state_path = work_dir / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    if "user_key" not in state:
+        state["user_key"] = _cli(
+            "users", "create-key", "demo-operator", "--label", "demo"
+        ).stdout.strip()
+    if "visant" not in state:
+        state["visant"] = _pair_device(api_url, state["user_key"], "demo-visant-cam")
+    fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f)
+
+    visant_id, visant_token = state["visant"]
+    _cli("triggers", "configure", visant_id, "--interval-seconds", str(VISANT_TRIGGER_INTERVAL_S))
+    image = _demo_jpeg(work_dir / "scene.jpg")
+    children = [
+        _spawn(
+            "agent",
+            "--api-url",
+            api_url,
+            "--device-id",
+            visant_id,
+            "--device-token",
+            visant_token,
+            "--camera-source",
+            str(image),
+            "--reconnect-delay",
+            "2",
+            log_path=logs / "visant-agent.log",
+        ),
+        _spawn(
+            "simulate",
+            "lifelog",
+            "--api",
+            api_url,
+            "--user-key",
+            state["user_key"],
+            "--devices",
+            "2",
+            "--photos",
+            "100000",
+            "--interval",
+            str(LIFELOG_INTERVAL_S),
+            "--image",
+            str(image),
+            "--state-dir",
+            str(work_dir / "lifelog"),
+            log_path=logs / "lifelog.log",
+        ),
+    ]
+    next_esp32 = next_edge = 0.0
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= next_esp32:
+                children.append(
+                    _spawn(
+                        "simulate",
+                        "esp32",
+                        "--devices",
+                        "3",
+                        "--images",
+                        "1",
+                        "--id-prefix",
+                        "DE0A00",
+                        log_path=logs / "esp32.log",
+                    )
+                )
+                next_esp32 = now + ESP32_EVERY_S
+            if now >= next_edge:
+                children.append(
+                    _spawn(
+                        "simulate",
+                        "edge",
+                        "--serial",
+                        "ENTO-DEMO-0001",
+                        "--files",
+                        "5",
+                        "--workdir",
+                        str(work_dir / "edge"),
+                        log_path=logs / "edge.log",
+                    )
+                )
+                next_edge = now + EDGE_EVERY_S
+            children = [c for c in children if c.poll() is None]
+            time.sleep(1)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+def main() -> None:
+    from camfleet.settings import get_settings
+
+    logging.basicConfig(level=logging.INFO)
+    settings = get_settings()
+    api_url = settings.public_url or f"http://{settings.api_host}:{settings.api_port}"
+    run(api_url, settings.data_dir.resolve() / "demo")
+
+
+if __name__ == "__main__":
+    main()
