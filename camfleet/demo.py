@@ -40,13 +40,15 @@ def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     )
 
 
-def _spawn(*args: str, log_path: Path) -> subprocess.Popen:
+def _spawn(*args: str, log_path: Path, secrets: dict[str, str] | None = None) -> subprocess.Popen:
+    """A simulator process; tokens go in its environment, never its (world-readable) argv."""
     with open(log_path, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "camfleet.cli", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **(secrets or {})},
         )
 
 
@@ -118,21 +120,18 @@ def run(api_url: str, work_dir: Path) -> None:
             api_url,
             "--device-id",
             visant_id,
-            "--device-token",
-            visant_token,
             "--camera-source",
             str(image),
             "--reconnect-delay",
             "2",
             log_path=logs / "visant-agent.log",
+            secrets={"CAMFLEET_DEVICE_TOKEN": visant_token},
         ),
         _spawn(
             "simulate",
             "lifelog",
             "--api",
             api_url,
-            "--user-key",
-            state["user_key"],
             "--devices",
             "2",
             "--photos",
@@ -144,6 +143,7 @@ def run(api_url: str, work_dir: Path) -> None:
             "--state-dir",
             str(work_dir / "lifelog"),
             log_path=logs / "lifelog.log",
+            secrets={"CAMFLEET_USER_KEY": state["user_key"]},
         ),
     ]
     next_esp32 = next_edge = 0.0

@@ -38,8 +38,10 @@ def up(
 
     settings = get_settings()
     stack = LocalStack(settings, prefect_port=prefect_port)
-    # Ctrl-C while infrastructure starts must still stop what was started.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Ctrl-C (even when started from a shell that ignores SIGINT in the background) and
+    # SIGTERM both stop what was started, including while infrastructure starts.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     supervisor = Supervisor(settings.data_dir.resolve() / "logs")
     try:
         try:
