@@ -362,6 +362,7 @@ def test_mosquitto_restart_keeps_qos1_session(how):
 
         pub = mqtt_client(broker)
         mqtt_connect(pub, broker)
+        published_at = time.time()
         pub.publish("cam/1/img", b"queued while offline", qos=1).wait_for_publish(5)
         pub.disconnect()
         pub.loop_stop()
@@ -369,7 +370,13 @@ def test_mosquitto_restart_keeps_qos1_session(how):
         if how == "stop":
             broker.stop()
         else:
-            time.sleep(broker.autosave_interval + 1.0)  # let the periodic save run
+            # A crash keeps what the last periodic save wrote: wait for a save after the
+            # publish (its timing stretches on a loaded machine), then kill.
+            saved = broker.data_dir / "mosquitto.db"
+            deadline = time.monotonic() + 30
+            while not (saved.exists() and saved.stat().st_mtime > published_at + 0.01):
+                assert time.monotonic() < deadline, "mosquitto never saved its state"
+                time.sleep(0.1)
             broker.kill()
         broker.start()
 
