@@ -28,7 +28,8 @@ def simulate_esp32(
 ) -> None:
     """Send images like an ESP32-CAM fleet: status, metadata, base64 chunks, NACK, ACK_OK."""
     from blocks.mqtt import MqttBroker
-    from camfleet.simulators.esp32 import SimOptions, simulate
+    from camfleet.progress import run_with_progress
+    from camfleet.simulators.esp32 import Esp32Fleet, SimOptions
 
     if mqtt_block:
         b = MqttBroker.load(mqtt_block)
@@ -51,7 +52,13 @@ def simulate_esp32(
         id_prefix=id_prefix,
         seed=seed,
     )
-    r = simulate(b, opts)
+    fleet = Esp32Fleet(b, opts)
+    r = run_with_progress(
+        fleet.run,
+        total=devices * images,
+        done=lambda: fleet.result.images_acked + fleet.result.images_failed,
+        description=f"{devices} ESP32-CAMs sending",
+    )
     lat = sorted(r.ack_latencies)
     summary = {
         "devices": devices,

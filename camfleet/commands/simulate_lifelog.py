@@ -39,6 +39,7 @@ def lifelog(
         devices, photos, interval = 2, 0, DEMO_INTERVAL_S
         image = image or _demo_jpeg(state_dir)
 
+    from camfleet.progress import run_with_progress
     from camfleet.simulators.lifelog import DeviceError, LifelogDevice, Timings, pair, percentile
 
     data: bytes | Path = image or (
@@ -82,8 +83,19 @@ def lifelog(
             state_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.gather(*(one(i) for i in range(devices)))
 
+    def uploaded() -> int:
+        return len(timings.latencies.get("ingest", []))
+
     try:
-        asyncio.run(main())
+        if photos:
+            run_with_progress(
+                lambda: asyncio.run(main()),
+                total=devices * photos,
+                done=uploaded,
+                description=f"{devices} Lifelog cameras uploading",
+            )
+        else:  # until stopped: no total to show
+            asyncio.run(main())
     except DeviceError as exc:
         typer.echo(f"simulate lifelog: the API refused: {exc}", err=True)
         raise typer.Exit(1) from None
