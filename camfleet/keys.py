@@ -42,6 +42,8 @@ def sanitize_name(name: object) -> str:
     cleaned = _UNSAFE_CHARS.sub("_", ascii_name).strip("_")
     if not cleaned or cleaned.strip(".") == "":
         raise BadName("name has no usable characters")
+    if cleaned.startswith("."):  # cleaning can expose a dot: ":.0" -> ".0"
+        raise BadName("name must not start with '.'")
     return cleaned
 
 

@@ -250,7 +250,12 @@ class AssemblerService:
             else:
                 topic, payload, t = item
                 self.stats["messages"] += 1
-                self._handle_message(topic, payload, t)
+                try:
+                    self._handle_message(topic, payload, t)
+                except Exception:
+                    # One message must never stop ingest for the whole fleet.
+                    self.stats["internal_errors"] = self.stats.get("internal_errors", 0) + 1
+                    log.exception("message on %s could not be handled; continuing", topic[:200])
             now = time.monotonic()
             if (d := c.next_deadline()) is not None and d <= now:
                 self._apply(c.tick(now))

@@ -335,11 +335,6 @@ def test_kill_broker_database_and_assembler_while_devices_send(stack):
         obs.close()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG: parse_message lets json.loads' RecursionError escape and it ends "
-    "services/assembler.py's worker thread (docs/reliability.md, open finding 2)",
-)
 def test_one_nested_json_message_does_not_stop_ingest(stack):
     mq, pg, dsn, objects, asm, tmp_path = stack
     broker = MqttBroker(host=mq.host, port=mq.port)

@@ -13,8 +13,8 @@ documents, never anything else, and keep memory bounded:
 - Keys (camfleet/keys.py): a safe name/key or BadName.
 - The device API (in-process app, real PostgreSQL): wrong tokens -> 401/429, never 500.
 
-Known gaps found by this suite are marked xfail(strict=False) with the reason, so CI
-stays green and the marker can be dropped once the module is fixed.
+The gaps this suite found (nested JSON, ento.conf types, dot-file names) are fixed;
+their tests guard the fixes (docs/security.md).
 """
 
 from __future__ import annotations
@@ -141,11 +141,6 @@ def test_sanitize_name_is_one_safe_component_or_badname(name):
     assert keys.object_key("devices", "d1", out).count("/") == 2
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG: camfleet/keys.py sanitize_name checks the leading '.' before cleaning; "
-    "':.0' cleans to '_.0', then strip('_') leaves the dot-file name '.0'",
-)
 @pytest.mark.parametrize("name", [":.0", "_.x"])
 def test_sanitize_name_never_returns_a_dot_file(name):
     try:
@@ -301,12 +296,6 @@ def test_mqtt_oversized_message_is_refused_unparsed():
     assert exc.value.record.details["reason"] == "message_too_large"
 
 
-@pytest.mark.xfail(
-    raises=RecursionError,
-    strict=False,
-    reason="BUG: parse_message catches ValueError/UnicodeDecodeError only; a 10 KiB "
-    "nested array raises RecursionError, which kills services/assembler.py's worker thread",
-)
 def test_mqtt_deeply_nested_json_is_a_coded_error():
     with pytest.raises(asm.ProtocolError) as exc:
         asm.parse_message(f"ESP32CAM/{DEV}/data", _deep(b'{"device_id":'))
@@ -443,12 +432,6 @@ def test_edge_request_topic_serial_is_validated(topic):
         eb.Topics().serial_from_request_topic(topic)
 
 
-@pytest.mark.xfail(
-    raises=RecursionError,
-    strict=False,
-    reason="BUG: edge_batch._load_json catches ValueError only; nested JSON within "
-    "MAX_REQUEST_BYTES raises RecursionError (the signer logs it and drops the request)",
-)
 def test_edge_deeply_nested_request_is_refused():
     with pytest.raises(eb.RequestRefused):
         eb.parse_url_request("ENTO-0001", _deep())
@@ -558,12 +541,6 @@ def test_ento_conf_error_never_shows_the_password(tmp_path):
     assert "hunter2" not in repr(cfg) and "hunter2" not in repr(cfg.broker())
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG: camfleet/edge/config.py converts PORT with int() and IMAGE_REPO_PATH with "
-    "Path() unchecked, and json.loads' RecursionError escapes: TypeError/ValueError/"
-    "RecursionError instead of ConfigError",
-)
 @pytest.mark.parametrize(
     "extra",
     [{"PORT": [1]}, {"PORT": "abc"}, {"IMAGE_REPO_PATH": 5}, "deep"],

@@ -81,12 +81,18 @@ def load_ento_conf(path: str | Path = DEFAULT_CONFIG_PATH) -> EdgeConfig:
         raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ConfigError(f"{path} is not JSON") from None
     device = data.get("device") if isinstance(data, dict) else None
     if not isinstance(device, dict):
         raise ConfigError(f'{path} has no "device" object')
-    return config_from_device_section(device, base=path.parent)
+    try:
+        return config_from_device_section(device, base=path.parent)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError):
+        # No detail: a wrongly typed MQTT_PASSWORD would otherwise be echoed back.
+        raise ConfigError(f"{path}: a device setting has the wrong type") from None
 
 
 def config_from_device_section(device: dict, base: Path | None = None) -> EdgeConfig:

@@ -369,7 +369,8 @@ def parse_message(topic: str, payload: bytes, limits: Limits = Limits()) -> Mess
         raise ProtocolError(error(2101, topic_device, None, "message_too_large", size=len(payload)))
     try:
         obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: a small message nested thousands of levels deep.
         if kind == "ack":
             return AckMessage(topic_device, None)
         raise ProtocolError(

@@ -214,7 +214,8 @@ def _load_json(payload: bytes, limit: int) -> Any:
         raise RequestRefused(f"message larger than {limit} bytes")
     try:
         return json.loads(payload)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: a small message nested thousands of levels deep.
         raise RequestRefused("message is not JSON") from None
 
 
