@@ -145,3 +145,24 @@ def test_keys():
     assert key_within("devices/D1/a.jpg", "devices/D1")
     assert not key_within("devices/D10/a.jpg", "devices/D1")
     assert not key_within("devices/D1/../D2/a.jpg", "devices/D1")
+
+
+def test_local_store_writes_through_its_tmp_dir_and_sweeps_stale_leftovers(tmp_path):
+    import os
+    import time
+
+    from camfleet.storage.local import STALE_TMP_S, TMP_DIR
+
+    store = LocalStore(tmp_path)
+    stale = tmp_path / TMP_DIR / ".upload-crashed"
+    fresh = tmp_path / TMP_DIR / ".upload-in-progress"
+    stale.write_bytes(b"left by a crash between write and rename")
+    fresh.write_bytes(b"another process is writing this one")
+    old = time.time() - STALE_TMP_S - 60
+    os.utime(stale, (old, old))
+    store.put("devices/D1/a.jpg", JPEG)
+    assert [o.key for o in store.list()] == ["devices/D1/a.jpg"]  # temp dir not listed
+    with pytest.raises(ValueError, match="temporary"):
+        store.put(f"{TMP_DIR}/x.jpg", b"x")
+    LocalStore(tmp_path)  # opening a store sweeps what a crash left long ago
+    assert not stale.exists() and fresh.exists()

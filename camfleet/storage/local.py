@@ -29,6 +29,12 @@ from camfleet.storage.base import (
 )
 
 UPLOAD_ROUTE = "/storage/upload/"
+# Objects are written under TMP_DIR first and renamed into place (same filesystem, so
+# the rename is atomic). A crash between write and rename leaves a file there, never
+# beside the objects; files older than this are swept when a store opens. An hour is
+# far longer than any single write takes.
+TMP_DIR = ".tmp"
+STALE_TMP_S = 3600
 
 
 def upload_signature(secret: bytes, method: str, key: str, expires: int, max_bytes: int) -> str:
@@ -52,20 +58,33 @@ class LocalStore(ObjectStore):
         self, root: str | Path, public_url: str | None = None, secret: bytes | None = None
     ) -> None:
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.root / TMP_DIR
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._sweep_stale_tmp()
         self.public_url = public_url.rstrip("/") if public_url else None
         self._secret = secret
+
+    def _sweep_stale_tmp(self) -> None:
+        cutoff = time.time() - STALE_TMP_S
+        for entry in os.scandir(self.tmp):
+            try:
+                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                pass  # another process swept it first
 
     def _path(self, key: str) -> Path:
         path = (self.root / object_key(key)).resolve()
         if self.root not in path.parents:
             raise ValueError("key escapes the storage root")
+        if path == self.tmp or self.tmp in path.parents:
+            raise ValueError("key lies in the store's temporary directory")
         return path
 
     def _write_atomically(self, key: str, write) -> Path:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+        fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=".upload-")
         try:
             with os.fdopen(fd, "wb") as out:
                 write(out)
@@ -145,7 +164,7 @@ class LocalStore(ObjectStore):
     def list(self, prefix=""):
         base = self.root
         for path in sorted(base.rglob("*")):
-            if path.is_file() and not path.name.startswith(".upload-"):
+            if path.is_file() and self.tmp not in path.parents:
                 key = path.relative_to(base).as_posix()
                 if key.startswith(prefix):
                     yield ObjectInfo(key, path.stat().st_size)
