@@ -83,3 +83,25 @@ def test_blocks_from_env_cli_saves_blocks(prefect_api_url, run_cli):
     loaded = blocks.MqttBroker.load("from-env-test")
     assert loaded.password.get_secret_value() == SECRET
     assert blocks.PostgresDatabase.load("from-env-test").user == "cam"
+
+
+def test_resolve_loads_blocks_inside_async_flows(prefect_api_url):
+    import asyncio
+
+    from prefect import flow
+
+    from camfleet import resolve
+
+    blocks.PostgresDatabase(host="127.0.0.1", dbname="fleet", password=SECRET).save(
+        "resolve-test", overwrite=True
+    )
+    blocks.MqttBroker(host="127.0.0.1", port=1884).save("resolve-test", overwrite=True)
+
+    @flow
+    async def uses_blocks() -> tuple[str, int]:
+        return resolve.database_url("resolve-test"), resolve.mqtt_broker("resolve-test").port
+
+    dsn, port = asyncio.run(uses_blocks())
+    assert dsn.startswith("postgresql://postgres:") and dsn.endswith("/fleet?sslmode=prefer")
+    assert port == 1884
+    assert resolve.database_url("resolve-test") == dsn  # and the same outside a flow
