@@ -146,10 +146,13 @@ class EventSession:
         """Phase 1. True: the row is 'pending' now; False: it was already 'completed'."""
         with self._lock:
             self._require(event_id)
-            row = db.queries.events_insert_pending(
-                self._conn, event_id=event_id, metadata=metadata, video_bytes=video_bytes
+            rows = db.queries.events_insert_pending_many(
+                self._conn,
+                event_ids=[event_id],
+                metadata=[json.dumps(metadata)],
+                video_bytes=[video_bytes],
             )
-        return row is not None
+        return any(True for _ in rows)
 
     def insert_pending_many(self, jobs) -> set[str]:
         """Phase 1 for a batch in one statement; returns the ids now 'pending'."""

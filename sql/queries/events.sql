@@ -13,27 +13,11 @@ WHERE pg_try_advisory_lock(:namespace, hashtext(event_id));
 -- name: events_unlock^
 SELECT pg_advisory_unlock(:namespace, hashtext(:event_id)) AS unlocked;
 
--- name: events_insert_pending^
--- Phase 1, idempotent on event id: a retried or re-run job updates its pending row
--- (and counts the attempt); a completed row is left alone and nothing is returned.
-INSERT INTO events (event_id, metadata, status, video_bytes, attempts)
-VALUES (:event_id, :metadata, 'pending', :video_bytes, 1)
-ON CONFLICT (event_id) DO UPDATE
-    SET metadata = EXCLUDED.metadata,
-        video_bytes = EXCLUDED.video_bytes,
-        status = 'pending',
-        remote_video_path = NULL,
-        remote_json_path = NULL,
-        attempts = events.attempts + 1,
-        last_error = NULL,
-        updated_at = now()
-    WHERE events.status <> 'completed'
-RETURNING status;
-
 -- name: events_insert_pending_many
--- Phase 1 for a batch in one statement (one commit, not one per event); the same
--- upsert as events_insert_pending. Returns the ids that are 'pending' now: an id
--- missing from the result was already 'completed'.
+-- Phase 1, idempotent on event id, for a batch in one statement (one commit, not one
+-- per event; a single event is a batch of one): a retried or re-run job updates its
+-- pending row (and counts the attempt); a completed row is left alone. Returns the ids
+-- that are 'pending' now: an id missing from the result was already 'completed'.
 INSERT INTO events (event_id, metadata, status, video_bytes, attempts)
 SELECT b.event_id, b.metadata, 'pending', b.video_bytes, 1
 FROM unnest(CAST(:event_ids AS text[]), CAST(:metadata AS jsonb[]),
