@@ -67,6 +67,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         dsn = getattr(app.state, "database_url", None) or database_url()
         app.state.pool = await create_pool(dsn)
+    if not hasattr(app.state, "processing_runs"):  # not handed in: from the environment
+        from services.api.ingest_batches import runs_from_environment
+
+        app.state.processing_runs = runs_from_environment()
+    if app.state.processing_runs is not None:
+        app.state.processing_runs.prepare()
     try:
         yield
     finally:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
@@ -58,8 +60,10 @@ class WindowRuns:
         clock: Callable[[], float],
         window_s: int = WINDOW_S,
         close: Callable[[], Awaitable[None]] | None = None,
+        create_timeout_s: float = CREATE_TIMEOUT_S,
     ) -> None:
         self._create = create
+        self._create_timeout_s = create_timeout_s
         self._close = close
         self._clock = clock
         self.window_s = window_s
@@ -83,6 +87,11 @@ class WindowRuns:
             self._runs.pop(window, None)  # try again later
         return run_id
 
+    def prepare(self) -> None:
+        """Start creating the current window's run now (API start-up), so the first
+        ingest does not wait for a cold Prefect client."""
+        self._start(window_of(self._clock(), self.window_s))
+
     async def run_for_now(self) -> str | None:
         now = self._clock()
         if self._failed_at is not None and now - self._failed_at < RETRY_AFTER_FAILURE_S:
@@ -93,7 +102,7 @@ class WindowRuns:
         fut = self._start(window)
         self._start(window + 1)  # ahead of need: the next window never waits on Prefect
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), CREATE_TIMEOUT_S)
+            return await asyncio.wait_for(asyncio.shield(fut), self._create_timeout_s)
         except TimeoutError:
             return None
 
@@ -143,10 +152,21 @@ class PrefectRuns:
         )
         return str(run.id)
 
-    def window_runs(self, clock: Callable[[], float]) -> WindowRuns:
-        return WindowRuns(self.create, clock, self.window_s, close=self.close)
+    def window_runs(
+        self, clock: Callable[[], float], create_timeout_s: float = CREATE_TIMEOUT_S
+    ) -> WindowRuns:
+        return WindowRuns(
+            self.create, clock, self.window_s, close=self.close, create_timeout_s=create_timeout_s
+        )
 
     async def close(self) -> None:
         if self._client is not None:
             await self._client.__aexit__(None, None, None)
             self._client = None
+
+
+def runs_from_environment() -> WindowRuns | None:
+    """The API's assigner when a Prefect API is configured (PREFECT_API_URL), else None."""
+    if not os.environ.get("PREFECT_API_URL"):
+        return None
+    return PrefectRuns().window_runs(time.time)

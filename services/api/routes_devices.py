@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -141,15 +140,8 @@ def _presigner(request: Request):
 
 def _processing(request: Request):
     """The window -> flow run assigner, when a Prefect API is configured."""
-    state = request.app.state
-    if not hasattr(state, "processing_runs"):
-        runs = None
-        if os.environ.get("PREFECT_API_URL"):
-            from services.api.ingest_batches import PrefectRuns
-
-            runs = PrefectRuns().window_runs(time.time)
-        state.processing_runs = runs
-    return state.processing_runs
+    # Set up by the lifespan (services/api/db.py), from the environment unless handed in.
+    return getattr(request.app.state, "processing_runs", None)
 
 
 def _error(status: int, error: str, reason: str, headers: dict | None = None):
