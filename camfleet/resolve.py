@@ -8,6 +8,8 @@ called from an async flow, where Prefect's `Block.load` would return a coroutine
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from camfleet.settings import get_settings
 
 
@@ -19,6 +21,9 @@ def database_url(block_name: str | None = None) -> str:
     if name:
         return PostgresDatabase.load(name, _sync=True).dsn()
     if settings.database_url is None:
+        local = running_local_database(settings.data_dir)
+        if local:
+            return local
         raise RuntimeError(
             "no database configured: set DATABASE_URL, pass a camfleet-postgres block name, "
             "or run `camfleet up` which starts a local PostgreSQL"
@@ -41,6 +46,25 @@ def secret_key(block_name: str | None = None) -> bytes:
     name = block_name or settings.secrets_block
     if name:
         return CamfleetSecrets.load(name, _sync=True).secret_key.get_secret_value().encode()
-    if settings.secret_key is None:
-        raise RuntimeError("no server secret: set CAMFLEET_SECRET_KEY or a camfleet-secrets block")
-    return settings.secret_key.get_secret_value().encode()
+    if settings.secret_key is not None:
+        return settings.secret_key.get_secret_value().encode()
+    generated = settings.data_dir / "secret_key"  # written once by `camfleet up`
+    if generated.is_file():
+        return generated.read_text().strip().encode()
+    raise RuntimeError("no server secret: set CAMFLEET_SECRET_KEY or a camfleet-secrets block")
+
+
+def running_local_database(data_dir: Path) -> str | None:
+    """The DSN of the cluster `camfleet up` runs in <data dir>/postgres, while it runs.
+
+    So `camfleet users create-key ...` and friends work beside a running `camfleet up`
+    with nothing exported. The port is the postmaster's (line 4 of postmaster.pid).
+    """
+    from camfleet.stack import DATABASE_NAME
+
+    try:
+        lines = (data_dir / "postgres" / "postmaster.pid").read_text().splitlines()
+        port = int(lines[3])
+    except (OSError, IndexError, ValueError):
+        return None
+    return f"postgresql://postgres@127.0.0.1:{port}/{DATABASE_NAME}"
