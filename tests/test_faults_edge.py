@@ -1,0 +1,272 @@
+"""Fault injection for the edge batch-upload transaction (issues #5, #9): no device
+deletes an image the cloud has not stored, and every image is delivered in the end.
+
+While a camera keeps writing images into several simulated edge devices (a child
+process running camfleet's device side, `EdgeUploader`, in a loop per device), each
+dependency is broken in turn:
+
+1. the `camfleet signer` process: SIGKILL, ~2 s down, started again;
+2. Mosquitto: SIGKILL and restart;
+3. PostgreSQL: SIGKILL and restart (fsync on: a killed fsync-off cluster may lose
+   committed rows, which would test PostgreSQL's settings, not camfleet);
+4. the S3-compatible server: SIGSTOP, then SIGCONT. moto keeps objects in memory
+   only, so killing it would lose every object and test moto; a stopped process is a
+   store that hangs (connections accepted by the kernel, no answers), longer than the
+   device's HTTP read timeout;
+5. the device process itself: SIGKILL mid-batch and restart.
+
+After each fault and recovery the invariants are checked (`check_invariants`):
+
+- every image a device deleted has its `captures` row and its object, both with the
+  SHA-256 of the bytes the camera wrote; so no device deleted an image that is not in
+  storage, and every unverified image is still on its device;
+- no second `captures` row or second object key for one (device, file); the bucket is
+  versioned, so re-uploads of one file are counted (printed, not asserted: they
+  overwrite the same key);
+- at the end (camera stopped, devices drained): every image delivered, every grant
+  verified, failed or expired, no temporary or hidden files left in device folders.
+
+`test_signer_killed_while_devices_upload` is the short version CI runs (one fault,
+shared fixtures). `test_every_dependency_fails_while_devices_upload` is the long one
+(`make faults`, or `.venv/bin/pytest tests/test_faults_edge.py -m slow -s`); it prints
+the table pasted into docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from camfleet import db
+from camfleet.localsvc import MosquittoInstance, PostgresInstance, S3Instance
+from tests.faults_edge_support import (
+    Bucket,
+    Camera,
+    ChildProcess,
+    Row,
+    Watcher,
+    check_invariants,
+    device_fleet,
+    format_table,
+    signer_process,
+    wait_until,
+)
+
+# A small fleet keeps the 2-core machine usable for other work: three devices, one
+# 8 KB image each per second, i.e. a batch of five every few seconds per device.
+DEVICES = 3
+IMAGE_BYTES = 8_000
+CAMERA_PERIOD_S = 1.0
+# Images delivered before the first fault: the whole path works before it is broken.
+WARMUP_DELIVERED = 6
+# How long a killed service stays down before it is started again.
+DOWN_S = 2.0
+# The store hangs longer than the device's HTTP read timeout (30 s, camfleet/edge/
+# upload.py), so uploads time out and are retried, not merely delayed.
+STORE_STALL_S = 35.0
+# Past these, the pipeline did not recover: a failure, not a slow machine. A device
+# that got no verification waits VERIFY_TIMEOUT_S (30 s) and asks again; a request
+# nobody answered is asked 3 times, 10 s apart.
+RECOVERY_LIMIT_S = 120.0
+BACKLOG_LIMIT_S = 180.0
+# After the camera stops, the devices deliver what is left.
+DRAIN_LIMIT_S = 180.0
+# A fault is injected while a batch is in flight when one shows up within this long.
+MID_BATCH_WAIT_S = 10.0
+
+
+@dataclass
+class EdgeStack:
+    root: Path
+    dsn: str
+    bucket: Bucket
+    camera: Camera
+    watcher: Watcher
+    signer: ChildProcess
+    devices: ChildProcess
+
+
+def open_grants(dsn: str) -> int:
+    with closing(psycopg2.connect(dsn)) as conn, conn, conn.cursor() as cur:
+        cur.execute("select count(*) from edge_upload_grants where status = 'granted'")
+        return cur.fetchone()[0]
+
+
+@contextmanager
+def edge_stack(tmp_path: Path, mq: MosquittoInstance, dsn: str, s3, bucket_name: str):
+    """Signer and device processes, camera and watcher, against the given services."""
+    bucket = Bucket(s3.client(), bucket_name)
+    bucket.enable_versioning()
+    root = tmp_path / "devices"
+    serials = [f"ENTO-F{i}{uuid.uuid4().hex[:6]}" for i in range(DEVICES)]
+    env = {
+        **os.environ,
+        "MQTT_HOST": mq.host,
+        "MQTT_PORT": str(mq.port),
+        "DATABASE_URL": dsn,
+        "STORAGE_URL": f"s3://{bucket_name}?endpoint_url={s3.endpoint_url}",
+        "AWS_ACCESS_KEY_ID": s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+        "CAMFLEET_DATA_DIR": str(tmp_path / "data"),
+        "LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for key in ("CAMFLEET_MQTT_BLOCK", "CAMFLEET_DATABASE_BLOCK"):
+        env.pop(key, None)
+    signer = signer_process(env, tmp_path / "signer.log", f"signer-{uuid.uuid4().hex[:6]}")
+    devices = device_fleet(env, tmp_path / "devices.log", root, serials, mq.host, mq.port)
+    camera = Camera(root, tmp_path / "camera", serials, IMAGE_BYTES, CAMERA_PERIOD_S)
+    watcher = Watcher(root, camera)
+    try:
+        signer.start()
+        devices.start()
+        camera.start()
+        yield EdgeStack(root, dsn, bucket, camera, watcher, signer, devices)
+    finally:
+        camera.stop()
+        devices.stop()
+        signer.stop()
+        watcher.close()
+
+
+def inject(stack: EdgeStack, name: str, fault: Callable[[Callable[[], None]], None]) -> Row:
+    """Break something, wait for it to come back, measure, check the invariants.
+
+    `fault(broken)` calls `broken()` right before it breaks the service: the files in
+    bufferStorage/ then are the ones in flight, and the outage is timed from there.
+    """
+    w = stack.watcher
+    at: dict = {}
+
+    def broken():
+        at["t"] = time.monotonic()
+        at["in_flight"] = len(w.buffered())
+        at["backlog"] = set(stack.camera.snapshot()) & w.present()
+
+    fault(broken)
+    t_back = time.monotonic()
+    t0, in_flight, backlog = at["t"], at["in_flight"], at["backlog"]
+    first = wait_until(lambda: w.first_deletion_after(t_back), RECOVERY_LIMIT_S)
+    cleared = wait_until(lambda: w.deleted(backlog), BACKLOG_LIMIT_S)
+    backlog_s = None
+    if cleared and backlog:
+        backlog_s = max(0.0, max(w.deleted_at[k] for k in backlog) - t_back)
+    check = check_invariants(stack.dsn, stack.bucket, stack.camera, w)
+    row = Row(name, t_back - t0, first - t_back if first else None, in_flight, backlog_s, check)
+    print(f"{name}: recovery {row.recovery_s}, backlog {backlog_s}, lost {len(check.lost)}")
+    return row
+
+
+def finish(stack: EdgeStack, rows: list[Row]) -> None:
+    """Stop the camera, let the devices drain, then check the final state."""
+    stack.camera.stop()
+    drained = wait_until(lambda: not stack.watcher.present(), DRAIN_LIMIT_S, 0.5)
+    stack.devices.stop()
+    stack.signer.stop()
+    final = check_invariants(stack.dsn, stack.bucket, stack.camera, stack.watcher, final=True)
+    rows.append(Row("final (camera stopped, devices drained)", None, None, 0, None, final))
+    print()
+    print(format_table(rows))
+    for r in rows:
+        assert not r.check.lost, (r.fault, r.check.lost[:5])
+        assert r.check.duplicated == 0, r.fault
+        assert r.recovery_s is not None or r.down_s is None, f"{r.fault}: no recovery"
+    assert drained, f"{final.not_delivered} images still on the devices: " + stack.devices.tail()
+    assert final.not_delivered == 0
+    assert final.open_grants == 0
+    assert final.stray == 0
+    assert final.temp_files == []
+    assert final.delivered == final.images >= WARMUP_DELIVERED
+
+
+def warm_up(stack: EdgeStack) -> None:
+    assert wait_until(lambda: stack.watcher.count() >= WARMUP_DELIVERED, 90), (
+        "nothing delivered before any fault:\n"
+        + stack.signer.tail()
+        + "\n---\n"
+        + stack.devices.tail()
+    )
+
+
+def kill_signer(stack: EdgeStack) -> Callable[[], None]:
+    def fault(broken):
+        wait_until(lambda: open_grants(stack.dsn) > 0, MID_BATCH_WAIT_S, 0.05)
+        broken()
+        stack.signer.kill()
+        time.sleep(DOWN_S)
+        stack.signer.start()
+
+    return fault
+
+
+def kill_devices(stack: EdgeStack) -> Callable[[], None]:
+    def fault(broken):
+        wait_until(lambda: stack.watcher.buffered(), MID_BATCH_WAIT_S, 0.05)
+        broken()
+        stack.devices.kill()
+        time.sleep(DOWN_S)
+        stack.devices.start()
+
+    return fault
+
+
+def test_signer_killed_while_devices_upload(tmp_path, mosquitto, database_url, s3, bucket):
+    """Short version (CI): the signer SIGKILLed while grants are open."""
+    with edge_stack(tmp_path, mosquitto, database_url, s3, bucket) as stack:
+        warm_up(stack)
+        rows = [inject(stack, "`camfleet signer` SIGKILL", kill_signer(stack))]
+        finish(stack, rows)
+
+
+@pytest.mark.slow
+def test_every_dependency_fails_while_devices_upload(tmp_path):
+    with (
+        MosquittoInstance() as mq,
+        PostgresInstance() as pg,  # fsync on: see the module docstring
+        S3Instance() as s3,
+    ):
+        dsn = pg.create_database("faults_edge")
+        db.migrate(dsn)
+        bucket_name = s3.create_bucket(f"faults-{uuid.uuid4().hex[:12]}")
+        with edge_stack(tmp_path, mq, dsn, s3, bucket_name) as stack:
+            warm_up(stack)
+
+            def kill_mosquitto(broken):
+                broken()
+                mq.kill()
+                time.sleep(DOWN_S)
+                mq.restart()
+
+            def kill_postgres(broken):
+                broken()
+                pg.kill()
+                time.sleep(DOWN_S)
+                pg.restart()
+
+            def stall_store(broken):
+                broken()
+                os.kill(s3.pid, signal.SIGSTOP)
+                try:
+                    time.sleep(STORE_STALL_S)
+                finally:
+                    os.kill(s3.pid, signal.SIGCONT)
+
+            rows = []
+            for name, fault in (
+                ("`camfleet signer` SIGKILL", kill_signer(stack)),
+                ("Mosquitto SIGKILL", kill_mosquitto),
+                ("PostgreSQL SIGKILL", kill_postgres),
+                (f"S3 server SIGSTOP {STORE_STALL_S:.0f} s", stall_store),
+                ("device process SIGKILL mid-batch", kill_devices(stack)),
+            ):
+                rows.append(inject(stack, name, fault))
+            finish(stack, rows)
