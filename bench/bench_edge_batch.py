@@ -16,8 +16,10 @@ Prints files/s for both and the ratio (target: >= 0.5).
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,16 +41,46 @@ from camfleet.localsvc import MosquittoInstance, PostgresInstance, S3Instance  #
 from camfleet.storage.s3 import S3Store  # noqa: E402
 
 
-def cpu_seconds(procs) -> float:
-    """User+system CPU seconds used so far by these processes (gone ones count 0)."""
+def cpu_seconds(roots) -> float:
+    """User+system CPU seconds used so far by these processes and their descendants.
+
+    Short-lived children count too: PostgreSQL forks a backend per connection, and
+    a backend that is gone by the end is in its parent's reaped-children times.
+    (Gone roots count 0.)
+    """
     total = 0.0
-    for p in procs:
+    for root in roots:
         try:
-            t = p.cpu_times()
-            total += t.user + t.system
+            procs = [root, *root.children(recursive=True)]
+            t = root.cpu_times()
+            total += t.children_user + t.children_system
         except psutil.NoSuchProcess:
-            pass
+            continue
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
     return total
+
+
+def own_cpu(procs) -> float:
+    """User+system CPU seconds of these processes alone (not their children)."""
+    return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+
+
+# moto logs one werkzeug access line per request: "METHOD /path HTTP/1.1" STATUS.
+_ACCESS_LINE = re.compile(rb'"([A-Z]+) \S+ HTTP/[0-9.]+" ([0-9]{3}) ')
+
+
+def s3_requests(log_path: Path, offset: int) -> collections.Counter:
+    """Requests the S3 server logged after byte `offset`, counted by (method, status)."""
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        return collections.Counter(
+            (m.group(1).decode(), int(m.group(2))) for m in _ACCESS_LINE.finditer(f.read())
+        )
 
 
 def make_files(directory: Path, count: int, size: int) -> dict[str, str]:
@@ -139,19 +171,19 @@ def main() -> None:
         names = sorted(os.listdir(source))
 
         me = psutil.Process()
-        moto = s3.processes()
-        services = moto + broker_svc.processes() + pg.processes()
+        moto = [psutil.Process(s3.pid)]
         cpu: dict[str, float] = {}
 
         def baseline() -> float:
             bucket = s3.create_bucket(f"base-{uuid.uuid4().hex[:8]}")
-            c0 = cpu_seconds([me, *moto])
+            c0 = own_cpu([me]) + cpu_seconds(moto)
             t0 = time.perf_counter()
             for name in names:
                 with open(source / name, "rb") as f:
                     client.put_object(Bucket=bucket, Key=f"devices/bench/{name}", Body=f)
             took = time.perf_counter() - t0
-            cpu["baseline"] = cpu.get("baseline", 0.0) + cpu_seconds([me, *moto]) - c0
+            c1 = own_cpu([me]) + cpu_seconds(moto)
+            cpu["baseline"] = cpu.get("baseline", 0.0) + c1 - c0
             return took
 
         baseline_runs = [baseline()]
@@ -187,12 +219,28 @@ def main() -> None:
         try:
             signer.stdout.readline()  # "signer: storage ..., broker ..."
             time.sleep(1.0)  # connected and subscribed
-            everything = [me, psutil.Process(signer.pid), *services]
-            c0 = cpu_seconds(everything)
+            # The bench process is the device (it also parents the signer: count only
+            # its own threads for the device).
+            parts = {
+                "device": [me],
+                "signer": [psutil.Process(signer.pid)],
+                "s3": moto,
+                "broker": [psutil.Process(broker_svc.pid)],
+                "postgres": [psutil.Process(pg.pid)],
+            }
+            used = {
+                name: own_cpu(procs) if name == "device" else cpu_seconds(procs)
+                for name, procs in parts.items()
+            }
+            log_offset = s3.log_path.stat().st_size
             t0 = time.perf_counter()
             summaries = EdgeUploader(cfg, broker, lanes=args.lanes, min_age_s=0).drain()
             txn_s = time.perf_counter() - t0
-            cpu["transaction"] = cpu_seconds(everything) - c0
+            for name, procs in parts.items():
+                now_used = own_cpu(procs) if name == "device" else cpu_seconds(procs)
+                cpu[name] = now_used - used[name]
+            cpu["transaction"] = sum(cpu[name] for name in parts)
+            requests = s3_requests(s3.log_path, log_offset)
             flow_s = run_flow(work, source, broker, args) if args.prefect else None
         finally:
             signer.send_signal(signal.SIGTERM)
@@ -222,6 +270,21 @@ def main() -> None:
         f"(client + S3 server), transaction {1000 * cpu['transaction'] / max(1, deleted):.1f} ms "
         f"(device + signer + S3 server + broker + PostgreSQL); load avg {os.getloadavg()[0]:.1f}"
     )
+    print(
+        "  transaction CPU per file by process: "
+        + ", ".join(
+            f"{name} {1000 * cpu[name] / max(1, deleted):.1f}"
+            for name in ("device", "signer", "s3", "broker", "postgres")
+        )
+        + " ms"
+    )
+    # What the store served per verified file: the POST, the read-back, and the probes
+    # that found nothing yet (404).
+    per_file = ", ".join(
+        f"{method} {status} {n / max(1, deleted):.2f}"
+        for (method, status), n in sorted(requests.items())
+    )
+    print(f"S3 requests per file during the transaction: {per_file}")
     if flow_s is not None:
         flow_rate = args.files / flow_s
         print(
