@@ -1,0 +1,371 @@
+"""Helpers for tests/test_faults_prefect.py: an event writer, the uploader processes, the
+invariant checks and the fault table.
+
+- `EventWriter` keeps writing seed-001 event packages (video, then JSON) into
+  `pending_upload/` and remembers the SHA-256 of every byte it wrote.
+- `install_lock_audit` adds a trigger to the test database that records every write
+  that makes an `events` row 'pending' or 'completed' and whether the writing session
+  held the event's advisory lock at that moment: a write without the lock is how two
+  uploaders could work on one event at once.
+- `check_invariants` compares what was written with `uploaded/`, the `events` table and
+  the sshd's directory (the remote side, read from disk: same bytes SFTP would return).
+- `UploaderLoop` is `camfleet uploader run` (the seed's main loop) as a child process;
+  `PrefectWorker` is `prefect worker start --pool camfleet-process` as one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import psycopg2
+
+from camfleet.uploader.simulate import write_event
+from tasks.database import LOCK_NAMESPACE
+from tasks.sftp import TEMP_PREFIX, TEMP_SUFFIX
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+# Small events: a camera clip of a few seconds at low bitrate.
+SMALL_VIDEO_BYTES = 64 * 1024
+# A large video: long enough on the wire (~0.3-1 s on loopback) for a kill to land
+# in the middle of its transfer.
+BIG_VIDEO_BYTES = 40 * 1024 * 1024
+# A kill counts as mid-transfer once this much of the big video is on the server.
+MID_TRANSFER_BYTES = 1024 * 1024
+STOP_WAIT_S = 20
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_until(fn, timeout: float, step: float = 0.1):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if value := fn():
+            return value
+        time.sleep(step)
+    return fn()
+
+
+# ---- the analyzer side: events appearing in pending_upload/ ------------------------------
+
+
+@dataclass
+class Written:
+    video_sha256: str
+    video_bytes: int
+    json_sha256: str
+    json_bytes: int
+
+
+class EventWriter:
+    """A thread writing one event package every `period` seconds until closed."""
+
+    def __init__(self, pending_dir: Path, prefix: str = "ev", period: float = 0.2):
+        self.pending_dir = Path(pending_dir)
+        self.prefix, self.period = prefix, period
+        self.written: dict[str, Written] = {}
+        self._lock = threading.Lock()
+        self._n = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="event-writer")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.write()
+
+    def write(self, video_bytes: int = SMALL_VIDEO_BYTES, name: str | None = None) -> str:
+        with self._lock:
+            self._n += 1
+            event_id = name or f"{self.prefix}{self._n:05d}"
+        video = os.urandom(video_bytes)
+        video_path, json_path = write_event(self.pending_dir, event_id, video=video)
+        body = json_path.read_bytes()
+        record = Written(sha256(video), len(video), sha256(body), len(body))
+        with self._lock:
+            self.written[event_id] = record
+        return event_id
+
+    def snapshot(self) -> dict[str, Written]:
+        with self._lock:
+            return dict(self.written)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+# ---- lock audit --------------------------------------------------------------------------
+
+AUDIT_SQL = f"""
+CREATE TABLE IF NOT EXISTS fault_audit (
+    id bigserial PRIMARY KEY,
+    event_id text NOT NULL,
+    status text NOT NULL,
+    backend_pid int NOT NULL,
+    held_lock boolean NOT NULL,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE OR REPLACE FUNCTION fault_audit_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status IN ('pending', 'completed')
+       AND (TG_OP = 'INSERT' OR OLD.status IS DISTINCT FROM NEW.status
+            OR OLD.attempts IS DISTINCT FROM NEW.attempts) THEN
+        INSERT INTO fault_audit (event_id, status, backend_pid, held_lock)
+        VALUES (NEW.event_id, NEW.status, pg_backend_pid(), EXISTS (
+            SELECT 1 FROM pg_locks
+            WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()
+              AND objsubid = 2 AND classid::bigint = {LOCK_NAMESPACE}
+              AND objid::bigint = (hashtext(NEW.event_id)::bigint & 4294967295)));
+    END IF;
+    RETURN NEW;
+END $$;
+DROP TRIGGER IF EXISTS fault_audit ON events;
+CREATE TRIGGER fault_audit AFTER INSERT OR UPDATE ON events
+    FOR EACH ROW EXECUTE FUNCTION fault_audit_write();
+"""
+
+
+def install_lock_audit(dsn: str) -> None:
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(AUDIT_SQL)
+    conn.close()
+
+
+# ---- invariants --------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    """One look at the whole system; every count but `uploaded` and `retried` must be 0."""
+
+    uploaded: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    partial_remote: int = 0  # a final remote name whose bytes are not what was written
+    temp_remote: int = 0  # `.name.part` files left on the server
+    unlocked_writes: int = 0  # events rows written by a session without the event's lock
+    retried: int = 0  # events whose phase 1 ran more than once (re-sent after a fault)
+    problems: list[str] = field(default_factory=list)
+
+    def problem(self, text: str) -> None:
+        if len(self.problems) < 20:
+            self.problems.append(text)
+
+
+def _file_sha(path: Path) -> str | None:
+    try:
+        return sha256(path.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def check_invariants(cfg: dict, dsn: str, written: dict[str, Written], drained: bool) -> Check:
+    """The invariants of issue #9 for event upload; `drained`: nothing may be pending."""
+    pending = Path(cfg["pending_dir"])
+    uploaded = Path(cfg["uploaded_dir"])
+    failed = Path(cfg["failed_dir"])
+    videos = Path(cfg["sftp"]["remote_video_dir"])
+    jsons = Path(cfg["sftp"]["remote_json_dir"])
+    # The file system first, the database second: a package is moved to uploaded/ only
+    # after its row is completed, so a row read later is never older than the move.
+    archived_now = {p.name for p in uploaded.glob("*.json")} if uploaded.is_dir() else set()
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT event_id, status, remote_video_path, remote_json_path, attempts FROM events"
+        )
+        rows = cur.fetchall()
+        cur.execute("SELECT count(*) FROM fault_audit WHERE NOT held_lock")
+        unlocked = cur.fetchone()[0]
+        cur.execute(
+            "SELECT count(*) FROM (SELECT event_id FROM fault_audit WHERE status = 'completed'"
+            " GROUP BY event_id HAVING count(*) > 1) AS twice"
+        )
+        completed_twice = cur.fetchone()[0]
+    conn.close()
+    row_of = {r[0]: r for r in rows}
+    c = Check(unlocked_writes=unlocked)
+    c.duplicated = len(rows) - len(row_of) + completed_twice
+    c.retried = sum(1 for r in rows if r[4] > 1)
+    for event_id, w in written.items():
+        names = (f"{event_id}.mp4", f"{event_id}.json")
+        where = [d.name for d in (pending, failed) if (d / names[1]).exists()]
+        if names[1] in archived_now:
+            where.append(uploaded.name)
+        if len(where) > 1 and (drained or failed.name in where):
+            c.duplicated += 1  # (pending and uploaded at once is a move in progress)
+            c.problem(f"{event_id}: JSON in {where}")
+        if names[1] not in archived_now:
+            if drained or not where:
+                c.lost += 1
+                c.problem(f"{event_id}: not uploaded (JSON in {where or 'nowhere'})")
+            continue
+        c.uploaded += 1
+        row = row_of.get(event_id)
+        expected = {videos / names[0]: w.video_sha256, jsons / names[1]: w.json_sha256}
+        if row is None or row[1] != "completed":
+            c.lost += 1
+            c.problem(f"{event_id}: archived but row is {row and row[1]}")
+            continue
+        if (row[2], row[3]) != tuple(str(p) for p in expected):
+            c.lost += 1
+            c.problem(f"{event_id}: row paths {row[2:4]}")
+            continue
+        archived = {uploaded / names[0]: w.video_sha256, uploaded / names[1]: w.json_sha256}
+        for path, digest in (*expected.items(), *archived.items()):
+            if _file_sha(path) != digest:
+                c.lost += 1
+                c.problem(f"{event_id}: {path} missing or not the bytes written")
+                break
+    for remote_dir in (videos, jsons):
+        if not remote_dir.is_dir():
+            continue
+        for path in remote_dir.iterdir():
+            if path.name.startswith(TEMP_PREFIX) and path.name.endswith(TEMP_SUFFIX):
+                c.temp_remote += 1
+                continue
+            event_id = path.name.rsplit(".", 1)[0]
+            w = written.get(event_id)
+            digest = w and (w.video_sha256 if path.suffix == ".mp4" else w.json_sha256)
+            if _file_sha(path) != digest:
+                c.partial_remote += 1
+                c.problem(f"{path.name}: final remote name with other bytes than written")
+    return c
+
+
+# ---- the fault table ---------------------------------------------------------------------
+
+
+@dataclass
+class FaultRow:
+    fault: str
+    recovery_s: float | None
+    in_flight: int
+    check: Check
+    note: str = ""
+
+
+HEADER = (
+    "| fault | recovery (s) | events in flight | lost | duplicated | partial remote "
+    "| temp remote files | unlocked writes | uploaded so far | re-sent | note |"
+)
+
+
+def print_table(rows: list[FaultRow]) -> str:
+    lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
+    for r in rows:
+        c = r.check
+        rec = f"{r.recovery_s:.1f}" if r.recovery_s is not None else "-"
+        lines.append(
+            f"| {r.fault} | {rec} | {r.in_flight} | {c.lost} | {c.duplicated} "
+            f"| {c.partial_remote} | {c.temp_remote} | {c.unlocked_writes} | {c.uploaded} "
+            f"| {c.retried} | {r.note} |"
+        )
+    text = "\n".join(lines)
+    print()
+    print(text)
+    for r in rows:
+        for p in r.check.problems:
+            print(f"  {r.fault}: {p}")
+    return text
+
+
+# ---- remote side -------------------------------------------------------------------------
+
+
+def kill_when_mid_transfer(remote_path: Path, kill, timeout: float = 60) -> bool:
+    """Call `kill` as soon as the `.part` of `remote_path` holds MID_TRANSFER_BYTES.
+
+    Returns True when the kill landed mid-transfer, False when the transfer was never
+    seen in progress (then `kill` is called anyway, after `timeout`).
+    """
+    part = remote_path.parent / f"{TEMP_PREFIX}{remote_path.name}{TEMP_SUFFIX}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if part.stat().st_size >= MID_TRANSFER_BYTES:
+                kill()
+                return True
+        except FileNotFoundError:
+            pass
+        time.sleep(0.002)
+    kill()
+    return False
+
+
+# ---- processes ---------------------------------------------------------------------------
+
+
+class Child:
+    """A camfleet or prefect command as a child process in its own session."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT):
+        self.args, self.env, self.log, self.cwd = args, env, log, cwd
+        self.p: subprocess.Popen | None = None
+
+    def start(self) -> Child:
+        with open(self.log, "ab") as out:
+            self.p = subprocess.Popen(  # noqa: S603 - our own commands, loopback only
+                self.args,
+                env=self.env,
+                cwd=self.cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    def kill_tree(self) -> int:
+        """SIGKILL the process and every descendant (a crashed machine or container)."""
+        procs = []
+        try:
+            main = psutil.Process(self.p.pid)
+            procs = [main, *main.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+        self.p.wait(10)
+        return len(procs)
+
+    def stop(self) -> None:
+        if self.p is None or self.p.poll() is not None:
+            return
+        os.killpg(self.p.pid, signal.SIGTERM)
+        try:
+            self.p.wait(STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.kill_tree()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+def uploader_loop(config_path: Path, env: dict[str, str], log: Path) -> Child:
+    """`camfleet uploader run --config ...`: the seed's main loop, as users run it."""
+    return Child([str(BIN / "camfleet"), "uploader", "run", "--config", str(config_path)], env, log)
+
+
+def prefect_cmd(*args: str) -> list[str]:
+    return [str(BIN / "prefect"), "--no-prompt", *args]
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(json.dumps(config))
+    return path
