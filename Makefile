@@ -27,9 +27,14 @@ lint: install
 test: lint
 	pytest -q -m "not slow"
 
-# The long fault-injection suite and the soak (issue #9); not part of `make test`.
+# The long fault-injection suite, then the 10-minute soak (issue #9); not part of
+# `make test`, which runs the short fault tests. Each prints its table.
 faults: install
-	pytest -q -m slow
+	pytest -q -s -m slow
+	python bench/soak.py
+
+soak: install
+	python bench/soak.py
 
 bench: install
 	for b in bench/bench_*.py; do echo "== $$b"; python $$b || exit 1; done
