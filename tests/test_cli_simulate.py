@@ -27,3 +27,26 @@ def test_simulate_esp32_cli_sends_every_image(mosquitto, run_cli):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["images_sent"] == 6 and summary["images_failed"] == 0
     assert summary["chunks_sent"] == 6 * 45
+
+
+def test_esp32_devices_outlive_a_broker_outage_and_account_for_every_image():
+    """A simulated device whose broker dies keeps trying and ends each image ACKed or
+    failed; it used to die with the broker (paho's wait_for_publish raised)."""
+    import threading
+    import time
+
+    from blocks.mqtt import MqttBroker
+    from camfleet.localsvc import MosquittoInstance
+    from camfleet.simulators.esp32 import Esp32Fleet, SimOptions
+
+    with MosquittoInstance() as mq:
+        opts = SimOptions(devices=2, images=1, ack_timeout=0.5, max_resends=4, id_prefix="0DD0DD")
+        fleet = Esp32Fleet(MqttBroker(host=mq.host, port=mq.port), opts)
+        done = threading.Event()
+        runner = threading.Thread(target=lambda: (fleet.run(), done.set()), daemon=True)
+        runner.start()
+        time.sleep(0.3)  # connected and sending; nothing ACKs (no assembler here)
+        mq.kill()
+        assert done.wait(60), "the simulated devices hung"
+    assert fleet.result.images_failed == 2
+    assert fleet.result.images_acked == 0
