@@ -461,7 +461,9 @@ def main() -> int:
         print(f"\ndevice_errors rows: {final['device_errors']}; captures by source: "
               f"{final['captures']}")  # fmt: skip
 
-        leaks = [n for n, (rel, mb) in growths.items() if rel > GROWTH_LIMIT and mb > GROWTH_FLOOR_MB]
+        leaks = [
+            n for n, (rel, mb) in growths.items() if rel > GROWTH_LIMIT and mb > GROWTH_FLOOR_MB
+        ]
         failed = died
         if mqtt["lost"] or life["lost"] or mqtt["duplicated"] or life["duplicated"]:
             failed = True
