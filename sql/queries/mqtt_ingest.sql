@@ -86,11 +86,6 @@ insert into devices (device_id, last_seen_at) values %s
 on conflict (device_id) do update
 set last_seen_at = greatest(devices.last_seen_at, excluded.last_seen_at);
 
--- name: ingest_insert_publish_log_values!
--- psycopg2.extras.execute_values: (device_id, topic, direction, payload, received_at).
-insert into device_publish_log (device_id, topic, direction, payload, received_at)
-values %s;
-
 -- name: ingest_stamp_flow_run!
 -- The recording flow run claims the captures stored (and ACKed) by the service's batch.
 update captures
