@@ -271,6 +271,8 @@ def run_devices(root: Path, serials: list[str], host: str, port: int) -> None:
     from camfleet.edge.uploader import EdgeUploader
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per POST otherwise
+    log = logging.getLogger("camfleet.edge")
     broker = MqttBroker(host=host, port=port)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -280,6 +282,9 @@ def run_devices(root: Path, serials: list[str], host: str, port: int) -> None:
         cfg = EdgeConfig(serial, buffer, repo, host, port, tls=False)
         while not stop.is_set():
             summaries = EdgeUploader(cfg, broker, min_age_s=0).drain()
+            for s in summaries:
+                if s["left_for_next_run"]:  # what each fault did to a batch, for the docs
+                    log.info("edge: batch %s left %s", s["request_id"][:8], s["reasons"])
             if not any(s["deleted"] for s in summaries):
                 stop.wait(DEVICE_IDLE_S)
 

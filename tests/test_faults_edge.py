@@ -146,6 +146,7 @@ def inject(stack: EdgeStack, name: str, fault: Callable[[Callable[[], None]], No
     """
     w = stack.watcher
     at: dict = {}
+    wait_until(w.buffered, MID_BATCH_WAIT_S, 0.05)  # a batch is on its way
 
     def broken():
         at["t"] = time.monotonic()
@@ -210,7 +211,6 @@ def kill_signer(stack: EdgeStack) -> Callable[[], None]:
 
 def kill_devices(stack: EdgeStack) -> Callable[[], None]:
     def fault(broken):
-        wait_until(lambda: stack.watcher.buffered(), MID_BATCH_WAIT_S, 0.05)
         broken()
         stack.devices.kill()
         time.sleep(DOWN_S)
