@@ -86,9 +86,10 @@ class Stack:
             "CAMFLEET_DATA_DIR": str(data_dir),
             # Visant devices of the soak have no tokens: the seed's id-only mode.
             "CAMFLEET_ALLOW_DEVICE_ID_ONLY": "true",
-            # One operator key owns the whole Lifelog fleet here; the per-user default
-            # (100 requests/s) is sized for a person's cameras, not a soak's.
+            # One operator key pairs and owns the whole Lifelog fleet here; the per-user
+            # defaults (100 requests/s, 10 pairings/min) are sized for a person's cameras.
             "CAMFLEET_RATE_LIMIT_USER": "2000/second;120000/minute",
+            "CAMFLEET_RATE_LIMIT_PAIR": "1000/minute",
         }
         for name in ("DATABASE_URL", "STORAGE_URL", "CAMFLEET_SECRET_KEY"):
             env.pop(name, None)
