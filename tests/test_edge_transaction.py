@@ -32,10 +32,10 @@ from camfleet.edge.uploader import (
     run_batch,
     upload_files,
 )
-from camfleet.localsvc import MosquittoInstance
+from camfleet.localsvc import MosquittoInstance, S3Instance
 from camfleet.protocol import edge_batch as eb
 from camfleet.storage.s3 import S3Store
-from services.signer import Signer
+from services.signer import CHECK_FIRST_S, CHECK_WORKERS, ObjectReader, Signer, stored_digest
 
 # ---- helpers ---------------------------------------------------------------------------
 
@@ -520,3 +520,142 @@ def test_a_device_replaying_garbage_gets_bounded_error_rows(signer, mosquitto, d
         <= len(errors(database_url, serial))
         <= 2 * MAX_ERRORS_PER_DEVICE_PER_MIN
     )
+
+
+# ---- the signer's read-back and its database work ------------------------------------------
+
+
+def test_read_back_hashes_the_stored_bytes_like_boto3(s3, bucket, store):
+    data = os.urandom(70_000)
+    expect = (len(data), hashlib.sha256(data).hexdigest())
+    prefixed = S3Store(
+        bucket,
+        prefix="fleet-a",
+        endpoint_url=s3.endpoint_url,
+        region=s3.region,
+        access_key_id=s3.access_key,
+        secret_access_key=s3.secret_key,
+    )
+    for st in (store, prefixed):
+        st.put("devices/ENTO-R/a.jpg", data)
+        reader = ObjectReader.for_store(st)
+        assert reader is not None
+        try:
+            assert reader.digest("devices/ENTO-R/a.jpg") == expect
+            assert stored_digest(st, "devices/ENTO-R/a.jpg") == expect  # boto3's answer
+            assert reader.digest("devices/ENTO-R/missing.jpg") is None
+            # Larger than the grant allows: refused by its size, the body is not read.
+            assert reader.digest("devices/ENTO-R/a.jpg", max_bytes=1000) == (len(data), None)
+            assert stored_digest(st, "devices/ENTO-R/a.jpg", 1000) == (len(data), None)
+            for _ in range(3):
+                assert reader.digest("devices/ENTO-R/a.jpg", max_bytes=len(data)) == expect
+            assert len(reader._connections) == 1  # one kept-alive connection per thread
+        finally:
+            reader.close()
+
+
+def test_read_back_reconnects_after_the_store_restarts():
+    with S3Instance() as own:
+        own.create_bucket("restarts")
+        st = S3Store(
+            "restarts",
+            endpoint_url=own.endpoint_url,
+            region=own.region,
+            access_key_id=own.access_key,
+            secret_access_key=own.secret_key,
+        )
+        st.put("devices/ENTO-R/a.jpg", b"one")
+        reader = ObjectReader.for_store(st)
+        try:
+            assert reader.digest("devices/ENTO-R/a.jpg")[0] == 3
+            # The kept-alive connection dies with the server (moto also forgets its data).
+            own.restart()
+            own.create_bucket("restarts")
+            st.put("devices/ENTO-R/a.jpg", b"two!")
+            assert reader.digest("devices/ENTO-R/a.jpg") == (4, hashlib.sha256(b"two!").hexdigest())
+        finally:
+            reader.close()
+
+
+class FrozenClock:
+    """The signer's clock, moved only by the test."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_a_batch_found_together_is_read_once_and_recorded_in_one_transaction(
+    tmp_path, store, s3, mosquitto, database_url
+):
+    broker = broker_block(mosquitto)
+    cfg = device(tmp_path, broker)
+    write_images(cfg.repo_dir, 5)
+    clock = FrozenClock()
+    log_offset = s3.log_path.stat().st_size
+    with Signer(store, database_url, broker, client_id=f"signer-{cfg.serial}", clock=clock) as sig:
+        assert sig.wait_connected(5)
+        up = EdgeUploader(cfg, broker, min_age_s=0)
+        batch = up.next_batch()
+        link = EdgeLink(broker, cfg.serial).connect()
+        try:
+            request_urls(batch, link, cfg.buffer_dir)
+            # The signer's clock stands still: its first look comes after every upload.
+            assert upload_files(batch, cfg.buffer_dir) == 5
+            clock.advance(CHECK_FIRST_S)
+            deleted = await_verifications(batch, link, cfg.buffer_dir, verify_timeout=15.0)
+        finally:
+            link.close()
+    assert deleted == 5 and list(cfg.buffer_dir.iterdir()) == []
+    with closing(psycopg2.connect(database_url)) as conn, conn, conn.cursor() as cur:
+        cur.execute("select distinct xmin::text from captures where device_id = %s", (cfg.serial,))
+        capture_txns = cur.fetchall()
+        cur.execute(
+            "select distinct xmin::text from edge_upload_grants where device_id = %s",
+            (cfg.serial,),
+        )
+        grant_txns = cur.fetchall()
+    # One transaction made the five captures and closed the five grants.
+    assert len(capture_txns) == 1 and grant_txns == capture_txns
+    # The probe found the first file, the same job read the others: one GET each, no 404.
+    reads: list[tuple[str, str]] = []
+    for _ in range(20):  # moto writes its access line just after answering
+        with open(s3.log_path, "rb") as f:
+            f.seek(log_offset)
+            lines = f.read().decode(errors="replace").splitlines()
+        reads = [  # "GET /bucket/devices/<serial>/<name>?X-Amz-... HTTP/1.1" 200
+            (line.split('"GET ')[1].split("?")[0].rsplit("/", 1)[1], line.split('" ')[1][:3])
+            for line in lines
+            if '"GET ' in line and f"/devices/{cfg.serial}/" in line
+        ]
+        if len(reads) >= 5:
+            break
+        time.sleep(0.1)
+    assert sorted(reads) == sorted((f.name, "200") for f in batch.files)
+
+
+def test_the_signer_keeps_its_database_connections(tmp_path, signer, mosquitto, database_url):
+    broker = broker_block(mosquitto)
+    cfg = device(tmp_path, broker)
+    write_images(cfg.repo_dir, 5, prefix="first")
+    assert [s["deleted"] for s in EdgeUploader(cfg, broker, min_age_s=0).drain()] == [5]
+    with closing(psycopg2.connect(database_url)) as conn, conn, conn.cursor() as cur:
+        cur.execute("select now()")
+        between = cur.fetchone()[0]
+    write_images(cfg.repo_dir, 5, prefix="second")
+    assert [s["deleted"] for s in EdgeUploader(cfg, broker, min_age_s=0).drain()] == [5]
+    with closing(psycopg2.connect(database_url)) as conn, conn, conn.cursor() as cur:
+        cur.execute(
+            "select backend_start from pg_stat_activity "
+            "where datname = current_database() and pid <> pg_backend_pid()"
+        )
+        started = [row[0] for row in cur.fetchall()]
+    # Idle connections stay open (at most one per signer thread), and the second
+    # batch was served by a connection the first one opened: no backend per transaction.
+    assert 1 <= len(started) <= CHECK_WORKERS + 2
+    assert min(started) < between
