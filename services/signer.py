@@ -57,9 +57,12 @@ CHECK_MAX_INTERVAL_S = 2.0
 # in case the device uploads them one by one.
 SIBLING_FALLBACK_S = 1.0
 
-# Verification jobs (one per request's due files) in parallel: they hide store latency
-# without flooding a small S3-compatible server.
+# Verification jobs (one per request's due files) in parallel, and the threads a job
+# reads a batch's other objects with (a GET to a remote store waits tens of
+# milliseconds; five in a row would make a device wait five times as long). Together
+# at most 8 GETs at once, which does not flood a small S3-compatible server.
 CHECK_WORKERS = 4
+READ_WORKERS = 4
 
 # Inbound requests waiting for the worker: a fleet's burst after an outage. Beyond
 # this, paho's thread drops requests (the devices time out and ask again) instead of
@@ -292,6 +295,7 @@ class Signer:
         # The request worker, each verification job and the hand-off: one connection each.
         self.pool = _KeptPool(dsn, maxconn=CHECK_WORKERS + 2)
         self._reader = ObjectReader.for_store(store)
+        self._reads = None  # the worker's read threads, while it runs
         self.topics = topics or eb.Topics()
         self.expires_in = expires_in
         self.max_file_bytes = max_file_bytes
@@ -394,7 +398,11 @@ class Signer:
     def _work(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(CHECK_WORKERS, thread_name_prefix="edge-verify") as checks:
+        with (
+            ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="edge-read") as reads,
+            ThreadPoolExecutor(CHECK_WORKERS, thread_name_prefix="edge-verify") as checks,
+        ):  # (leaving: the jobs end first, then the reads they use)
+            self._reads = reads
             while not self._stop.is_set():
                 now = self.clock()
                 with self._lock:
@@ -614,25 +622,26 @@ class Signer:
     def _check(self, job: list[_Pending]) -> None:
         """Verify a request's due grants; the first object found pulls in its siblings.
 
-        `job` grows while it runs: a device uploads a batch together, so once one of its
-        objects is there the others are read in the same job instead of being probed
+        A device uploads a batch together, so once one of its objects is there the
+        others are read at once in the same job (in parallel) instead of being probed
         one by one, and all that pass are recorded in one transaction.
         """
+        outcomes = self._read_all(job)
+        if any(isinstance(o, tuple) for o in outcomes):
+            siblings = self._claim_siblings(job[0])
+            job.extend(siblings)  # the caller releases them with the rest of the job
+            outcomes += self._read_all(siblings)
         verified: list[tuple[_Pending, int, str]] = []
-        siblings_claimed = False
-        for pending in job:
+        for pending, outcome in zip(job, outcomes, strict=True):
             grant = pending.grant
             now = self.clock()
-            try:
-                stored = self._read(grant.key, grant.max_bytes)
-            except Exception as exc:  # store down: look again later
+            if isinstance(outcome, Exception):  # store down: look again later
                 self._backoff(pending, now)
-                log.warning("signer: store error checking %s: %s", grant.key, type(exc).__name__)
+                log.warning(
+                    "signer: store error checking %s: %s", grant.key, type(outcome).__name__
+                )
                 continue
-            size, sha = stored if stored else (None, None)
-            if stored is not None and not siblings_claimed:
-                job.extend(self._claim_siblings(pending))
-                siblings_claimed = True
+            size, sha = outcome if outcome else (None, None)
             verdict, reason = eb.judge_upload(grant, size, sha)
             if verdict is eb.Verdict.MISSING:
                 if now > grant.expires_at + self.grace_s:
@@ -650,6 +659,18 @@ class Signer:
             verified.append((pending, size, sha))
         if verified:
             self._resolve_verified(verified)
+
+    def _read_all(self, pendings: list[_Pending]) -> list:
+        """Each grant's stored (size, SHA-256), None when absent, or the exception."""
+        if len(pendings) > 1 and self._reads is not None:
+            return list(self._reads.map(self._read_outcome, pendings))
+        return [self._read_outcome(p) for p in pendings]
+
+    def _read_outcome(self, pending: _Pending):
+        try:
+            return self._read(pending.grant.key, pending.grant.max_bytes)
+        except Exception as exc:
+            return exc
 
     def _claim_siblings(self, pending: _Pending) -> list[_Pending]:
         """The other open grants of this file's request, now in this job's hands."""
