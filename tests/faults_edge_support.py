@@ -54,6 +54,10 @@ SIGNER_START_S = 60.0
 
 FINAL_GRANT_STATES = ("verified", "failed", "expired")
 
+# The seed firmware keeps its last getURL answer beside its folders (sub.py): its own
+# state file, rewritten every batch, not a leftover.
+SEED_URLS_FILE = "signedUrls.json"
+
 
 def device_dirs(root: Path, serial: str) -> tuple[Path, Path]:
     return root / serial / REPO_DIR, root / serial / BUFFER_DIR
@@ -81,9 +85,11 @@ class Camera:
         serials: list[str],
         image_bytes: int,
         period_s: float,
+        every: dict[str, int] | None = None,
     ) -> None:
         self.root, self.staging, self.serials = root, staging, serials
         self.image_bytes, self.period_s = image_bytes, period_s
+        self.every = every or {}  # serial -> one image per that many rounds
         self.images: dict[tuple[str, str], str] = {}
         self.lock = threading.Lock()
         self._n = 0
@@ -99,9 +105,11 @@ class Camera:
         return self
 
     def shoot(self) -> None:
-        """One image per device."""
+        """One image per device (fewer for devices with an `every`)."""
         self._n += 1
         for serial in self.serials:
+            if self._n % self.every.get(serial, 1):
+                continue
             name = f"cam_{self._n:05d}.jpg"
             data = b"\xff\xd8" + os.urandom(self.image_bytes - 4) + b"\xff\xd9"
             staged = self.staging / serial / name
@@ -201,10 +209,15 @@ class ChildProcess:
     def __init__(self, argv: list[str], env: dict[str, str], log: Path, ready_line: str):
         self.argv, self.env, self.log, self.ready_line = argv, env, log, ready_line
         self.p: subprocess.Popen | None = None
-        self.starts = 0
+        self._offset = 0
 
     def start(self, timeout: float = SIGNER_START_S) -> None:
-        offset = self.log.stat().st_size if self.log.exists() else 0
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting (two children then import in parallel)."""
+        self._offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as out:
             self.p = subprocess.Popen(  # noqa: S603 - our own code, loopback only
                 self.argv,
@@ -213,13 +226,13 @@ class ChildProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        self.starts += 1
 
+    def wait_ready(self, timeout: float = SIGNER_START_S) -> None:
         def ready():
             if self.p.poll() is not None:
                 raise RuntimeError(f"{self.argv[1]} exited: {self.tail()}")
             with open(self.log, "rb") as f:
-                f.seek(offset)
+                f.seek(self._offset)
                 return self.ready_line.encode() in f.read()
 
         if not wait_until(ready, timeout, 0.05):
@@ -252,22 +265,38 @@ def signer_process(env: dict[str, str], log: Path, client_id: str) -> ChildProce
 
 
 def device_fleet(
-    env: dict[str, str], log: Path, root: Path, serials: list[str], host: str, port: int
+    env: dict[str, str],
+    log: Path,
+    root: Path,
+    serials: list[str],
+    host: str,
+    port: int,
+    seed_serials: list[str] = (),
 ) -> ChildProcess:
     argv = [sys.executable, "-m", "tests.faults_edge_support", "--root", str(root)]
-    argv += ["--host", host, "--port", str(port), *serials]
+    argv += ["--host", host, "--port", str(port)]
+    for serial in seed_serials:
+        argv += ["--seed", serial]
+    argv += serials
     return ChildProcess(argv, env, log, "devices: running")
 
 
-def run_devices(root: Path, serials: list[str], host: str, port: int) -> None:
+def run_devices(
+    root: Path, serials: list[str], host: str, port: int, seed_serials: list[str] = ()
+) -> None:
     """The child process: every device drains its repo through the signer, forever.
 
-    Each `drain()` opens its own MQTT session, as a scheduled run on a device does; a
-    drain ends when the repo is empty or a batch got nothing through (broker, signer
-    or store down), and the device simply tries again.
+    camfleet devices (`serials`): each `drain()` opens its own MQTT session, as a
+    scheduled run on a device does; a drain ends when the repo is empty or a batch got
+    nothing through (broker, signer or store down), and the device simply tries again.
+    Seed-firmware devices (`seed_serials`, names only, no checksums): one batch of five
+    per run, as its cron job does; a run that raises (the seed's scripts do not catch
+    a missing answer or a dropped broker) is followed by the next.
     """
     from blocks.mqtt import MqttBroker
+    from camfleet.edge import files as edge_files
     from camfleet.edge.config import EdgeConfig
+    from camfleet.edge.seed_device import run_seed_batch
     from camfleet.edge.uploader import EdgeUploader
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(threadName)s %(message)s")
@@ -288,7 +317,26 @@ def run_devices(root: Path, serials: list[str], host: str, port: int) -> None:
             if not any(s["deleted"] for s in summaries):
                 stop.wait(DEVICE_IDLE_S)
 
+    def seed_device(serial: str) -> None:
+        repo, buffer = device_dirs(root, serial)
+        while not stop.is_set():
+            batch = edge_files.take_batch(repo, buffer, min_age_s=0)
+            deleted = []
+            if batch:
+                try:
+                    names = [f.name for f in batch]
+                    deleted = run_seed_batch(broker, serial, buffer, names, root / serial)
+                except Exception as exc:
+                    log.info("seed device %s: run ended by %s", serial, type(exc).__name__)
+                if len(deleted) < len(batch):
+                    log.info(
+                        "edge: seed batch left %d of %d", len(batch) - len(deleted), len(batch)
+                    )
+            if not deleted:
+                stop.wait(DEVICE_IDLE_S)
+
     threads = [threading.Thread(target=device, args=(s,), name=s) for s in serials]
+    threads += [threading.Thread(target=seed_device, args=(s,), name=s) for s in seed_serials]
     for t in threads:
         t.start()
     print("devices: running", flush=True)
@@ -400,7 +448,7 @@ def leftover_files(root: Path, serials: list[str]) -> list[str]:
     for serial in serials:
         base = root / serial
         for entry in os.scandir(base):
-            if entry.name not in (REPO_DIR, BUFFER_DIR):
+            if entry.name not in (REPO_DIR, BUFFER_DIR, SEED_URLS_FILE):
                 out.append(f"{serial}/{entry.name}")
         for d in device_dirs(root, serial):
             out += [f"{serial}/{d.name}/{n}" for n in os.listdir(d) if n.startswith(".")]
@@ -448,9 +496,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--root", required=True, type=Path)
     parser.add_argument("--host", required=True)
     parser.add_argument("--port", required=True, type=int)
-    parser.add_argument("serials", nargs="+")
+    parser.add_argument("--seed", action="append", default=[], help="a seed-firmware device")
+    parser.add_argument("serials", nargs="*")
     args = parser.parse_args(argv)
-    run_devices(args.root, args.serials, args.host, args.port)
+    run_devices(args.root, args.serials, args.host, args.port, args.seed)
 
 
 if __name__ == "__main__":

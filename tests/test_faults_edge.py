@@ -34,6 +34,7 @@ the table pasted into docs/reliability.md.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -47,7 +48,9 @@ import psycopg2
 import pytest
 
 from camfleet import db
+from camfleet.edge.uploader import EdgeUploader
 from camfleet.localsvc import MosquittoInstance, PostgresInstance, S3Instance
+from services.signer import Signer
 from tests.faults_edge_support import (
     Bucket,
     Camera,
@@ -60,12 +63,20 @@ from tests.faults_edge_support import (
     signer_process,
     wait_until,
 )
+from tests.test_edge_transaction import broker_block, device, make_store
 
 # A small fleet keeps the 2-core machine usable for other work: three devices, one
 # 8 KB image each per second, i.e. a batch of five every few seconds per device.
 DEVICES = 3
 IMAGE_BYTES = 8_000
 CAMERA_PERIOD_S = 1.0
+# The long run adds a device running the seed firmware's wire behaviour (names only,
+# no checksums: the signer hashes what it finds), whose recovery paths differ.
+SEED_DEVICES = 1
+# A seed batch takes ~4 s (its answer is sent 1.5 s late and its verifications 2 s
+# after the last file, see camfleet/protocol/edge_batch.py): one image every 3 s keeps
+# it below saturation, so its backlog measures the fault, not its throughput.
+SEED_CAMERA_EVERY = 3
 # Images delivered before the first fault: the whole path works before it is broken.
 WARMUP_DELIVERED = 6
 # How long a killed service stays down before it is started again.
@@ -102,12 +113,15 @@ def open_grants(dsn: str) -> int:
 
 
 @contextmanager
-def edge_stack(tmp_path: Path, mq: MosquittoInstance, dsn: str, s3, bucket_name: str):
+def edge_stack(
+    tmp_path: Path, mq: MosquittoInstance, dsn: str, s3, bucket_name: str, seed_devices: int = 0
+):
     """Signer and device processes, camera and watcher, against the given services."""
     bucket = Bucket(s3.client(), bucket_name)
     bucket.enable_versioning()
     root = tmp_path / "devices"
     serials = [f"ENTO-F{i}{uuid.uuid4().hex[:6]}" for i in range(DEVICES)]
+    seeds = [f"ENTO-S{i}{uuid.uuid4().hex[:6]}" for i in range(seed_devices)]
     env = {
         **os.environ,
         "MQTT_HOST": mq.host,
@@ -123,12 +137,23 @@ def edge_stack(tmp_path: Path, mq: MosquittoInstance, dsn: str, s3, bucket_name:
     for key in ("CAMFLEET_MQTT_BLOCK", "CAMFLEET_DATABASE_BLOCK"):
         env.pop(key, None)
     signer = signer_process(env, tmp_path / "signer.log", f"signer-{uuid.uuid4().hex[:6]}")
-    devices = device_fleet(env, tmp_path / "devices.log", root, serials, mq.host, mq.port)
-    camera = Camera(root, tmp_path / "camera", serials, IMAGE_BYTES, CAMERA_PERIOD_S)
+    devices = device_fleet(
+        env, tmp_path / "devices.log", root, serials, mq.host, mq.port, seed_serials=seeds
+    )
+    camera = Camera(
+        root,
+        tmp_path / "camera",
+        serials + seeds,
+        IMAGE_BYTES,
+        CAMERA_PERIOD_S,
+        every=dict.fromkeys(seeds, SEED_CAMERA_EVERY),
+    )
     watcher = Watcher(root, camera)
     try:
-        signer.start()
-        devices.start()
+        signer.spawn()
+        devices.spawn()
+        signer.wait_ready()
+        devices.wait_ready()
         camera.start()
         yield EdgeStack(root, dsn, bucket, camera, watcher, signer, devices)
     finally:
@@ -237,7 +262,7 @@ def test_every_dependency_fails_while_devices_upload(tmp_path):
         dsn = pg.create_database("faults_edge")
         db.migrate(dsn)
         bucket_name = s3.create_bucket(f"faults-{uuid.uuid4().hex[:12]}")
-        with edge_stack(tmp_path, mq, dsn, s3, bucket_name) as stack:
+        with edge_stack(tmp_path, mq, dsn, s3, bucket_name, SEED_DEVICES) as stack:
             warm_up(stack)
 
             def kill_mosquitto(broken):
@@ -270,3 +295,32 @@ def test_every_dependency_fails_while_devices_upload(tmp_path):
             ):
                 rows.append(inject(stack, name, fault))
             finish(stack, rows)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a device's file name is its capture's identity: a second image under a "
+    "name already delivered overwrites the first object and replaces its captures row "
+    "(services/signer.py grants devices/{serial}/{name} again; see docs/reliability.md)",
+)
+def test_a_reused_file_name_keeps_the_image_delivered_before(
+    tmp_path, mosquitto, database_url, s3, bucket
+):
+    """A camera whose counter or clock restarts (a Raspberry Pi has no RTC) writes a
+    name it used before; the device delivers and deletes both images. The first must
+    still be in storage: the device no longer has it."""
+    broker = broker_block(mosquitto)
+    cfg = device(tmp_path, broker)
+    cfg.repo_dir.mkdir(parents=True)
+    store = make_store(s3, bucket)
+    shas = []
+    with Signer(store, database_url, broker, client_id=f"signer-{uuid.uuid4().hex[:6]}") as s:
+        assert s.wait_connected(5)
+        for version in (b"1", b"2"):
+            data = b"\xff\xd8" + version * 4000 + b"\xff\xd9"
+            (cfg.repo_dir / "cam_0001.jpg").write_bytes(data)
+            shas.append(hashlib.sha256(data).hexdigest())
+            summaries = EdgeUploader(cfg, broker, min_age_s=0).drain()
+            assert [x["deleted"] for x in summaries] == [1]  # the device's copy is gone
+    stored = {hashlib.sha256(store.get(o.key)).hexdigest() for o in store.list("devices/")}
+    assert set(shas) <= stored, "the first image was overwritten by the second"
