@@ -27,7 +27,10 @@ log = logging.getLogger("camfleet.agent")
 
 # Commands waiting for the camera; more than this means the camera cannot keep up, and
 # the oldest are dropped (their triggers end failed/expired on the server, visibly).
-MAX_QUEUED_CAPTURES = 8
+# On reconnect the API sends every pending trigger at once (up to 50, the hub's
+# MAX_PENDING_ON_CONNECT): that burst after an outage is not a slow camera, so the
+# queue holds all of it (commands are ~100 bytes each).
+MAX_QUEUED_CAPTURES = 64
 # Upload attempts per capture: the server treats a retried upload of a trigger as the
 # same capture, so retrying a network error is safe.
 UPLOAD_ATTEMPTS = 3

@@ -1,0 +1,260 @@
+"""Fault injection for the device HTTP API (issue #9): no trigger or upload is lost.
+
+While real `camfleet agent` loops hold SSE command streams, triggers are created
+continuously (manual triggers through the API, scheduler-style rows in the table) and
+simulated Lifelog devices run pair -> activate -> upload-url -> PUT -> ingest, this
+injects in turn:
+
+1. `camfleet api` SIGKILL with the streams connected, ~2 s down, then restarted (the
+   agents reconnect on their own; triggers made meanwhile go through a second API
+   instance, or straight into the table when no API answers);
+2. PostgreSQL SIGKILL + restart (a private cluster with fsync on, as tests/test_faults.py);
+3. the S3-compatible server (moto) frozen with SIGSTOP, then SIGCONT: a hung store
+   rather than a restarted one, because moto forgets every object when restarted.
+
+After each fault and recovery it checks, against the devices' own records:
+
+- every ingest a device was answered `queued` (or `duplicate` on retry after a lost
+  answer) has exactly one captures row, the one it was told, and its object in storage;
+- every capture POST /v1/captures accepted with a 2xx has its row and object, and its
+  trigger is `executed` with that capture;
+- no duplicate rows for (device_id, seq) or for a trigger, no seq answered `queued`
+  twice, no trigger written to a device twice;
+- every trigger created while the dependency was down is delivered and executed after
+  recovery (none expire here: their TTL outlasts every outage).
+
+At the end the fleet stops, the expiry sweep runs, and every trigger must be final.
+`make faults` runs the long version and prints the table for docs/reliability.md; the
+short version (API SIGKILL, two streams, local storage) runs in CI.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from camfleet.protocol import triggers as core
+from tasks import triggers as trig
+from tests.faults_api_support import (
+    AgentFleet,
+    LifelogFleet,
+    TriggerMaker,
+    check_invariants,
+    final_trigger_states,
+    make_user_key,
+    trigger_rows,
+    wait_until,
+)
+from tests.test_api_commands_helpers import ApiProcess, add_device, fetch, jpeg_bytes
+
+# How long each dependency stays down before it comes back.
+DOWN_S = 2.0
+# moto stays frozen longer than the API's 5 s storage HEAD timeout, so ingests meet
+# the 503 + Retry-After path and not only a slow answer.
+S3_FROZEN_S = 8.0
+# A recovery slower than this is a failure, not a slow machine.
+RECOVERY_LIMIT_S = 90.0
+# After recovery, every trigger made so far must be executed within this long.
+SETTLE_LIMIT_S = 60.0
+PING_SECONDS = "1"
+
+
+@dataclass
+class Row:
+    fault: str
+    recovery: float | None
+    in_flight: int
+    lost: int
+    duplicated: int
+    made_while_down: int
+    delivered_after: int
+    ingests: int
+    captures: int
+
+
+def api_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        "CAMFLEET_SSE_PING_SECONDS": PING_SECONDS,
+        "CAMFLEET_DATA_DIR": str(tmp_path / "data"),
+        "PREFECT_API_URL": "",  # no processing deployment: task_id stays null
+        "NO_PROXY": "127.0.0.1,localhost",
+        **extra,
+    }
+
+
+class Run:
+    """The three loads against one stack, and the bookkeeping of each fault."""
+
+    def __init__(self, dsn, stream_api, trigger_api, has_object, tmp_path, agents, lifelogs):
+        image = tmp_path / "frame.jpg"
+        image.write_bytes(jpeg_bytes())
+        self.dsn, self.has_object = dsn, has_object
+        devices = [f"FLTCAM{i}" for i in range(agents)]
+        self.agents = AgentFleet(dsn, stream_api.url, devices, image)
+        self.maker = TriggerMaker(dsn, trigger_api.url, devices, interval=0.5)
+        self.fleet = LifelogFleet(stream_api.url, make_user_key(dsn), lifelogs, jpeg_bytes())
+        self.table: list[Row] = []
+
+    def warm_up(self, uploads: int, photos: int) -> None:
+        ok = wait_until(
+            lambda: len(self.agents.uploaded) >= uploads and len(self.fleet.photos) >= photos, 60
+        )
+        assert ok, f"no traffic before any fault: {self.state()}"
+
+    def in_flight(self) -> int:
+        sent = 0
+        try:
+            sent = fetch(self.dsn, "SELECT count(*) FROM scheduled_triggers WHERE status='sent'")
+            sent = sent[0][0]
+        except Exception:  # noqa: S110 - the database may be the one that is down
+            pass
+        return len(self.fleet.in_flight) + sent
+
+    def inject(self, name: str, fault) -> None:
+        in_flight = self.in_flight()
+        made_before = set(self.maker.made)
+        self.maker.down.set()
+        try:
+            fault()
+        finally:
+            self.maker.down.clear()
+        t_up = time.monotonic()
+        recovered = wait_until(
+            lambda: self.agents.uploads_after(t_up) and self.fleet.delivered_after(t_up),
+            RECOVERY_LIMIT_S,
+        )
+        recovery = time.monotonic() - t_up if recovered else None
+        settled = wait_until(lambda: not self.open_triggers(time.monotonic()), SETTLE_LIMIT_S)
+        inv = check_invariants(self.dsn, self.has_object, self.agents, self.maker, self.fleet)
+        down = [t for t, m in list(self.maker.made.items()) if m.while_down]
+        down = [t for t in down if t not in made_before]
+        states = trigger_rows(self.dsn)
+        delivered = sum(1 for t in down if states[t][0] == core.EXECUTED)
+        lost = inv["lost"] + (len(down) - delivered)
+        self.table.append(
+            Row(
+                name,
+                recovery,
+                in_flight,
+                lost,
+                inv["duplicated"],
+                len(down),
+                delivered,
+                len(self.fleet.photos),
+                len(self.agents.uploaded),
+            )
+        )
+        assert recovered, f"{name}: no upload and ingest within {RECOVERY_LIMIT_S}s: {self.state()}"
+        if not settled:
+            rows = trigger_rows(self.dsn)
+            still = {t: rows[t] for t in self.open_triggers(time.monotonic())}
+            pytest.fail(f"{name}: triggers still open: {still}; {self.state()}")
+
+    def state(self) -> str:
+        """What each load is doing, for a failure message."""
+        states = final_trigger_states(self.dsn, self.maker)
+        return (
+            f"agents {[a.stats for a in self.agents.agents]}, uploads {len(self.agents.uploaded)}"
+            f", photos {len(self.fleet.photos)}, photo retries {self.fleet.retries}, "
+            f"in flight {len(self.fleet.in_flight)}, triggers {states}, "
+            f"lifelog fleet {self.fleet.problem()}"
+        )
+
+    def open_triggers(self, before: float) -> list[str]:
+        """Triggers made before `before` that are not executed yet."""
+        made = list(self.maker.made.items())  # before the rows: a newer one has no row yet
+        rows = trigger_rows(self.dsn)
+        return [t for t, m in made if m.at < before and rows[t][0] != core.EXECUTED]
+
+    def finish(self) -> dict[str, int]:
+        """Stop making triggers, let the agents drain, stop everything, run the sweep."""
+        self.maker.close()
+        wait_until(lambda: not self.open_triggers(time.monotonic()), SETTLE_LIMIT_S)
+        self.fleet.close()
+        self.agents.close()
+        # every trigger left open now ends: pending past expiry -> expired, sent -> failed
+        trig.sweep(self.dsn, execution_timeout=0)
+        inv = check_invariants(self.dsn, self.has_object, self.agents, self.maker, self.fleet)
+        states = final_trigger_states(self.dsn, self.maker)
+        stuck = fetch(
+            self.dsn,
+            "SELECT count(*) FROM scheduled_triggers WHERE status = 'sent'"
+            " OR (status = 'pending' AND expires_at <= now())",
+        )[0][0]
+        self.table.append(
+            Row(
+                "final (fleet stopped, sweep)",
+                None,
+                len(self.fleet.in_flight),
+                inv["lost"],
+                inv["duplicated"],
+                0,
+                0,
+                len(self.fleet.photos),
+                len(self.agents.uploaded),
+            )
+        )
+        return {"states": states, "stuck": stuck}
+
+    def print_table(self) -> None:
+        print()
+        print(
+            f"{len(self.maker.made)} triggers made ({self.maker.refused} refused while down), "
+            f"{len(self.agents.uploaded)} captures uploaded, {len(self.fleet.photos)} photos "
+            f"ingested, {self.fleet.retries} ingest-path retries, {self.fleet.gave_up} photos "
+            f"given up, {self.agents.failures()} agent upload failures"
+        )
+        print(
+            "| fault | recovery (s) | in flight | lost | duplicated "
+            "| triggers made while down | of them delivered after | ingests queued "
+            "| captures 2xx |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in self.table:
+            rec = f"{r.recovery:.1f}" if r.recovery is not None else "-"
+            print(
+                f"| {r.fault} | {rec} | {r.in_flight} | {r.lost} | {r.duplicated} "
+                f"| {r.made_while_down} | {r.delivered_after} | {r.ingests} | {r.captures} |"
+            )
+
+    def close(self) -> None:
+        self.maker.close()
+        for closer in (self.fleet.close, self.agents.close):
+            try:
+                closer()
+            except Exception:  # noqa: S110 - already closed by finish()
+                pass
+
+    def assert_clean(self, final: dict) -> None:
+        for r in self.table:
+            assert r.lost == 0, r
+            assert r.duplicated == 0, r
+        assert final["stuck"] == 0, final
+        assert set(final["states"]) <= core.FINAL_STATES, final
+        assert not self.fleet.refused, self.fleet.refused[:3]
+
+
+def test_agent_executes_the_whole_backlog_it_gets_on_reconnect(database_url, tmp_path):
+    """Triggers made while a device (or the API) was away all arrive at once on
+    reconnect (up to the hub's MAX_PENDING_ON_CONNECT); the agent must run every one.
+
+    Found by the API SIGKILL fault: the agent's 8-command queue dropped the oldest of
+    the burst as "camera busy", so triggers made during the outage ended failed.
+    """
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    image = tmp_path / "frame.jpg"
+    image.write_bytes(jpeg_bytes())
+    add_device(database_url, "BACKLOG1")
+    backlog = [trig.create_manual(database_url, "BACKLOG1", ttl_seconds=120) for _ in range(20)]
+    with ApiProcess(database_url, objects, **api_env(tmp_path)) as api:
+        agents = AgentFleet(database_url, api.url, ["BACKLOG1"], image)
+        try:
+            done = wait_until(lambda: set(backlog) <= set(agents.uploaded), 60)
+        finally:
+            agents.close()
+    assert done, f"not executed: {sorted(set(backlog) - set(agents.uploaded))}"
+    assert all(n == 1 for n in agents.received.values())
