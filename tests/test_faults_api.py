@@ -30,6 +30,7 @@ short version (API SIGKILL, two streams, local storage) runs in CI.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,3 +259,40 @@ def test_agent_executes_the_whole_backlog_it_gets_on_reconnect(database_url, tmp
             agents.close()
     assert done, f"not executed: {sorted(set(backlog) - set(agents.uploaded))}"
     assert all(n == 1 for n in agents.received.values())
+
+
+def test_agent_upload_outlasts_an_api_restart(database_url, tmp_path):
+    """A capture taken just before the API went down is uploaded once it is back.
+
+    Found by the API SIGKILL fault: the agent tried three times over ~3 s, while a
+    restart on a busy 2-core box takes 5-10 s, so the image was thrown away and its
+    trigger ended failed.
+    """
+    import httpx
+
+    from camfleet.agent.camera import FileCamera
+    from camfleet.agent.client import Agent, AgentConfig
+
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    image = tmp_path / "frame.jpg"
+    image.write_bytes(jpeg_bytes())
+    add_device(database_url, "UPLATE1")
+    tid = trig.create_manual(database_url, "UPLATE1", ttl_seconds=120)
+    api = ApiProcess(database_url, objects, **api_env(tmp_path))  # its port, not started
+    agent = Agent(AgentConfig(api_url=api.url, device_id="UPLATE1"), FileCamera(image))
+
+    async def upload_while_api_starts_late():
+        async with httpx.AsyncClient() as client:
+            starting = asyncio.create_task(asyncio.to_thread(lambda: time.sleep(4) or api.start()))
+            try:
+                await agent._capture_and_upload(client, {"trigger_id": tid, "type": "manual"})
+            finally:
+                await starting
+
+    try:
+        asyncio.run(upload_while_api_starts_late())
+    finally:
+        api.stop()
+    assert agent.stats.uploads == 1
+    assert fetch(database_url, "SELECT count(*) FROM captures WHERE trigger_id = %s", tid) == [(1,)]

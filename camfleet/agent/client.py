@@ -31,9 +31,13 @@ log = logging.getLogger("camfleet.agent")
 # MAX_PENDING_ON_CONNECT): that burst after an outage is not a slow camera, so the
 # queue holds all of it (commands are ~100 bytes each).
 MAX_QUEUED_CAPTURES = 64
-# Upload attempts per capture: the server treats a retried upload of a trigger as the
-# same capture, so retrying a network error is safe.
-UPLOAD_ATTEMPTS = 3
+# Pauses between upload attempts of one capture: the server treats a retried upload of
+# a trigger as the same capture, so retrying is safe. Together they span ~30 s, longer
+# than an API restart or a database failover, and well inside the server's 90 s
+# execution timeout (EXECUTION_TIMEOUT_SECONDS), so a frame taken just before the API
+# went away is still delivered rather than thrown away.
+UPLOAD_RETRY_DELAYS_SECONDS = (1, 2, 4, 8, 16)
+UPLOAD_ATTEMPTS = len(UPLOAD_RETRY_DELAYS_SECONDS) + 1
 # Ceiling of the reconnect backoff: a fleet that lost its API comes back within a minute
 # of it returning, without hammering it meanwhile.
 MAX_RECONNECT_DELAY_SECONDS = 60.0
@@ -188,7 +192,7 @@ class Agent:
                 if attempt == UPLOAD_ATTEMPTS:
                     raise
                 log.info("upload attempt %d failed (%s); retrying", attempt, type(exc).__name__)
-                await asyncio.sleep(attempt)
+                await asyncio.sleep(UPLOAD_RETRY_DELAYS_SECONDS[attempt - 1])
                 continue
             if resp.status_code < 300:
                 self.stats.uploads += 1
@@ -198,7 +202,7 @@ class Agent:
                 return
             if resp.status_code < 500 or attempt == UPLOAD_ATTEMPTS:
                 raise RuntimeError(f"upload refused ({resp.status_code}): {resp.text[:300]}")
-            await asyncio.sleep(attempt)
+            await asyncio.sleep(UPLOAD_RETRY_DELAYS_SECONDS[attempt - 1])
 
     def _save_frame(self, trigger_id: str, image: bytes) -> None:
         from camfleet.keys import sanitize_name
