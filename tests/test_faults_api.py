@@ -238,6 +238,38 @@ class Run:
         assert not self.fleet.refused, self.fleet.refused[:3]
 
 
+def test_upload_url_works_when_a_capture_was_the_first_request(database_url, tmp_path):
+    """After an API restart the first request may be a capture upload (agents retry
+    theirs at once); it must not leave a store that cannot presign for upload-url.
+
+    Found by the API SIGKILL fault: every upload-url answered 500
+    (PresignNotSupported) until the next restart, because POST /v1/captures cached an
+    unsigned local store on app.state before routes_devices could build its own.
+    """
+    import httpx
+
+    from camfleet.simulators.lifelog import LifelogDevice, pair
+    from tests.test_api_commands_helpers import add_device, capture_body
+
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    add_device(database_url, "FIRSTCAP")
+    user_key = make_user_key(database_url)
+    with ApiProcess(database_url, objects, **api_env(tmp_path)) as api:
+        r = httpx.post(api.url + "/v1/captures", json=capture_body("FIRSTCAP", None))
+        assert r.status_code == 201, r.text
+
+        async def one_photo() -> dict:
+            device = LifelogDevice(api.url)
+            try:
+                await device.activate((await pair(api.url, user_key))["pairing_code"])
+                return await device.upload_photo(jpeg_bytes())
+            finally:
+                await device.aclose()
+
+        assert asyncio.run(one_photo())["status"] == "queued"
+
+
 def test_agent_executes_the_whole_backlog_it_gets_on_reconnect(database_url, tmp_path):
     """Triggers made while a device (or the API) was away all arrive at once on
     reconnect (up to the hub's MAX_PENDING_ON_CONNECT); the agent must run every one.

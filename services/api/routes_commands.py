@@ -337,12 +337,11 @@ def _decode_image(b64: str) -> bytes:
 
 
 def _store(request: Request):
-    store = getattr(request.app.state, "store", None)
-    if store is None:
-        from camfleet.storage import open_store
+    # One store per app, built in one place: a plain open_store() cached here first
+    # would be a local store that cannot sign, and upload-url would fail until restart.
+    from services.api.routes_devices import _store as shared_store
 
-        store = request.app.state.store = open_store()
-    return store
+    return shared_store(request)
 
 
 @router.post("/v1/captures", status_code=201)
