@@ -19,6 +19,7 @@ the `{"file"}` message follows at once, without a second upload.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import http.client
@@ -34,6 +35,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+import psycopg2
 
 from camfleet import db
 from camfleet.edge.link import no_delay
@@ -256,6 +259,10 @@ class ObjectReader:
                 self._connections.pop().close()
 
 
+# A connection the server dropped (restart, network): worth one retry on a fresh one.
+DB_CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
 class _KeptPool(db.Pool):
     """`db.Pool` that keeps idle connections open between transactions.
 
@@ -270,6 +277,24 @@ class _KeptPool(db.Pool):
     def __init__(self, dsn: str, maxconn: int) -> None:
         super().__init__(dsn, maxconn=maxconn)
         self._pool.minconn = maxconn
+
+    @contextlib.contextmanager
+    def connection(self):
+        try:
+            with super().connection() as conn:
+                yield conn
+        except DB_CONNECTION_ERRORS:
+            # The server restarted or dropped us: the idle connections are as dead as
+            # this one, and each would fail one more transaction before being dropped.
+            self.close_idle()
+            raise
+
+    def close_idle(self) -> None:
+        pool = self._pool
+        with pool._lock:
+            idle, pool._pool = pool._pool, []
+        for conn in idle:
+            conn.close()
 
 
 class Signer:
@@ -458,11 +483,23 @@ class Signer:
     # -- requests ---------------------------------------------------------------------------
 
     def _handle_request_safely(self, topic: str, payload: bytes) -> None:
-        try:
-            self._handle_request(topic, payload)
-        except Exception as exc:  # the database or store failed: the device asks again
-            log.warning("signer: request on %s not answered: %s", topic, type(exc).__name__)
-            self.stats.errors.append(type(exc).__name__)
+        for attempt in (0, 1):
+            try:
+                self._handle_request(topic, payload)
+                return
+            except DB_CONNECTION_ERRORS as exc:
+                # A kept connection the server dropped (the pool has now let go of
+                # them all): once more on a fresh one rather than make the device wait
+                # for its answer timeout. Nothing was published or kept before the
+                # transaction failed.
+                if attempt == 0:
+                    continue
+                failure = exc
+            except Exception as exc:  # the database or store failed: the device asks again
+                failure = exc
+            log.warning("signer: request on %s not answered: %s", topic, type(failure).__name__)
+            self.stats.errors.append(type(failure).__name__)
+            return
 
     def _handle_request(self, topic: str, payload: bytes) -> None:
         self.stats.requests += 1

@@ -4,6 +4,12 @@ server and PostgreSQL: the device side (camfleet.edge) and the signer (services/
 moto's S3 server does not check presigned-POST signatures or policy conditions, so
 the tests that forge requests prove camfleet itself refuses them (the signer decides
 keys and verifies what it finds), not the store.
+
+The last section proves the signer's cheap paths keep the same guarantees: its
+read-back over presigned GETs hashes exactly what boto3 reads (and refuses an
+over-limit object without reading it), survives a store restart, reads each object of
+a batch once, records a batch in one transaction, and keeps its database connections
+without being stuck on dead ones after PostgreSQL restarts.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import psycopg2
 import pytest
 
 from blocks.mqtt import MqttBroker
+from camfleet import db
 from camfleet.edge.config import EdgeConfig
 from camfleet.edge.link import EdgeLink
 from camfleet.edge.upload import post_file
@@ -32,7 +39,7 @@ from camfleet.edge.uploader import (
     run_batch,
     upload_files,
 )
-from camfleet.localsvc import MosquittoInstance, S3Instance
+from camfleet.localsvc import MosquittoInstance, PostgresInstance, S3Instance
 from camfleet.protocol import edge_batch as eb
 from camfleet.storage.s3 import S3Store
 from services.signer import CHECK_FIRST_S, CHECK_WORKERS, ObjectReader, Signer, stored_digest
@@ -659,3 +666,24 @@ def test_the_signer_keeps_its_database_connections(tmp_path, signer, mosquitto, 
     # batch was served by a connection the first one opened: no backend per transaction.
     assert 1 <= len(started) <= CHECK_WORKERS + 2
     assert min(started) < between
+
+
+def test_kept_database_connections_are_replaced_after_postgres_restarts(tmp_path, store, mosquitto):
+    broker = broker_block(mosquitto)
+    cfg = device(tmp_path, broker)
+    with PostgresInstance(fast=True) as pg:
+        dsn = pg.create_database("edge_restart")
+        db.migrate(dsn)
+        with Signer(store, dsn, broker, client_id=f"signer-{cfg.serial}") as sig:
+            assert sig.wait_connected(5)
+            write_images(cfg.repo_dir, 5, prefix="before")
+            assert [s["deleted"] for s in EdgeUploader(cfg, broker, min_age_s=0).drain()] == [5]
+            # Every connection the signer kept is now dead on the client side too.
+            pg.restart()
+            write_images(cfg.repo_dir, 5, prefix="after")
+            summaries = EdgeUploader(cfg, broker, min_age_s=0).drain()
+        # The first request after the restart hit a dead connection and was answered on
+        # a fresh one at once: no request left for the device to time out and re-ask.
+        assert [s["deleted"] for s in summaries] == [5]
+        assert sig.stats.errors == []
+        assert len(captures(dsn, cfg.serial)) == 10
