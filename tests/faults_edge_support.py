@@ -378,12 +378,18 @@ class Bucket:
         """(versions per key, latest version id per key)."""
         count: Counter = Counter()
         latest: dict[str, str] = {}
+        self.written: dict[str, list[str]] = {}  # key -> when each version was stored
         for page in self.client.get_paginator("list_object_versions").paginate(Bucket=self.bucket):
             for v in page.get("Versions", []):
                 count[v["Key"]] += 1
+                self.written.setdefault(v["Key"], []).append(f"{v['LastModified']:%H:%M:%S}")
                 if v["IsLatest"]:
                     latest[v["Key"]] = v["VersionId"]
         return count, latest
+
+    def reuploaded(self) -> dict[str, list[str]]:
+        """Keys stored more than once, with the times (from the last `versions()`)."""
+        return {k: sorted(t) for k, t in self.written.items() if len(t) > 1}
 
     def sha256(self, key: str, version: str) -> str:
         if (key, version) not in self._hashed:
@@ -436,6 +442,8 @@ def check_invariants(
     c.not_delivered = len(set(images) & present)
     if final:
         c.temp_files = leftover_files(watcher.root, camera.serials)
+        for key, times in bucket.reuploaded().items():  # when: which fault caused them
+            print(f"re-uploaded {key} at {', '.join(times)}")
     if c.lost:
         print("LOST:", c.lost[:10])
     return c

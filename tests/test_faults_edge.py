@@ -188,7 +188,8 @@ def inject(stack: EdgeStack, name: str, fault: Callable[[Callable[[], None]], No
         backlog_s = max(0.0, max(w.deleted_at[k] for k in backlog) - t_back)
     check = check_invariants(stack.dsn, stack.bucket, stack.camera, w)
     row = Row(name, t_back - t0, first - t_back if first else None, in_flight, backlog_s, check)
-    print(f"{name}: recovery {row.recovery_s}, backlog {backlog_s}, lost {len(check.lost)}")
+    print(f"{time.strftime('%H:%M:%S')} {name}: back after {row.down_s:.1f} s, "
+          f"recovery {row.recovery_s}, backlog {backlog_s}, lost {len(check.lost)}")  # fmt: skip
     return row
 
 
