@@ -31,12 +31,15 @@ short version (API SIGKILL, two streams, local storage) runs in CI.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from camfleet import db
 from camfleet.protocol import triggers as core
 from tasks import triggers as trig
 from tests.faults_api_support import (
@@ -56,11 +59,25 @@ DOWN_S = 2.0
 # moto stays frozen longer than the API's 5 s storage HEAD timeout, so ingests meet
 # the 503 + Retry-After path and not only a slow answer.
 S3_FROZEN_S = 8.0
+# Each fault is injected this many times (CAMFLEET_FAULT_ROUNDS), with this long of
+# steady traffic in between.
+ROUNDS = int(os.environ.get("CAMFLEET_FAULT_ROUNDS", "2"))
+STEADY_S = 5.0
 # A recovery slower than this is a failure, not a slow machine.
 RECOVERY_LIMIT_S = 90.0
+# Triggers made after the fleet stopped live this long; the sweep must expire them.
+EXPIRING_TTL_S = 1.0
 # After recovery, every trigger made so far must be executed within this long.
 SETTLE_LIMIT_S = 60.0
 PING_SECONDS = "1"
+
+
+# Streams held on API instances that still heart-beat (every 5 s; a killed instance's
+# rows linger until they go stale, and they hold no stream).
+LIVE_STREAMS = (
+    "SELECT count(*) FROM device_connections c JOIN api_instances i USING (instance_id)"
+    " WHERE i.heartbeat_at > now() - interval '10 seconds'"
+)
 
 
 @dataclass
@@ -176,10 +193,17 @@ class Run:
         wait_until(lambda: not self.open_triggers(time.monotonic()), SETTLE_LIMIT_S)
         self.fleet.close()
         self.agents.close()
+        # With no device listening, short-lived triggers must end expired, not linger.
+        wait_until(lambda: not fetch(self.dsn, LIVE_STREAMS)[0][0], 30)
+        unheard = [
+            trig.create_manual(self.dsn, d, ttl_seconds=EXPIRING_TTL_S) for d in self.agents.devices
+        ]
+        time.sleep(EXPIRING_TTL_S + 0.5)
         # every trigger left open now ends: pending past expiry -> expired, sent -> failed
-        trig.sweep(self.dsn, execution_timeout=0)
+        swept = trig.sweep(self.dsn, execution_timeout=0)
+        self.expired_unheard = len(set(unheard) & set(swept["expired"]))
         inv = check_invariants(self.dsn, self.has_object, self.agents, self.maker, self.fleet)
-        states = final_trigger_states(self.dsn, self.maker)
+        states = dict(fetch(self.dsn, "SELECT status, count(*) FROM scheduled_triggers GROUP BY 1"))
         stuck = fetch(
             self.dsn,
             "SELECT count(*) FROM scheduled_triggers WHERE status = 'sent'"
@@ -198,7 +222,7 @@ class Run:
                 len(self.agents.uploaded),
             )
         )
-        return {"states": states, "stuck": stuck}
+        return {"states": states, "stuck": stuck, "expired_unheard": self.expired_unheard}
 
     def print_table(self) -> None:
         print()
@@ -207,6 +231,11 @@ class Run:
             f"{len(self.agents.uploaded)} captures uploaded, {len(self.fleet.photos)} photos "
             f"ingested, {self.fleet.retries} ingest-path retries, {self.fleet.gave_up} photos "
             f"given up, {self.agents.failures()} agent upload failures"
+        )
+        unrecorded = set(self.agents.uploaded) - set(self.maker.made)
+        print(
+            f"{len(unrecorded)} triggers executed whose creating request had failed "
+            "(created, then the answer was lost)"
         )
         print(
             "| fault | recovery (s) | in flight | lost | duplicated "
@@ -234,8 +263,43 @@ class Run:
             assert r.lost == 0, r
             assert r.duplicated == 0, r
         assert final["stuck"] == 0, final
+        assert final["expired_unheard"] == len(self.agents.devices), final
         assert set(final["states"]) <= core.FINAL_STATES, final
         assert not self.fleet.refused, self.fleet.refused[:3]
+
+
+def test_api_sigkill_with_two_streams_loses_nothing(database_url, tmp_path):
+    """CI version: one API process SIGKILLed under two SSE agents and one Lifelog device."""
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    api = ApiProcess(database_url, objects, **api_env(tmp_path)).start()
+    run = None
+    try:
+        run = Run(
+            database_url,
+            api,
+            api,
+            lambda key: (objects / key).is_file(),
+            tmp_path,
+            agents=2,
+            lifelogs=1,
+        )
+        run.warm_up(uploads=2, photos=2)
+
+        def kill_api():
+            api.stop(kill=True)
+            time.sleep(DOWN_S)
+            api.start()
+
+        run.inject("API SIGKILL (2 SSE streams)", kill_api)
+        final = run.finish()
+        run.print_table()
+        run.assert_clean(final)
+        assert final["states"].get(core.EXECUTED, 0) >= 1
+    finally:
+        if run is not None:
+            run.close()
+        api.stop()
 
 
 def test_upload_url_works_when_a_capture_was_the_first_request(database_url, tmp_path):
@@ -328,3 +392,84 @@ def test_agent_upload_outlasts_an_api_restart(database_url, tmp_path):
         api.stop()
     assert agent.stats.uploads == 1
     assert fetch(database_url, "SELECT count(*) FROM captures WHERE trigger_id = %s", tid) == [(1,)]
+
+
+@pytest.mark.slow
+def test_kill_api_database_and_freeze_storage_while_devices_work(tmp_path):
+    from camfleet.localsvc import PostgresInstance, S3Instance
+    from camfleet.storage.s3 import S3Store
+
+    with PostgresInstance() as pg, S3Instance() as s3:  # fsync on: a crash keeps commits
+        dsn = pg.create_database("faults_api")
+        db.migrate(dsn)
+        bucket = s3.create_bucket("faults-api")
+        objects = tmp_path / "unused"
+        objects.mkdir()
+        env = api_env(
+            tmp_path,
+            STORAGE_URL=f"s3://{bucket}?endpoint_url={s3.endpoint_url}",
+            AWS_ACCESS_KEY_ID=s3.access_key,
+            AWS_SECRET_ACCESS_KEY=s3.secret_key,
+            AWS_DEFAULT_REGION=s3.region,
+        )
+        store = S3Store(
+            bucket,
+            endpoint_url=s3.endpoint_url,
+            access_key_id=s3.access_key,
+            secret_access_key=s3.secret_key,
+        )
+        streams = ApiProcess(dsn, objects, **env).start()  # holds the SSE streams
+        triggers = ApiProcess(dsn, objects, **env).start()  # where operators trigger
+        run = None
+        try:
+            run = Run(
+                dsn,
+                streams,
+                triggers,
+                lambda key: store.head(key) is not None,
+                tmp_path,
+                agents=4,
+                lifelogs=3,
+            )
+            run.warm_up(uploads=4, photos=6)
+
+            def kill_api():
+                streams.stop(kill=True)
+                time.sleep(DOWN_S)
+                streams.start()
+
+            def kill_postgres():
+                pg.kill()
+                time.sleep(DOWN_S)
+                pg.restart()
+
+            def freeze_s3():
+                os.killpg(s3.pid, signal.SIGSTOP)
+                try:
+                    time.sleep(S3_FROZEN_S)
+                finally:
+                    os.killpg(s3.pid, signal.SIGCONT)
+
+            def kill_trigger_api():
+                triggers.stop(kill=True)
+                time.sleep(DOWN_S)
+                triggers.start()
+
+            for _ in range(ROUNDS):
+                run.inject("API SIGKILL (instance holding 4 SSE streams)", kill_api)
+                time.sleep(STEADY_S)
+                run.inject("API SIGKILL (instance taking manual triggers)", kill_trigger_api)
+                time.sleep(STEADY_S)
+                run.inject("PostgreSQL SIGKILL", kill_postgres)
+                time.sleep(STEADY_S)
+                run.inject(f"S3 server frozen (SIGSTOP {S3_FROZEN_S:.0f} s)", freeze_s3)
+                time.sleep(STEADY_S)
+            final = run.finish()
+            run.print_table()
+            print("trigger states:", final["states"])
+            run.assert_clean(final)
+        finally:
+            if run is not None:
+                run.close()
+            streams.stop()
+            triggers.stop()
