@@ -394,6 +394,39 @@ def test_agent_upload_outlasts_an_api_restart(database_url, tmp_path):
     assert fetch(database_url, "SELECT count(*) FROM captures WHERE trigger_id = %s", tid) == [(1,)]
 
 
+def test_database_outage_answers_503_with_retry_after(tmp_path):
+    """While PostgreSQL is down, device requests get a coded 503 with Retry-After (the
+    simulator and firmware back off on it), not a bare 500; and work again after.
+
+    Found by the PostgreSQL SIGKILL fault: every request answered "Internal Server
+    Error" and logged a traceback.
+    """
+    import httpx
+
+    from camfleet.localsvc import PostgresInstance
+
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    with PostgresInstance(fast=True) as pg:
+        dsn = pg.create_database("outage")
+        db.migrate(dsn)
+        add_device(dsn, "PGDOWN1")
+        with ApiProcess(dsn, objects, **api_env(tmp_path)) as api:
+            url = api.url + "/v1/devices/PGDOWN1/trigger"
+            assert httpx.post(url, json={"ttl_seconds": 5}, timeout=10).status_code == 200
+            pg.kill()
+            r = httpx.post(url, json={"ttl_seconds": 5}, timeout=10)
+            assert r.status_code == 503, r.text
+            assert r.json()["detail"]["error"] == "database_unavailable"
+            assert int(r.headers["Retry-After"]) > 0
+            pg.start()
+            ok = wait_until(
+                lambda: httpx.post(url, json={"ttl_seconds": 5}, timeout=10).status_code == 200,
+                20,
+            )
+            assert ok, "the API did not come back after the database did"
+
+
 @pytest.mark.slow
 def test_kill_api_database_and_freeze_storage_while_devices_work(tmp_path):
     from camfleet.localsvc import PostgresInstance, S3Instance

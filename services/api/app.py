@@ -7,10 +7,38 @@ every one listed in ROUTER_MODULES.
 from __future__ import annotations
 
 import importlib
+import logging
 
-from fastapi import FastAPI
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 import camfleet
+
+log = logging.getLogger("camfleet.api")
+
+# What asyncpg raises while PostgreSQL is down or restarting: refused connects, the
+# server's "starting up"/"shutting down" answers, connections cut mid-query.
+DATABASE_DOWN = (
+    ConnectionRefusedError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+# A restarting PostgreSQL is back within seconds; devices wait this long before retrying.
+DATABASE_RETRY_AFTER_S = 2
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """503 + Retry-After: devices back off and retry, instead of a bare 500."""
+    log.warning("database unavailable (%s) on %s", type(exc).__name__, request.url.path)
+    return JSONResponse(
+        {"detail": {"error": "database_unavailable", "reason": "database unreachable; retry"}},
+        status_code=503,
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+    )
+
 
 ROUTER_MODULES = [
     "services.api.routes_storage",  # signed uploads to local storage
@@ -31,6 +59,8 @@ def create_app(**state) -> FastAPI:
     )
     for key, value in state.items():
         setattr(app.state, key, value)
+    for exc_class in DATABASE_DOWN:
+        app.add_exception_handler(exc_class, _database_unavailable)
 
     @app.get("/", tags=["meta"])
     async def version() -> dict:
