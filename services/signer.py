@@ -12,9 +12,12 @@ them: MQTT (paho's network thread only enqueues), the object store, PostgreSQL.
 
 Crash safety: every grant is a row in `edge_upload_grants` before its URL is published,
 and a restarted signer resumes watching open grants. A verification lost with the
-process is re-earned: the device asks again, and for a checked request whose object
-is already stored with the declared checksum the answer lists it as `verified` and
-the `{"file"}` message follows at once, without a second upload.
+process is re-earned: the device asks again, and for a checked request whose file was
+verified before with the declared checksum the answer lists it as `verified` and the
+`{"file"}` message follows, without a second upload, once a verification job has read
+the object back (never the request thread: a hanging store must not hold up other
+devices' answers). Should the object be gone, the grant fails and the device's next
+request gets a URL.
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class _Pending:
     interval: float = CHECK_FIRST_S
     siblings: tuple[str, str] | None = None  # (serial, request) shared by a batch's files
     in_flight: bool = False  # a verification job is looking at it right now
+    recheck: bool = False  # verified before; only confirming the object is still there
 
 
 @dataclass
@@ -520,7 +524,7 @@ class Signer:
 
         now = self.clock()
         with self.pool.connection() as conn:  # one transaction for the whole request
-            group, grants, already, verified_now = self._grant(conn, serial, request, now)
+            group, grants, already = self._grant(conn, serial, request, now)
         with self._lock:
             if group is not None and grants:
                 self._publishing.open_request(serial, group, [g.name for g, _, _ in grants], now)
@@ -536,13 +540,17 @@ class Signer:
                 self._pending[(serial, grant.name)] = _Pending(
                     grant, group, due, siblings=(serial, grant.request_id or "")
                 )
+            for grant in already:  # read back by a job, due now, before its {"file"}
+                self._pending[(serial, grant.name)] = _Pending(
+                    grant, None, now, siblings=(serial, grant.request_id or ""), recheck=True
+                )
             self.stats.granted += len(grants)
 
         answer = eb.url_answer(
             serial,
             request.request_id,
             [(g.name, g.key, url, fields) for g, fields, url in grants],
-            verified=[s.name for s, _ in already],
+            verified=[g.name for g in already],
             rejected=request.rejected,
             expires_in=self.expires_in,
         )
@@ -552,34 +560,22 @@ class Signer:
             due_at = self.clock() + self.legacy_answer_delay_s
             entry = (due_at, next(self._answer_seq), serial, answer)
             heapq.heappush(self._answers_due, entry)
-        for spec, _ in already:
-            self._publish_verification(eb.Publish(serial, spec.name))
-        if self._handoff:
-            self._handoff.add([c for c in verified_now if c])
 
     def _grant(self, conn, serial: str, request: eb.UrlRequest, now: float):
         """Presigned POSTs and grant rows for a request, in the caller's transaction.
 
         Returns (the verification group of an unchecked request or None, grants as
-        (grant, POST fields, POST url), files already stored as (spec, (size, sha)),
-        the captures those created).
+        (grant, POST fields, POST url), grants for files verified before that only need
+        their object confirmed).
         """
         expires_at = now + self.expires_in
         group = None if request.checked else (request.request_id or uuid.uuid4().hex)
         grants: list[tuple[eb.Grant, dict[str, str], str]] = []
-        already: list[tuple[eb.FileSpec, tuple[int, str]]] = []
+        already: list[eb.Grant] = []
         verified_before = self._verified_before(conn, request) if request.checked else {}
         for spec in request.files:
             key = eb.device_key(serial, spec.name)
-            if verified_before.get(spec.name) == (spec.size, spec.sha256):
-                # Verified before (the device crashed or missed the message): confirm the
-                # object is still there with these bytes, then verify without an upload.
-                stored = self._stored(key, spec.size)
-                if stored == (spec.size, spec.sha256):
-                    already.append((spec, stored))
-                    continue
             max_bytes = spec.size or self.max_file_bytes
-            post = self.store.presigned_post(key, max_bytes=max_bytes, expires_in=self.expires_in)
             grant = eb.Grant(
                 serial=serial,
                 name=spec.name,
@@ -590,6 +586,12 @@ class Signer:
                 declared_size=spec.size,
                 declared_sha256=spec.sha256,
             )
+            if verified_before.get(spec.name) == (spec.size, spec.sha256):
+                # Verified before (the device crashed or missed the message): no upload;
+                # a job confirms the object still has these bytes, then verifies it.
+                already.append(grant)
+                continue
+            post = self.store.presigned_post(key, max_bytes=max_bytes, expires_in=self.expires_in)
             grants.append((grant, post.fields, post.url))
 
         db.queries.edge_ensure_device(conn, device_id=serial)
@@ -618,8 +620,7 @@ class Signer:
                 f"file name refused: {rejection.reason}",
                 {"filename": rejection.filename},
             )
-        verified_now = [self._record_capture(conn, serial, s.name, *st) for s, st in already]
-        return group, grants, already, verified_now
+        return group, grants, already
 
     @staticmethod
     def _verified_before(conn, request: eb.UrlRequest) -> dict[str, tuple[int, str]]:
@@ -633,13 +634,6 @@ class Signer:
         if self._reader is not None:
             return self._reader.digest(key, max_bytes)
         return stored_digest(self.store, key, max_bytes)
-
-    def _stored(self, key: str, max_bytes: int) -> tuple[int, str | None] | None:
-        try:
-            return self._read(key, max_bytes)
-        except (StorageError, OSError) as exc:
-            log.warning("signer: could not read back %s: %s", key, type(exc).__name__)
-            return None
 
     # -- verification -----------------------------------------------------------------------
 
@@ -681,7 +675,10 @@ class Signer:
             size, sha = outcome if outcome else (None, None)
             verdict, reason = eb.judge_upload(grant, size, sha)
             if verdict is eb.Verdict.MISSING:
-                if now > grant.expires_at + self.grace_s:
+                if pending.recheck:  # nobody is uploading it: let the next request ask
+                    reason = "object gone since it was verified"
+                    self._resolve_failed(pending, "failed", eb.E_NEVER_UPLOADED, reason, None, None)
+                elif now > grant.expires_at + self.grace_s:
                     self._resolve_failed(pending, "expired", eb.E_NEVER_UPLOADED, reason, size, sha)
                 else:
                     self._backoff(pending, now)

@@ -529,6 +529,38 @@ def test_a_device_replaying_garbage_gets_bounded_error_rows(signer, mosquitto, d
     )
 
 
+def test_a_verified_file_whose_object_is_gone_is_uploaded_again(
+    tmp_path, signer, store, mosquitto, database_url
+):
+    broker = broker_block(mosquitto)
+    cfg = device(tmp_path, broker)
+    shas = write_images(cfg.repo_dir, 1)
+    name = next(iter(shas))
+    assert [s["deleted"] for s in EdgeUploader(cfg, broker, min_age_s=0).drain()] == [1]
+    # The device missed the verification (its copy is back in the buffer), and the
+    # object has since disappeared from the store.
+    key = f"devices/{cfg.serial}/{name}"
+    (cfg.buffer_dir / name).write_bytes(store.get(key))
+    store.delete(key)
+    up = EdgeUploader(cfg, broker, min_age_s=0)
+    link = EdgeLink(broker, cfg.serial).connect()
+    try:
+        batch = up.next_batch()
+        request_urls(batch, link, cfg.buffer_dir)
+        assert batch.states[name] is eb.FileState.UPLOADED  # answered as verified before
+        # The read-back finds nothing: no {"file"}, the file stays, the grant fails.
+        assert await_verifications(batch, link, cfg.buffer_dir, verify_timeout=2.0) == 0
+        assert (cfg.buffer_dir / name).exists()
+        assert grants(database_url, cfg.serial)[name][0] == "failed"
+    finally:
+        link.close()
+        up._release(batch)
+    # The next request gets a URL for it, and the re-upload is verified.
+    assert [s["deleted"] for s in EdgeUploader(cfg, broker, min_age_s=0).drain()] == [1]
+    assert hashlib.sha256(store.get(key)).hexdigest() == shas[name]
+    assert list(cfg.buffer_dir.iterdir()) == []
+
+
 # ---- the signer's read-back and its database work ------------------------------------------
 
 
