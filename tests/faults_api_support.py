@@ -334,21 +334,6 @@ def trigger_rows(dsn: str) -> dict[str, tuple]:
     return {r[0]: r[1:] for r in rows}
 
 
-def undelivered(dsn: str, maker: TriggerMaker, before: float) -> list[str]:
-    """Triggers made before `before` that are neither executed nor expired."""
-    rows = trigger_rows(dsn)
-    now = datetime.now(UTC)
-    out = []
-    for tid, made in list(maker.made.items()):
-        if made.at >= before:
-            continue
-        status, _, expires_at, _ = rows[tid]
-        if status != core.EXECUTED and not (status == core.PENDING and expires_at <= now):
-            if status != core.EXPIRED:
-                out.append(tid)
-    return out
-
-
 def check_invariants(dsn, has_object, agents: AgentFleet, maker: TriggerMaker, fleet):
     """Lost and duplicated, comparing what devices were told with rows and objects.
 
