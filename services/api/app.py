@@ -25,6 +25,9 @@ DATABASE_DOWN = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # Right after a PostgreSQL crash a pooled connection can fail with "cannot switch
+    # to state ...; another operation is in progress" (seen in tests/test_faults_api.py).
+    asyncpg.InternalClientError,
 )
 # A restarting PostgreSQL is back within seconds; devices wait this long before retrying.
 DATABASE_RETRY_AFTER_S = 2
@@ -33,6 +36,9 @@ DATABASE_RETRY_AFTER_S = 2
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """503 + Retry-After: devices back off and retry, instead of a bare 500."""
     log.warning("database unavailable (%s) on %s", type(exc).__name__, request.url.path)
+    pool = getattr(request.app.state, "pool", None)
+    if pool is not None:  # the idle connections died with the server: replace them all
+        await pool.expire_connections()
     return JSONResponse(
         {"detail": {"error": "database_unavailable", "reason": "database unreachable; retry"}},
         status_code=503,
