@@ -240,7 +240,12 @@ def check_invariants(cfg: dict, dsn: str, written: dict[str, Written], drained: 
                 continue
             event_id = path.name.rsplit(".", 1)[0]
             w = written.get(event_id)
-            digest = w and (w.video_sha256 if path.suffix == ".mp4" else w.json_sha256)
+            if w is None:
+                if drained:  # nothing was written after `written` was taken
+                    c.partial_remote += 1
+                    c.problem(f"{path.name}: on the server but never written")
+                continue  # written after `written` was taken: the next check covers it
+            digest = w.video_sha256 if path.suffix == ".mp4" else w.json_sha256
             if _file_sha(path) != digest:
                 c.partial_remote += 1
                 c.problem(f"{path.name}: final remote name with other bytes than written")
@@ -381,6 +386,7 @@ DEPLOYMENT = "event-upload/event-upload"
 # ZOMBIE_AFTER_S is marked Crashed by the automation below.
 HEARTBEAT_S = 30
 ZOMBIE_AFTER_S = 75
+CRASH_MESSAGE = "Flow run stopped sending heartbeats."
 
 
 def prefect_env(api_url: str, home: Path, config_path: Path, base_env: dict[str, str]):
@@ -427,7 +433,8 @@ def worker(env: dict[str, str], log: Path, name: str, limit: int = 2) -> Child:
 
 
 def create_zombie_automation(api_url: str) -> None:
-    """Prefect's documented zombie-run detection: a run whose heartbeats stop (its
+    """Zombie-run detection for a self-hosted server, after Prefect's recipe
+    (docs.prefect.io/v3/advanced/detect-zombie-flows): a run whose heartbeats stop (its
     process or machine died) is set Crashed. Without it a killed run stays Running."""
     import anyio
     from prefect.client.orchestration import PrefectClient
@@ -437,7 +444,11 @@ def create_zombie_automation(api_url: str) -> None:
 
     trigger = EventTrigger(
         match={"prefect.resource.id": "prefect.flow-run.*"},
-        after={"prefect.flow-run.heartbeat"},
+        # Prefect's recipe arms the trigger on a heartbeat only; a run killed before its
+        # first heartbeat reached the server (they are sent in the background, seconds
+        # late on a busy machine) then stays Running forever. Entering Running is
+        # recorded by the server itself, so it arms the trigger for every run.
+        after={"prefect.flow-run.heartbeat", "prefect.flow-run.Running"},
         expect={
             "prefect.flow-run.heartbeat",
             "prefect.flow-run.Completed",
@@ -453,11 +464,7 @@ def create_zombie_automation(api_url: str) -> None:
     automation = AutomationCore(
         name="crash zombie flow runs",
         trigger=trigger,
-        actions=[
-            ChangeFlowRunState(
-                state=StateType.CRASHED, message="Flow run stopped sending heartbeats."
-            )
-        ],
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=CRASH_MESSAGE)],
     )
 
     async def create():
@@ -488,3 +495,23 @@ def run_states(api_url: str) -> dict[str, int]:
     for r in flow_runs(api_url):
         counts[r.state.type.value] = counts.get(r.state.type.value, 0) + 1
     return counts
+
+
+def heartbeats(api_url: str, run_id) -> int:
+    """How many heartbeat events the server received from one flow run."""
+    import anyio
+    from prefect.client.orchestration import PrefectClient
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    async def count():
+        async with PrefectClient(api_url) as client:
+            page = await client.read_events(
+                filter=EventFilter(
+                    event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                    resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]),
+                ),
+                limit=50,
+            )
+            return len(page.events)
+
+    return anyio.run(count)

@@ -1,16 +1,18 @@
 """Fault injection for the SFTP event uploader and for Prefect itself (issue #9).
 
-While an analyzer keeps writing event packages (video + JSON) into `pending_upload/`,
-the uploader keeps running the way users run it, and its dependencies are killed
-(SIGKILL) and restarted in turn:
+While an analyzer keeps writing event packages (video, then JSON) into
+`pending_upload/`, the uploader keeps running the way users run it, and its
+dependencies are killed (SIGKILL) and restarted in turn:
 
 1. sshd, while a large video is on the wire;
-2. PostgreSQL (a private cluster with fsync on, as in tests/test_faults.py);
+2. PostgreSQL (a private cluster with fsync on, as in tests/test_faults.py), at a
+   random moment and again while a large video is on the wire (the uploader's session,
+   and with it the event's advisory lock, dies while SFTP goes on);
 3. the Prefect server (PostgreSQL-backed, so its state survives the restart) while
    scheduled flow runs of the event-upload deployment are going;
 4. the Prefect worker (`prefect worker start --pool camfleet-process`) with all its
-   processes, mid-run of the event-upload deployment: the run is marked Crashed (by
-   Prefect's heartbeat-based zombie detection) and the next run completes the job.
+   processes, mid-run of the event-upload deployment: its runs are marked Crashed by
+   Prefect's heartbeat-based zombie detection and the next runs complete their jobs.
 
 After each fault and recovery, and after a final drain, the invariants are checked:
 
@@ -22,10 +24,16 @@ After each fault and recovery, and after a final drain, the invariants are check
   that did not hold the event's advisory lock (how two uploaders could overlap);
 - nothing lost: after the drain every event written is in `uploaded/`.
 
-The short test (CI) does fault 1 against `camfleet uploader run` (the seed's main
-loop). The long one (`make faults`, or `.venv/bin/pytest tests/test_faults_prefect.py
--m slow -s`) does all four against the event-upload deployment served by a Prefect
-worker, and prints the table pasted into docs/reliability.md.
+"Recovery" is the time from the restart until every event that was in flight (written,
+not yet archived) at the kill is archived.
+
+- CI: `test_sshd_killed_mid_upload_while_the_uploader_loop_runs` (fault 1 against
+  `camfleet uploader run`, the seed's main loop; ~25 s).
+- `make faults` (or `.venv/bin/pytest tests/test_faults_prefect.py -m slow -s`): faults
+  1-2 against the loop, then 1-4 against the event-upload deployment on a Prefect
+  worker; prints the tables pasted into docs/reliability.md.
+- `test_an_uploader_that_lost_its_lock_...` reproduces, deterministically, the one
+  finding these faults point at (strict xfail until tasks/sftp.py is fixed).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from camfleet.localsvc import SshdInstance
 from camfleet.uploader.simulate import local_config
 from tests.faults_prefect_support import (
     BIG_VIDEO_BYTES,
+    CRASH_MESSAGE,
     ZOMBIE_AFTER_S,
     Check,
     EventWriter,
@@ -50,6 +59,7 @@ from tests.faults_prefect_support import (
     create_zombie_automation,
     deploy_event_upload,
     flow_runs,
+    heartbeats,
     install_lock_audit,
     kill_when_mid_transfer,
     prefect_env,
@@ -263,14 +273,33 @@ def _running(api_url: str) -> list:
 
 
 def _states_of(api_url: str, run_ids: list) -> dict[str, str] | None:
-    """{run id: state} once every run of `run_ids` is in a final state."""
-    states = {str(r.id): r.state.type.value for r in flow_runs(api_url) if r.id in run_ids}
+    """{run id: state type and message} once every run of `run_ids` is in a final state."""
+    runs = [r for r in flow_runs(api_url) if r.id in run_ids]
+    states = {str(r.id): r.state.type.value for r in runs}
     if len(states) == len(run_ids) and set(states.values()) <= FINAL_STATES:
-        return states
+        return {str(r.id): f"{r.state.type.value}: {r.state.message or ''}" for r in runs}
     return None
 
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _state(api_url: str, run_id) -> str:
+    run = next(r for r in flow_runs(api_url) if r.id == run_id)
+    return f"{run.state.type.value}: {run.state.message or ''}"
+
+
+def _others(api_url: str, known: list) -> list[str]:
+    """State and message of every started run that did not complete, but those in `known`."""
+    return [
+        f"{r.state.type.value}: {(r.state.message or '')[:90]}"
+        for r in flow_runs(api_url)
+        if r.id not in known and r.state.type.value != "COMPLETED"
+    ]
+
+
+def _types(states: dict[str, str] | None) -> list[str]:
+    return sorted(v.split(":")[0] for v in (states or {}).values())
 
 
 @pytest.mark.slow
@@ -300,6 +329,7 @@ def test_kill_sshd_postgres_prefect_server_and_worker_while_events_flow(postgres
         workers = Workers(env, tmp_path)
         writer = EventWriter(Path(cfg["pending_dir"]), period=WRITE_PERIOD_S)
         killed_runs: list = []
+        killed_at: list[float] = []
         hit_runs: list = []
 
         def kill_prefect_server():
@@ -316,6 +346,7 @@ def test_kill_sshd_postgres_prefect_server_and_worker_while_events_flow(postgres
             note = _kill_mid_transfer(workers.current.kill_tree, writer, cfg)
             # The runs it had going died with it; the server still says Running.
             killed_runs.extend(_running(prefect.api_url))
+            killed_at.append(time.monotonic())
             return f"{note}; {len(killed_runs)} runs died with it"
 
         try:
@@ -337,17 +368,23 @@ def test_kill_sshd_postgres_prefect_server_and_worker_while_events_flow(postgres
             hit = wait_until(
                 lambda: _states_of(prefect.api_url, hit_runs), ZOMBIE_AFTER_S + 120, step=2
             )
-            crashed = wait_until(
-                lambda: _states_of(prefect.api_url, killed_runs), ZOMBIE_AFTER_S + 120, step=2
-            )
+            left = ZOMBIE_AFTER_S + 90 - (time.monotonic() - killed_at[0])
+            wait_until(lambda: _states_of(prefect.api_url, killed_runs), left, step=2)
+            # Heartbeats received: 0 for a run killed in its first seconds, which only
+            # the automation's "after Running" arming catches.
+            killed = {
+                str(run_id): (_state(prefect.api_url, run_id), heartbeats(prefect.api_url, run_id))
+                for run_id in killed_runs
+            }
             rows.append(
                 _final(
                     cfg,
                     dsn,
                     writer,
                     f"runs {run_states(prefect.api_url)}; caught by the server restart: "
-                    f"{sorted((hit or {}).values())}; killed with the worker: "
-                    f"{sorted((crashed or {}).values())}",
+                    f"{_types(hit)}; killed with the worker (state, heartbeats received): "
+                    f"{sorted(killed.values())}; "
+                    f"other runs not completed: {_others(prefect.api_url, killed_runs)}",
                 )
             )
             print_table(rows)
@@ -357,7 +394,10 @@ def test_kill_sshd_postgres_prefect_server_and_worker_while_events_flow(postgres
             _assert_clean(rows, writer)
             assert hit_runs, "no flow run was going when the Prefect server was killed"
             assert hit is not None, "a run caught by the server restart never finished"
-            assert killed_runs and crashed and set(crashed.values()) == {"CRASHED"}, crashed
+            # Crashed by the heartbeat automation (its message), not by anything else
+            assert killed_runs
+            for state, beats in killed.values():
+                assert state == f"CRASHED: {CRASH_MESSAGE}", killed
         finally:
             writer.close()
             workers.current.stop()
