@@ -22,7 +22,6 @@ request gets a URL.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import heapq
 import http.client
@@ -38,8 +37,6 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
-
-import psycopg2
 
 from camfleet import db
 from camfleet.edge.link import no_delay
@@ -263,44 +260,6 @@ class ObjectReader:
                 self._connections.pop().close()
 
 
-# A connection the server dropped (restart, network): worth one retry on a fresh one.
-DB_CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
-
-
-class _KeptPool(db.Pool):
-    """`db.Pool` that keeps idle connections open between transactions.
-
-    `db.Pool` builds psycopg2's pool with minconn=0, and psycopg2 closes every
-    connection handed back beyond minconn: each transaction opened a new PostgreSQL
-    connection (a server backend forked and torn down, ~10 ms of server CPU per
-    verified file in the benchmark). Raising minconn after construction keeps up to
-    `maxconn` idle connections without opening any before they are needed; broken
-    ones are still dropped when they come back.
-    """
-
-    def __init__(self, dsn: str, maxconn: int) -> None:
-        super().__init__(dsn, maxconn=maxconn)
-        self._pool.minconn = maxconn
-
-    @contextlib.contextmanager
-    def connection(self):
-        try:
-            with super().connection() as conn:
-                yield conn
-        except DB_CONNECTION_ERRORS:
-            # The server restarted or dropped us: the idle connections are as dead as
-            # this one, and each would fail one more transaction before being dropped.
-            self.close_idle()
-            raise
-
-    def close_idle(self) -> None:
-        pool = self._pool
-        with pool._lock:
-            idle, pool._pool = pool._pool, []
-        for conn in idle:
-            conn.close()
-
-
 class Signer:
     """Run with `start()`/`stop()` (tests, `camfleet up`) or `run_forever()` (CLI)."""
 
@@ -322,7 +281,7 @@ class Signer:
     ) -> None:
         self.store = store
         # The request worker, each verification job and the hand-off: one connection each.
-        self.pool = _KeptPool(dsn, maxconn=CHECK_WORKERS + 2)
+        self.pool = db.Pool(dsn, maxconn=CHECK_WORKERS + 2)
         self._reader = ObjectReader.for_store(store)
         self._reads = None  # the worker's read threads, while it runs
         self.topics = topics or eb.Topics()
@@ -491,7 +450,7 @@ class Signer:
             try:
                 self._handle_request(topic, payload)
                 return
-            except DB_CONNECTION_ERRORS as exc:
+            except db.CONNECTION_ERRORS as exc:
                 # A kept connection the server dropped (the pool has now let go of
                 # them all): once more on a fresh one rather than make the device wait
                 # for its answer timeout. Nothing was published or kept before the
