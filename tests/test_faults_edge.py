@@ -334,12 +334,6 @@ def test_a_reused_file_name_keeps_the_image_delivered_before(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the signer reads an already-verified file back on its single request thread "
-    "(services/signer.py _grant -> _stored, up to 30 s per file) while the store hangs, "
-    "holding up every other device's answer; see docs/reliability.md",
-)
 def test_a_hanging_store_does_not_hold_up_other_devices_answers(tmp_path, mosquitto, database_url):
     """Device A re-requests a file the signer verified before (it missed the message);
     the store hangs. Device B's request needs no store access and must still be
