@@ -18,6 +18,13 @@ verified before with the declared checksum the answer lists it as `verified` and
 the object back (never the request thread: a hanging store must not hold up other
 devices' answers). Should the object be gone, the grant fails and the device's next
 request gets a URL.
+
+A reused name never overwrites a delivered image: a camera whose counter or clock
+restarted writes a new image under a name it delivered (and deleted) before. Such a
+name, asked for again without the delivered checksum, is granted a key of its own
+(`edge_batch.reuse_key`); once verified, it is a new `captures` row, unless its bytes
+are the earlier delivery's (a re-send after a missed verification): then the copy is
+deleted and the earlier row stands. Either way the device gets `{"file": name}`.
 """
 
 from __future__ import annotations
@@ -104,6 +111,35 @@ class _Pending:
     siblings: tuple[str, str] | None = None  # (serial, request) shared by a batch's files
     in_flight: bool = False  # a verification job is looking at it right now
     recheck: bool = False  # verified before; only confirming the object is still there
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What the database knows of a requested file name (see `edge_names_known`)."""
+
+    status: str | None  # the grant's; None: never granted
+    key: str | None
+    size: int | None  # as stored, when verified
+    sha256: str | None
+    delivered: bool  # a capture was recorded under this name
+
+
+def _key_for(serial: str, name: str, seen: _Known | None) -> str:
+    """The object key to grant for `name`: never one that holds a delivered image.
+
+    A name not delivered before keeps devices/{serial}/{name}. A delivered name asked
+    for again without proof of the same bytes (a seed request, another checksum) is a
+    camera reusing the name for a new image, or a device re-sending one whose
+    verification it missed: its own key either way, and verification tells which.
+    A grant not verified keeps its key: it is still open (an upload to the earlier URL
+    still counts), expired or failed without delivering, or its delivered object was
+    found gone (the upload restores it); no image recorded as stored lives there.
+    """
+    if seen is None or not seen.delivered:
+        return eb.device_key(serial, name)
+    if seen.status != "verified" and seen.key:
+        return seen.key
+    return eb.reuse_key(serial, name)
 
 
 @dataclass
@@ -531,9 +567,15 @@ class Signer:
         group = None if request.checked else (request.request_id or uuid.uuid4().hex)
         grants: list[tuple[eb.Grant, dict[str, str], str]] = []
         already: list[eb.Grant] = []
-        verified_before = self._verified_before(conn, request) if request.checked else {}
+        known = self._names_known(conn, request)
         for spec in request.files:
-            key = eb.device_key(serial, spec.name)
+            seen = known.get(spec.name)
+            verified_before = seen is not None and seen.status == "verified"
+            same_bytes = verified_before and (seen.size, seen.sha256) == (spec.size, spec.sha256)
+            if request.checked and same_bytes:
+                key = seen.key  # where the delivered bytes are
+            else:
+                key = _key_for(serial, spec.name, seen)
             max_bytes = spec.size or self.max_file_bytes
             grant = eb.Grant(
                 serial=serial,
@@ -545,7 +587,7 @@ class Signer:
                 declared_size=spec.size,
                 declared_sha256=spec.sha256,
             )
-            if verified_before.get(spec.name) == (spec.size, spec.sha256):
+            if request.checked and same_bytes:
                 # Verified before (the device crashed or missed the message): no upload;
                 # a job confirms the object still has these bytes, then verifies it.
                 already.append(grant)
@@ -582,11 +624,11 @@ class Signer:
         return group, grants, already
 
     @staticmethod
-    def _verified_before(conn, request: eb.UrlRequest) -> dict[str, tuple[int, str]]:
-        rows = db.queries.edge_grants_verified(
+    def _names_known(conn, request: eb.UrlRequest) -> dict[str, _Known]:
+        rows = db.queries.edge_names_known(
             conn, device_id=request.serial, file_names=[f.name for f in request.files]
         )
-        return {name: (size, sha) for name, size, sha in rows}
+        return {row[0]: _Known(*row[1:]) for row in rows}
 
     def _read(self, key: str, max_bytes: int | None = None) -> tuple[int, str | None] | None:
         """(size, SHA-256) of the stored object, None when absent; raises on store errors."""
@@ -685,9 +727,10 @@ class Signer:
         """Capture rows for verified uploads in one transaction, then their {"file"}s."""
         now = self.clock()
         try:
+            resent = self._resent_images(verified)
             with self.pool.connection() as conn:
                 captures = [
-                    self._record_capture(conn, p.grant.serial, p.grant.name, size, sha)
+                    self._record_capture(conn, p.grant, size, sha, resent.get(id(p)))
                     for p, size, sha in verified
                 ]
         except Exception as exc:
@@ -709,49 +752,104 @@ class Signer:
                 publish += self._publishing.resolved(
                     grant.serial, pending.group, grant.name, True, now
                 )
+        for pending, _, _ in verified:
+            earlier = resent.get(id(pending))
+            if earlier is not None and earlier[1] != pending.grant.key:
+                self._drop_copy(pending.grant.key)
         for pub in publish:
             self._publish_verification(pub)
         if self._handoff:
             self._handoff.add([c for c in captures if c])
 
+    def _resent_images(self, verified: list[tuple[_Pending, int, str]]) -> dict:
+        """Uploads under a reused name that are an earlier delivery's exact bytes.
+
+        {id(pending): (record_id, key) of that delivery}. A device that missed a
+        verification sends the image again under the same name and gets a key of its
+        own; the bytes tell it apart from a new image. The earlier object is read back
+        first: only while it still holds those bytes is the new copy redundant.
+        """
+        reused = [(p, sha) for p, _, sha in verified if p.grant.reuses_name]
+        if not reused:
+            return {}
+        with self.pool.connection() as conn:
+            found = [
+                (pending, sha, _same_image(conn, pending.grant, sha)) for pending, sha in reused
+            ]
+        resent = {}
+        for pending, sha, row in found:
+            if row is None:
+                continue
+            record_id, key = row
+            if key == pending.grant.key:  # this very object (re-confirmed after a re-request)
+                resent[id(pending)] = (record_id, key)
+                continue
+            stored = self._read(key)
+            if stored is not None and stored[1] == sha:
+                resent[id(pending)] = (record_id, key)
+        return resent
+
+    def _drop_copy(self, key: str) -> None:
+        """Delete a re-sent image's second object; its bytes are stored under the first."""
+        try:
+            self.store.delete(key)
+        except Exception as exc:  # a leftover copy wastes space, loses nothing
+            log.warning("signer: could not delete the re-sent copy %s: %s", key, type(exc).__name__)
+
     def _backoff(self, pending: _Pending, now: float) -> None:
         pending.interval = min(pending.interval * CHECK_BACKOFF, CHECK_MAX_INTERVAL_S)
         pending.next_check = now + pending.interval
 
-    def _record_capture(self, conn, serial: str, name: str, size: int, sha: str) -> dict | None:
-        """Capture row + grant resolution in the caller's transaction; the new capture."""
-        key = eb.device_key(serial, name)
+    def _record_capture(
+        self, conn, grant: eb.Grant, size: int, sha: str, earlier: tuple[str, str] | None
+    ) -> dict | None:
+        """Capture row + grant resolution in the caller's transaction; the new capture.
+
+        `earlier` is the (record_id, key) of a delivery these bytes already are: then
+        the grant points at it and no row is written.
+        """
+        if earlier is not None:
+            self._resolve_grant(conn, grant, size, sha, *earlier)
+            return None
+        metadata = {"uploaded_via": "edge-presigned-post"}
+        if grant.reuses_name:  # the device's name, for finding this image re-sent
+            metadata["device_file_name"] = grant.name
         row = db.queries.edge_capture_upsert(
             conn,
-            device_id=serial,
-            file_name=name,
+            device_id=grant.serial,
+            file_name=grant.capture_name,
             image_bytes=size,
-            content_type=_content_type(name),
-            storage_path=key,
+            content_type=_content_type(grant.name),
+            storage_path=grant.key,
             sha256=sha,
-            metadata={"uploaded_via": "edge-presigned-post"},
+            metadata=metadata,
         )
         record_id, inserted = row
-        db.queries.edge_grant_resolve(
-            conn,
-            device_id=serial,
-            file_name=name,
-            status="verified",
-            failed_reason=None,
-            stored_size=size,
-            stored_sha256=sha,
-            capture_id=record_id,
-        )
+        self._resolve_grant(conn, grant, size, sha, record_id, None)
         if not inserted:
             return None
         return {
             "record_id": record_id,
-            "device_id": serial,
-            "file": name,
-            "key": key,
+            "device_id": grant.serial,
+            "file": grant.capture_name,
+            "key": grant.key,
             "size": size,
             "sha256": sha,
         }
+
+    @staticmethod
+    def _resolve_grant(conn, grant: eb.Grant, size, sha, capture_id, key: str | None) -> None:
+        db.queries.edge_grant_resolve(
+            conn,
+            device_id=grant.serial,
+            file_name=grant.name,
+            status="verified",
+            failed_reason=None,
+            stored_size=size,
+            stored_sha256=sha,
+            capture_id=capture_id,
+            object_key=key,
+        )
 
     def _resolve_failed(self, pending, status, code, reason, size, sha) -> None:
         grant = pending.grant
@@ -766,6 +864,7 @@ class Signer:
                     stored_size=size,
                     stored_sha256=sha,
                     capture_id=None,
+                    object_key=None,
                 )
                 if self._error_allowed(grant.serial):
                     self._insert_error(
@@ -855,6 +954,13 @@ def _jobs(due: list[_Pending]) -> list[list[_Pending]]:
     for pending in due:
         jobs.setdefault(pending.siblings or id(pending), []).append(pending)
     return list(jobs.values())
+
+
+def _same_image(conn, grant: eb.Grant, sha: str) -> tuple[str, str] | None:
+    """(record_id, key) of an earlier capture of these bytes under the grant's name."""
+    return db.queries.edge_capture_same_image(
+        conn, device_id=grant.serial, sha256=sha, file_name=grant.name
+    )
 
 
 def _content_type(name: str) -> str:

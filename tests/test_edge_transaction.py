@@ -5,6 +5,10 @@ moto's S3 server does not check presigned-POST signatures or policy conditions, 
 the tests that forge requests prove camfleet itself refuses them (the signer decides
 keys and verifies what it finds), not the store.
 
+A file name used again never costs an image: a new image under a delivered name gets
+a key and a `captures` row of its own (also when the grant is resumed by a restarted
+signer), and the same image sent again is stored once.
+
 The last section proves the signer's cheap paths keep the same guarantees: its
 read-back over presigned GETs hashes exactly what boto3 reads (and refuses an
 over-limit object without reading it), survives a store restart, reads each object of
@@ -559,6 +563,155 @@ def test_a_verified_file_whose_object_is_gone_is_uploaded_again(
     assert [s["deleted"] for s in EdgeUploader(cfg, broker, min_age_s=0).drain()] == [1]
     assert hashlib.sha256(store.get(key)).hexdigest() == shas[name]
     assert list(cfg.buffer_dir.iterdir()) == []
+
+
+# ---- a file name used again ----------------------------------------------------------------
+# A camera whose counter or clock restarts writes a new image under a name it delivered
+# and deleted before; a device that missed a verification sends the same image again.
+
+
+def capture_rows(dsn: str, serial: str) -> list[tuple]:
+    """(device_capture_id, sha256, storage_path) of the device's captures, by name."""
+    with closing(psycopg2.connect(dsn)) as conn, conn, conn.cursor() as cur:
+        cur.execute(
+            "select device_capture_id, sha256, storage_path from captures"
+            " where device_id = %s order by device_capture_id",
+            (serial,),
+        )
+        return cur.fetchall()
+
+
+def jpeg(version: bytes, size: int = 4000) -> tuple[bytes, str]:
+    data = b"\xff\xd8" + version * size + b"\xff\xd9"
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def test_a_reuse_key_stays_in_the_device_prefix_and_keeps_the_extension():
+    key = eb.reuse_key("ENTO-0001", "cam_0001.jpg")
+    folder, base = key.rsplit("/", 1)
+    assert folder == "devices/ENTO-0001" and base.endswith(".jpg")
+    assert base.startswith("cam_0001" + eb.REUSE_MARK)
+    assert eb.reuse_key("ENTO-0001", "cam_0001.jpg") != key
+    # No device can ask for this name, so its key is never a device_key.
+    with pytest.raises(eb.BadName):
+        eb.check_name(base)
+    for bad in ("../x.jpg", "a/b.jpg"):
+        with pytest.raises(eb.BadName):
+            eb.reuse_key("ENTO-0001", bad)
+    with pytest.raises(eb.BadName):
+        eb.reuse_key("ENTO/0001", "a.jpg")
+
+
+def test_a_new_image_under_a_delivered_name_gets_its_own_key_and_row(
+    tmp_path, signer, store, mosquitto, database_url
+):
+    broker = broker_block(mosquitto)
+    cfg = device(tmp_path, broker)
+    cfg.repo_dir.mkdir(parents=True)
+    name = "cam_0001.jpg"
+    first, first_sha = jpeg(b"1")
+    second, second_sha = jpeg(b"2")
+    for data in (first, second):
+        (cfg.repo_dir / name).write_bytes(data)
+        assert [s["deleted"] for s in EdgeUploader(cfg, broker, min_age_s=0).drain()] == [1]
+    rows = capture_rows(database_url, cfg.serial)
+    assert rows[0] == (name, first_sha, f"devices/{cfg.serial}/{name}")
+    reused_name, sha, key = rows[1]
+    assert len(rows) == 2 and sha == second_sha and key == f"devices/{cfg.serial}/{reused_name}"
+    assert reused_name.startswith("cam_0001~") and reused_name.endswith(".jpg")
+    assert {hashlib.sha256(store.get(r[2])).hexdigest() for r in rows} == {first_sha, second_sha}
+
+    # The device missed the second verification: asked again with its checksum, the
+    # file is answered as verified (no upload) and confirmed from its own key.
+    (cfg.buffer_dir / name).write_bytes(second)
+    up = EdgeUploader(cfg, broker, min_age_s=0)
+    batch = up.next_batch()
+    link = EdgeLink(broker, cfg.serial).connect()
+    try:
+        request_urls(batch, link, cfg.buffer_dir)
+        assert batch.states[name] is eb.FileState.UPLOADED and batch.uploads == {}
+        assert await_verifications(batch, link, cfg.buffer_dir, verify_timeout=10.0) == 1
+    finally:
+        link.close()
+        up._release(batch)
+    assert capture_rows(database_url, cfg.serial) == rows
+    assert objects(store, cfg.serial) == sorted(r[2] for r in rows)
+
+
+def test_a_re_sent_image_under_a_delivered_name_is_stored_once(
+    tmp_path, signer, store, mosquitto, database_url
+):
+    """Names only (seed firmware): the signer cannot tell a re-send from a new image
+    before the upload, so it grants a key of its own and decides by the bytes."""
+    from camfleet.edge.seed_device import run_seed_batch
+
+    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
+    buffer = tmp_path / "bufferStorage"
+    buffer.mkdir()
+    name = "seed_0001.jpg"
+    data, sha = jpeg(b"s")
+    broker = broker_block(mosquitto)
+    key = f"devices/{serial}/{name}"
+    for attempt in (1, 2):  # the second time it missed the verification
+        (buffer / name).write_bytes(data)
+        assert run_seed_batch(broker, serial, buffer, [name], tmp_path) == [name]
+        granted = json.loads((tmp_path / "signedUrls.json").read_text())["files"][0]["key"]
+        if attempt == 1:
+            assert granted == key
+        else:  # a delivered name, asked for without a checksum: a key of its own
+            assert granted.startswith(f"devices/{serial}/seed_0001~")
+        # No second object, no second row: the grant points at the first delivery.
+        assert objects(store, serial) == [key]
+        assert capture_rows(database_url, serial) == [(name, sha, key)]
+    with closing(psycopg2.connect(database_url)) as conn, conn, conn.cursor() as cur:
+        cur.execute(
+            "select object_key, status from edge_upload_grants where device_id = %s", (serial,)
+        )
+        assert cur.fetchall() == [(key, "verified")]
+
+    # Different bytes under the name: a new image, stored beside the first.
+    other, other_sha = jpeg(b"t")
+    (buffer / name).write_bytes(other)
+    assert run_seed_batch(broker, serial, buffer, [name], tmp_path) == [name]
+    rows = capture_rows(database_url, serial)
+    assert rows[0] == (name, sha, key) and rows[1][1] == other_sha and len(rows) == 2
+    assert objects(store, serial) == sorted([key, rows[1][2]])
+    assert hashlib.sha256(store.get(key)).hexdigest() == sha
+
+
+def test_a_restarted_signer_resumes_a_grant_for_a_reused_name(
+    tmp_path, store, mosquitto, database_url
+):
+    broker = broker_block(mosquitto)
+    cfg = device(tmp_path, broker)
+    cfg.repo_dir.mkdir(parents=True)
+    name = "cam_0001.jpg"
+    first, first_sha = jpeg(b"1")
+    second, second_sha = jpeg(b"2")
+
+    def signer():
+        return Signer(store, database_url, broker, client_id=f"signer-{uuid.uuid4().hex[:8]}")
+
+    (cfg.repo_dir / name).write_bytes(first)
+    with signer() as s:
+        assert s.wait_connected(5)
+        assert [x["deleted"] for x in EdgeUploader(cfg, broker, min_age_s=0).drain()] == [1]
+        (cfg.repo_dir / name).write_bytes(second)
+        up = EdgeUploader(cfg, broker, min_age_s=0)
+        batch = up.next_batch()
+        link = EdgeLink(broker, cfg.serial).connect()
+        request_urls(batch, link, cfg.buffer_dir)
+    try:  # the signer stopped after granting; the upload lands while it is down
+        assert upload_files(batch, cfg.buffer_dir) == 1
+        with signer() as s:  # resumes the open grant, with its own key
+            assert s.wait_connected(5)
+            assert await_verifications(batch, link, cfg.buffer_dir, verify_timeout=15.0) == 1
+    finally:
+        link.close()
+    rows = capture_rows(database_url, cfg.serial)
+    assert [r[1] for r in rows] == [first_sha, second_sha]
+    assert rows[1][0].startswith("cam_0001~")
+    assert hashlib.sha256(store.get(rows[0][2])).hexdigest() == first_sha
 
 
 # ---- the signer's read-back and its database work ------------------------------------------

@@ -304,12 +304,6 @@ def test_every_dependency_fails_while_devices_upload(tmp_path):
             finish(stack, rows)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a device's file name is its capture's identity: a second image under a "
-    "name already delivered overwrites the first object and replaces its captures row "
-    "(services/signer.py grants devices/{serial}/{name} again; see docs/reliability.md)",
-)
 def test_a_reused_file_name_keeps_the_image_delivered_before(
     tmp_path, mosquitto, database_url, s3, bucket
 ):

@@ -43,7 +43,10 @@ answers an already-stored identical file with ``verified`` instead of a URL. A r
 without them (deployed firmware) is *unchecked*: the signer verifies existence and the
 size against the presigned POST's content-length range and records the SHA-256 it
 computes, so later audits can compare. Either way the object key is chosen by the
-signer (``devices/{serial}/{name}``), never by the device.
+signer (``devices/{serial}/{name}``), never by the device; a name that was delivered
+before and is asked for again without proof of the same bytes gets a key of its own
+(``devices/{serial}/{stem}~{token}{ext}``, see `reuse_key`), so a camera that reuses a
+name cannot overwrite an image it has already deleted.
 
 Unchecked requests are answered LEGACY_ANSWER_DELAY_S late and get their
 verifications only once every file of the request is resolved, after a short settle
@@ -54,6 +57,7 @@ to the verification topic only after its last upload, so earlier messages would 
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import uuid
 from collections.abc import Iterable
@@ -61,7 +65,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from camfleet.keys import BadName, object_key, safe_id, sanitize_name
+from camfleet.keys import BadName, key_within, object_key, safe_id, sanitize_name
 
 # ---------------------------------------------------------------------------------------
 # Limits
@@ -171,6 +175,24 @@ class Topics:
 def device_key(serial: str, name: str) -> str:
     """The one object key a device's file may have: devices/{serial}/{name}."""
     return object_key("devices", safe_id(serial, "serial"), name)
+
+
+# A name reused for a new image (a camera whose counter or clock restarted: a Raspberry
+# Pi has no RTC) is stored under its own key, `{stem}~{token}{ext}`. check_name refuses
+# '~', so such a key is never the key of a name a device can ask for.
+REUSE_MARK = "~"
+
+
+def reuse_key(serial: str, name: str, token: str | None = None) -> str:
+    """A fresh key in the device's prefix for a new image under a delivered `name`."""
+    stem, ext = posixpath.splitext(check_name(name))
+    token = token or uuid.uuid4().hex[:12]  # 48 bits: never the same twice for one name
+    if not re.fullmatch(r"[0-9a-z]{1,32}", token):
+        raise BadName("reuse token must be 1-32 of 0-9 a-z")
+    key = object_key("devices", safe_id(serial, "serial"), f"{stem}{REUSE_MARK}{token}{ext}")
+    if not key_within(key, f"devices/{serial}") or key.count("/") != 2:
+        raise BadName("reuse key escapes the device's prefix")
+    return key
 
 
 def check_name(name: object) -> str:
@@ -348,6 +370,16 @@ class Grant:
     request_id: str | None = None
     declared_size: int | None = None
     declared_sha256: str | None = None
+
+    @property
+    def capture_name(self) -> str:
+        """The captures row's device_capture_id: `name`, or the reuse key's basename."""
+        return self.key.rsplit("/", 1)[1]
+
+    @property
+    def reuses_name(self) -> bool:
+        """A new image under a name delivered before, granted its own key."""
+        return self.capture_name != self.name
 
 
 class Verdict(Enum):

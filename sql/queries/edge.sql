@@ -33,10 +33,11 @@ where status = 'granted'
 order by granted_at;
 
 -- name: edge_grant_resolve!
+-- object_key moves only when a re-sent image is verified as an earlier delivery.
 update edge_upload_grants
 set status = :status, failed_reason = :failed_reason, stored_size = :stored_size,
     stored_sha256 = :stored_sha256, capture_id = coalesce(:capture_id, capture_id),
-    resolved_at = now()
+    object_key = coalesce(:object_key, object_key), resolved_at = now()
 where device_id = :device_id and file_name = :file_name;
 
 -- name: edge_capture_upsert<!
@@ -64,8 +65,22 @@ from captures
 where record_id = any(:record_ids)
 order by record_id;
 
--- name: edge_grants_verified
--- Files of a request that were already verified (a re-request after a crash).
-select file_name, stored_size, stored_sha256
-from edge_upload_grants
-where device_id = :device_id and file_name = any(:file_names) and status = 'verified';
+-- name: edge_names_known
+-- A request's file names as the signer knows them: the grant (a verified one with the
+-- declared checksum needs no upload) and whether a capture was delivered under the name
+-- (a new image under it then gets a key of its own).
+select n.file_name, g.status, g.object_key, g.stored_size, g.stored_sha256,
+       c.record_id is not null as delivered
+from unnest(cast(:file_names as text[])) as n (file_name)
+left join edge_upload_grants g on g.device_id = :device_id and g.file_name = n.file_name
+left join captures c on c.device_id = :device_id and c.device_capture_id = n.file_name;
+
+-- name: edge_capture_same_image^
+-- An earlier delivery of exactly these bytes under this file name (a device re-sending
+-- an image whose verification it missed). Only asked when a reused name is verified.
+select record_id, storage_path
+from captures
+where device_id = :device_id and sha256 = :sha256
+  and (device_capture_id = :file_name or metadata ->> 'device_file_name' = :file_name)
+order by created_at
+limit 1;
