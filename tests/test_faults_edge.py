@@ -31,7 +31,7 @@ shared fixtures). `test_every_dependency_fails_while_devices_upload` is the long
 (`make faults`, or `.venv/bin/pytest tests/test_faults_edge.py -m slow -s`); it prints
 the table pasted into docs/reliability.md.
 
-Two findings of these runs are kept as strict xfail tests until they are fixed: a
+Two findings of these runs stay here as regression tests now that they are fixed: a
 reused file name overwriting an image delivered before, and a hanging store holding up
 other devices' answers (docs/reliability.md, edge findings).
 """
