@@ -444,11 +444,11 @@ def create_zombie_automation(api_url: str) -> None:
 
     trigger = EventTrigger(
         match={"prefect.resource.id": "prefect.flow-run.*"},
-        # Prefect's recipe arms the trigger on a heartbeat only; a run killed before its
-        # first heartbeat reached the server (they are sent in the background, seconds
-        # late on a busy machine) then stays Running forever. Entering Running is
-        # recorded by the server itself, so it arms the trigger for every run.
-        after={"prefect.flow-run.heartbeat", "prefect.flow-run.Running"},
+        # Armed by a heartbeat only: a run killed before its first heartbeat reached
+        # the server (they are sent in the background, seconds late on a busy machine)
+        # stays Running for good. Also arming it on `prefect.flow-run.Running` did not
+        # catch those runs either on Prefect 3.8.8 (docs/reliability.md, finding 5).
+        after={"prefect.flow-run.heartbeat"},
         expect={
             "prefect.flow-run.heartbeat",
             "prefect.flow-run.Completed",
