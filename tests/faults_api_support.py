@@ -32,6 +32,7 @@ from camfleet.protocol import triggers as core
 from camfleet.simulators.lifelog import DeviceError, LifelogDevice, pair
 from tasks import triggers as trig
 from tests.test_api_commands_helpers import SECRET, add_device, fetch
+from tests.waiting import wait_until as _wait_until
 
 # Agents reconnect fast so a test does not wait on backoff; the ceiling still doubles
 # a few times, as in production, between the API going away and coming back.
@@ -317,15 +318,6 @@ class LifelogFleet:
             self.loop.close()
 
 
-def wait_until(fn, timeout: float, step: float = 0.2):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if value := fn():
-            return value
-        time.sleep(step)
-    return fn()
-
-
 def trigger_rows(dsn: str) -> dict[str, tuple]:
     rows = fetch(
         dsn,
@@ -394,3 +386,8 @@ def final_trigger_states(dsn: str, maker: TriggerMaker) -> dict[str, int]:
     made = list(maker.made)  # before the rows: a newer one has no row yet
     rows = trigger_rows(dsn)
     return dict(Counter(rows[tid][0] for tid in made))
+
+
+def wait_until(fn, timeout: float, step: float = 0.2):
+    """tests.waiting.wait_until, polling less often: these checks query PostgreSQL."""
+    return _wait_until(fn, timeout, step)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import psycopg2
 
+from tests.waiting import wait_until
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 REPO_DIR = "cameraImageRepo"
@@ -189,15 +191,6 @@ class Watcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
-
-
-def wait_until(fn, timeout: float, step: float = 0.1):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if value := fn():
-            return value
-        time.sleep(step)
-    return fn()
 
 
 # ---- child processes -------------------------------------------------------------------------

@@ -49,15 +49,6 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def wait_until(fn, timeout: float, step: float = 0.1):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if value := fn():
-            return value
-        time.sleep(step)
-    return fn()
-
-
 # ---- the analyzer side: events appearing in pending_upload/ ------------------------------
 
 

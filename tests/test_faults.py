@@ -38,6 +38,7 @@ from blocks.mqtt import MqttBroker
 from camfleet import db
 from camfleet.localsvc import MosquittoInstance, PostgresInstance
 from camfleet.simulators.esp32 import SimOptions, simulate
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -224,15 +225,6 @@ def check_invariants(dsn: str, objects: Path, acked: set, sent: dict) -> dict[st
     if lost:
         print("LOST:", lost[:10])
     return {"lost": len(lost), "duplicated": duplicated, "orphan_objects": orphans, "temps": temps}
-
-
-def wait_until(fn, timeout: float, step: float = 0.1):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if value := fn():
-            return value
-        time.sleep(step)
-    return fn()
 
 
 @pytest.fixture

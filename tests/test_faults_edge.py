@@ -67,9 +67,9 @@ from tests.faults_edge_support import (
     device_fleet,
     format_table,
     signer_process,
-    wait_until,
 )
 from tests.test_edge_transaction import broker_block, device, make_store, write_images
+from tests.waiting import wait_until
 
 # A small fleet keeps the 2-core machine usable for other work: three devices, one
 # 8 KB image each per second, i.e. a batch of five every few seconds per device.

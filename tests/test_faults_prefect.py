@@ -69,10 +69,10 @@ from tests.faults_prefect_support import (
     print_table,
     run_states,
     uploader_loop,
-    wait_until,
     worker,
     write_config,
 )
+from tests.waiting import wait_until
 
 # Scan every second; a package is taken once both files are a second old (the writer
 # writes the video first and the JSON last, as the analyzer does).
