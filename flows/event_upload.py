@@ -137,7 +137,7 @@ async def event_upload(
         ) or ([], [])
         await aupdate_progress_artifact(progress, ledger.progress())
 
-        uploaded = upload_in_lanes(connection, to_upload, config, ledger, phase)
+        uploaded = upload_in_lanes(connection, to_upload, config, ledger, phase, session)
         await aupdate_progress_artifact(progress, ledger.progress())
 
         completed = (
@@ -229,11 +229,14 @@ def upload_in_lanes(
     config: UploaderConfig,
     ledger: Ledger,
     phase: PhaseRunner,
+    session: EventSession,
 ) -> list[Job]:
     """Phase 2 in `concurrency` lanes at once, all on one SSH connection."""
     lanes = phases.split_lanes(jobs, config.concurrency)
     upload = phase.task(upload_lane)
-    futures = [upload.submit(connection, lane, config.pending_dir, ledger) for lane in lanes]
+    futures = [
+        upload.submit(connection, lane, config.pending_dir, ledger, session.holds) for lane in lanes
+    ]
     uploaded: set[str] = set()
     for lane, future in zip(lanes, futures, strict=True):
         try:

@@ -136,6 +136,13 @@ class EventSession:
                 db.queries.events_unlock(self._conn, event_id=event_id, namespace=LOCK_NAMESPACE)
             self.locked.discard(event_id)
 
+    def holds(self, event_id: str) -> bool:
+        """Whether this run still holds the event's lock: its session is alive (one
+        round trip). Asked right before a remote file is renamed into place, so an
+        uploader whose session died mid-transfer never renames over another's work."""
+        with self._lock:
+            return event_id in self.locked and self._alive()
+
     def _require(self, event_id: str) -> None:
         if event_id not in self.locked:
             raise LockLost(f"event {event_id} is not locked by this run")

@@ -8,7 +8,10 @@
   and only then renamed into place (`posix-rename@openssh.com`, atomic, replaces an
   older copy). A reader never sees a half-written file under the final name; a
   crashed attempt leaves only the hidden temporary name, which the next attempt
-  overwrites (one writer per event at a time: tasks/database.py holds its lock).
+  overwrites (one writer per event at a time: tasks/database.py holds its lock, and
+  an uploader asks whether it still holds it right before each rename, since a run
+  whose database session died mid-transfer may share the temporary name with the
+  event's next owner).
 - **Throughput**: one SSH connection per run, shared by every lane (one SFTP channel
   per lane); TCP_NODELAY; AES-GCM first; pipelined writes in large requests.
 
@@ -294,11 +297,14 @@ def upload_file(
     expected_size: int | None = None,
     chunk: int = WRITE_CHUNK,
     progress: Callable[[int], None] | None = None,
+    before_rename: Callable[[], None] | None = None,
 ) -> int:
     """Upload to `.name.part`, verify its size, rename to `final_path`; returns bytes.
 
     Raises (and leaves nothing under `final_path`) on any transfer error, a size
-    mismatch, or a local file that changed while it was sent.
+    mismatch, or a local file that changed while it was sent. `before_rename` runs
+    last and may raise to stop the rename: the uploader checks there that it still
+    owns the event, because a second owner writes the same temporary name.
     """
     tmp = temp_path(final_path)
     with open(local_path, "rb") as local:
@@ -320,6 +326,8 @@ def upload_file(
             raise LocalFileChanged(f"{local_path} changed while it was uploaded")
     if remote_size != size:
         raise RemoteSizeMismatch(f"{tmp}: remote size {remote_size}, sent {size}")
+    if before_rename is not None:
+        before_rename()
     rename_into_place(client, tmp, final_path)
     return size
 
@@ -377,14 +385,15 @@ SFTP_RETRY_DELAYS = exponential_backoff(backoff_factor=2)
     retry_delay_seconds=SFTP_RETRY_DELAYS,
     cache_policy=NO_CACHE,
 )
-def upload_lane(connection: SftpConnection, jobs, pending_dir, ledger):
+def upload_lane(connection: SftpConnection, jobs, pending_dir, ledger, holds=None):
     """Phase 2 for one lane of jobs: video then JSON each, on one SFTP channel.
 
-    A retry reconnects and skips what this lane already uploaded.
+    A retry reconnects and skips what this lane already uploaded. `holds(event_id)`:
+    whether the run still holds the event's lock (checked before each rename).
     """
     from camfleet.uploader import phases
 
     logger = get_run_logger()
-    uploaded = phases.upload_phase(connection, jobs, pending_dir, ledger, logger)
+    uploaded = phases.upload_phase(connection, jobs, pending_dir, ledger, logger, holds=holds)
     logger.info("uploaded %d of %d events to %s", len(uploaded), len(jobs), connection.describe())
     return uploaded

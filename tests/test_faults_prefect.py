@@ -437,16 +437,9 @@ def test_kill_sshd_postgres_prefect_server_and_worker_while_events_flow(postgres
 RACE_VIDEO_BYTES = 4 * 1024 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tasks/sftp.py: every attempt at one remote file writes the same temporary name "
-    "(.name.part), so an uploader that lost its event lock with its database session and a "
-    "second one that took the event over share one inode: the second one's open truncates "
-    "what the first wrote, and the first renames a file with a hole into place. "
-    "docs/reliability.md, open findings.",
-)
 def test_an_uploader_that_lost_its_lock_never_renames_a_partial_file_into_place(sshd, tmp_path):
     from blocks.sftp import SftpServer
+    from tasks.database import LockLost
     from tasks.sftp import SftpConnection, ensure_remote_dir, temp_path, upload_file
 
     local = tmp_path / "ev.mp4"
@@ -475,11 +468,22 @@ def test_an_uploader_that_lost_its_lock_never_renames_a_partial_file_into_place(
                     part.write(data[:65536])  # B's first request; B is still sending
                 b_started.append(True)
 
-        upload_file(client_a, local, final, progress=b_begins_when_a_is_half_way)
+        def a_lost_its_lock() -> None:  # what EventSession.holds answers A now
+            raise LockLost("event ev is no longer locked by this run")
+
+        with pytest.raises(LockLost):
+            upload_file(
+                client_a,
+                local,
+                final,
+                progress=b_begins_when_a_is_half_way,
+                before_rename=a_lost_its_lock,
+            )
         assert b_started
-        with client_a.open(final, "rb") as f:
+        assert not Path(final).exists(), "A renamed a file B is still writing into place"
+        upload_file(client_b, local, final)  # B, the event's owner now, finishes its copy
+        with client_b.open(final, "rb") as f:
             on_server = f.read()
         client_a.close()
         client_b.close()
-    # What sits under the final name must be the whole video, whatever B does next.
     assert hashlib.sha256(on_server).hexdigest() == hashlib.sha256(data).hexdigest()

@@ -260,3 +260,38 @@ def test_passwords_never_reach_logs_reports_or_rows(sshd, base, caplog):
     assert report.counts == {"failed": 2}
     assert secret not in caplog.text
     assert secret not in repr(report) + repr(uploader.config) + str(uploader.config.describe())
+
+
+def test_a_run_whose_session_died_mid_upload_renames_nothing_into_place(
+    sshd, database_url, base, monkeypatch
+):
+    """Its advisory lock died with the session, so the event may be another run's now
+    (which writes the same temporary name): the first run must not rename its copy."""
+    import tasks.sftp
+
+    cfg = local_config(sshd, database_url, base, concurrency=1)["uploader"]
+    ids = write_events(cfg["pending_dir"], 1, video_bytes=200_000)
+    real_upload = tasks.sftp.upload_file
+
+    def session_dies_during_transfer(client, local, final, **kw):
+        def progress(sent):
+            if not killed:
+                with psycopg2.connect(database_url) as admin, admin.cursor() as cur:
+                    cur.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE application_name = 'camfleet-event-upload'"
+                    )
+                killed.append(True)
+
+        return real_upload(client, local, final, progress=progress, **kw)
+
+    killed: list[bool] = []
+    monkeypatch.setattr("camfleet.uploader.phases.upload_file", session_dies_during_transfer)
+    report = DataUploader({"uploader": cfg}).run_once()
+    assert killed and report.counts == {"busy": 1}
+    assert listing(cfg["sftp"]["remote_video_dir"]) in ([], [f".{ids[0]}.mp4.part"])
+    assert listing(cfg["pending_dir"]) == [f"{ids[0]}.json", f"{ids[0]}.mp4"]
+
+    monkeypatch.setattr("camfleet.uploader.phases.upload_file", real_upload)
+    assert DataUploader({"uploader": cfg}).run_once().counts == {"uploaded": 1}
+    assert_all_uploaded_once(cfg, ids, database_url)

@@ -27,6 +27,7 @@ import shutil
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -307,6 +308,17 @@ def _completed_with_same_video(session: EventSession, job: Job, ledger: Ledger) 
 # ---- phase 2: SFTP ----------------------------------------------------------------------
 
 
+def _fence(holds: Callable[[str], bool] | None, event_id: str) -> Callable[[], None] | None:
+    if holds is None:
+        return None
+
+    def check() -> None:
+        if not holds(event_id):
+            raise LockLost(f"event {event_id} is no longer locked by this run")
+
+    return check
+
+
 def upload_phase(
     connection: SftpConnection,
     jobs: list[Job],
@@ -314,13 +326,17 @@ def upload_phase(
     ledger: Ledger,
     logger=log,
     client: paramiko.SFTPClient | None = None,
+    holds: Callable[[str], bool] | None = None,
 ) -> list[Job]:
     """Phase 2 for one lane: video then JSON per job, over one SFTP channel.
 
     Raises when the connection itself is lost (the caller retries the lane; jobs this
     lane already uploaded are skipped then); per-job errors are recorded and the lane
     goes on. `client`: an SFTP channel to reuse (the caller closes it); by default
-    the lane opens its own on the shared connection.
+    the lane opens its own on the shared connection. `holds(event_id)`: whether this
+    run still holds the event's lock, asked before each rename into place (a run whose
+    database session died mid-transfer has lost the event to the next run, which
+    writes the same temporary name).
     """
     jobs = [j for j in jobs if ledger.state_of(j.json_name) is None]
     if not jobs:
@@ -337,19 +353,27 @@ def upload_phase(
             if ledger.passed(job, Phase.UPLOAD):
                 uploaded.append(job)
                 continue
+            fence = _fence(holds, job.event_id)
             try:
                 upload_file(
                     client,
                     pending_dir / job.video_name,
                     job.remote_video_path,
                     expected_size=job.video_size,
+                    before_rename=fence,
                 )
                 upload_file(
                     client,
                     pending_dir / job.json_name,
                     job.remote_json_path,
                     expected_size=job.json_size,
+                    before_rename=fence,
                 )
+            except LockLost:
+                # The temporary files are the new owner's now: leave them alone.
+                ledger.finish(job.json_name, BUSY, "lock lost with the connection", job.event_id)
+                logger.warning("event %s: lock lost mid-upload, left to its owner", job.event_id)
+                continue
             except Exception as exc:
                 if (
                     isinstance(exc, SFTP_CONNECTION_ERRORS)

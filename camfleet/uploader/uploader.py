@@ -169,7 +169,12 @@ class DataUploader:
             uploaded = []
             if to_upload:
                 uploaded = phases.upload_phase(
-                    self._connection, to_upload, cfg.pending_dir, ledger, client=lane.client()
+                    self._connection,
+                    to_upload,
+                    cfg.pending_dir,
+                    ledger,
+                    client=lane.client(),
+                    holds=session.holds,
                 )
             phase = Phase.UPDATE
             completed = phases.update_phase(session, uploaded, ledger) + done_before
