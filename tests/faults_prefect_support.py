@@ -30,6 +30,7 @@ import psutil
 import psycopg2
 
 from camfleet.uploader.simulate import write_event
+from deployments.automations import CRASH_MESSAGE, HEARTBEAT_S, ZOMBIE_AFTER_S  # noqa: F401
 from tasks.database import LOCK_NAMESPACE
 from tasks.sftp import TEMP_PREFIX, TEMP_SUFFIX
 
@@ -373,11 +374,8 @@ def write_config(path: Path, config: dict) -> Path:
 
 POOL = "camfleet-process"
 DEPLOYMENT = "event-upload/event-upload"
-# Flow-run heartbeats every 30 s (Prefect's minimum); a run that misses them for
-# ZOMBIE_AFTER_S is marked Crashed by the automation below.
-HEARTBEAT_S = 30
-ZOMBIE_AFTER_S = 75
-CRASH_MESSAGE = "Flow run stopped sending heartbeats."
+# Flow-run heartbeats every HEARTBEAT_S; a run that misses them for ZOMBIE_AFTER_S is
+# marked Crashed by camfleet's automation (deployments/automations.py).
 
 
 def prefect_env(api_url: str, home: Path, config_path: Path, base_env: dict[str, str]):
@@ -424,43 +422,15 @@ def worker(env: dict[str, str], log: Path, name: str, limit: int = 2) -> Child:
 
 
 def create_zombie_automation(api_url: str) -> None:
-    """Zombie-run detection for a self-hosted server, after Prefect's recipe
-    (docs.prefect.io/v3/advanced/detect-zombie-flows): a run whose heartbeats stop (its
-    process or machine died) is set Crashed. Without it a killed run stays Running."""
+    """The zombie-run automation `camfleet up` creates (deployments/automations.py)."""
     import anyio
     from prefect.client.orchestration import PrefectClient
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 
-    trigger = EventTrigger(
-        match={"prefect.resource.id": "prefect.flow-run.*"},
-        # Armed by a heartbeat only: a run killed before its first heartbeat reached
-        # the server (they are sent in the background, seconds late on a busy machine)
-        # stays Running for good. Also arming it on `prefect.flow-run.Running` did not
-        # catch those runs either on Prefect 3.8.8 (docs/reliability.md, finding 5).
-        after={"prefect.flow-run.heartbeat"},
-        expect={
-            "prefect.flow-run.heartbeat",
-            "prefect.flow-run.Completed",
-            "prefect.flow-run.Failed",
-            "prefect.flow-run.Cancelled",
-            "prefect.flow-run.Crashed",
-        },
-        for_each={"prefect.resource.id"},
-        posture=Posture.Proactive,
-        threshold=1,
-        within=ZOMBIE_AFTER_S,
-    )
-    automation = AutomationCore(
-        name="crash zombie flow runs",
-        trigger=trigger,
-        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=CRASH_MESSAGE)],
-    )
+    from deployments.automations import ensure_automations
 
     async def create():
         async with PrefectClient(api_url) as client:
-            await client.create_automation(automation)
+            await ensure_automations(client)
 
     anyio.run(create)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import sys
 import time
@@ -35,6 +36,7 @@ def up(
     from camfleet.settings import get_settings
     from camfleet.stack import LocalStack, StackError
     from camfleet.supervisor import Supervisor
+    from deployments.automations import HEARTBEAT_S
 
     settings = get_settings()
     stack = LocalStack(settings, prefect_port=prefect_port)
@@ -51,6 +53,9 @@ def up(
             raise typer.Exit(2) from None
         public_url = settings.public_url or f"http://{settings.api_host}:{api_port}"
         env = {**stack.env, "CAMFLEET_PUBLIC_URL": public_url}
+        # Flow runs send heartbeats, so the zombie automation can crash dead ones.
+        if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" not in os.environ:
+            env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(HEARTBEAT_S)
         if not check:
             _register_blocks(env)
             fmt = {"api_host": settings.api_host, "api_port": str(api_port)}
@@ -97,6 +102,21 @@ def _register_blocks(env: dict[str, str]) -> None:
         getattr(blocks, name).register_type_and_schema()
     for block in blocks_from_env().values():
         block.save("default", overwrite=True)
+    _ensure_automations()
+
+
+def _ensure_automations() -> None:
+    """Crash detection for runs whose process died (deployments/automations.py)."""
+    import anyio
+    from prefect.client.orchestration import get_client
+
+    from deployments.automations import ensure_automations
+
+    async def run() -> None:
+        async with get_client() as client:
+            await ensure_automations(client)
+
+    anyio.run(run)
 
 
 def _banner(stack, supervisor) -> None:
