@@ -120,6 +120,10 @@ class ServiceConfig:
     log_control_only: bool = False
     use_prefect: bool = True
     ack_path: str = "direct"  # or "flow": a flow run per batch on the ACK path
+    # Where recording flow runs execute: "inline" on this process's event loop (one
+    # process, ~20 MB more), or "process", a spawned child with its own Prefect client
+    # (off this GIL, ~120 MB more for Prefect's own imports).
+    recorder: str = "inline"
     max_batch_images: int = MAX_BATCH_IMAGES
     batch_window_s: float = BATCH_WINDOW_S
     max_concurrent_batches: int = MAX_CONCURRENT_BATCHES
@@ -540,7 +544,13 @@ class AssemblerService:
             take.append(self._to_record.popleft())
         records = [r for r, _ in take]
         try:
-            ok = await asyncio.to_thread(self._recorder_call, records)
+            if self.cfg.recorder == "process":
+                ok = await asyncio.to_thread(self._recorder_call, records)
+            else:
+                from flows.mqtt_ingest import mqtt_ingest_record
+
+                state = await mqtt_ingest_record(records, return_state=True)
+                ok = state.is_completed()
         except Exception:
             log.exception("recording flow run crashed")
             ok = False

@@ -35,12 +35,19 @@ def assembler(
     batch_max: int = typer.Option(200, help="finished images per flow run, at most"),
     batch_window_ms: int = typer.Option(20, help="how long a batch waits for more images"),
     concurrent_batches: int = typer.Option(2, help="flow runs in flight"),
+    recorder: str = typer.Option(
+        "inline",
+        help="where recording flow runs execute: inline (this process) or process "
+        "(a child with its own Prefect client: off this GIL, ~120 MB more memory)",
+    ),
 ) -> None:
     """Assemble chunked images from ESP32CAM/+/data, store them, write rows, ACK_OK."""
     import logging
 
     if ack_path not in ("direct", "flow"):
         raise typer.BadParameter("--ack-path is direct or flow")
+    if recorder not in ("inline", "process"):
+        raise typer.BadParameter("--recorder is inline or process")
 
     from blocks.mqtt import MqttBroker
     from camfleet.protocol.assembler import Timing
@@ -73,6 +80,7 @@ def assembler(
         max_batch_images=batch_max,
         batch_window_s=batch_window_ms / 1000,
         max_concurrent_batches=concurrent_batches,
+        recorder=recorder,
         topics=(s.topic_pattern_status, s.topic_pattern_data, s.topic_pattern_ack),
     )
     AssemblerService(broker, cfg).run_forever()
