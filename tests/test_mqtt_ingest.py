@@ -155,6 +155,21 @@ def test_fleet_with_drops_duplicates_reorder_is_byte_identical(
     assert rows(database_url, "select count(*) from sensor_readings") == [(16,)]
 
 
+@pytest.mark.parametrize("recorder", ["inline", "process"])
+def test_both_recorders_stamp_the_recording_run_on_every_row(
+    recorder, mosquitto, make_service, database_url
+):
+    b = broker_block(mosquitto)
+    make_service(b, recorder=recorder)
+    r = simulate(b, SimOptions(devices=2, images=2, id_prefix=f"5EC{len(recorder):03X}"))
+    assert r.images_acked == 4
+    query = "select flow_run_id from captures"
+    got = wait_for(
+        lambda: all(g[0] for g in rows(database_url, query)) and rows(database_url, query)
+    )
+    assert got and len(got) == 4
+
+
 def test_resent_stored_image_is_acked_again_without_second_row_or_object(
     mosquitto, make_service, database_url, tmp_path
 ):
