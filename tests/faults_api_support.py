@@ -31,8 +31,8 @@ from camfleet.agent.client import Agent, AgentConfig
 from camfleet.protocol import triggers as core
 from camfleet.simulators.lifelog import DeviceError, LifelogDevice, pair
 from tasks import triggers as trig
+from tests.faults_common import wait_until as _wait_until
 from tests.test_api_commands_helpers import SECRET, add_device, fetch
-from tests.waiting import wait_until as _wait_until
 
 # Agents reconnect fast so a test does not wait on backoff; the ceiling still doubles
 # a few times, as in production, between the API going away and coming back.
@@ -389,5 +389,5 @@ def final_trigger_states(dsn: str, maker: TriggerMaker) -> dict[str, int]:
 
 
 def wait_until(fn, timeout: float, step: float = 0.2):
-    """tests.waiting.wait_until, polling less often: these checks query PostgreSQL."""
+    """tests.faults_common.wait_until, polling less often: these checks query PostgreSQL."""
     return _wait_until(fn, timeout, step)

@@ -21,7 +21,6 @@ import hashlib
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -32,9 +31,7 @@ from pathlib import Path
 
 import psycopg2
 
-from tests.waiting import wait_until
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.faults_common import ChildProcess
 
 REPO_DIR = "cameraImageRepo"
 BUFFER_DIR = "bufferStorage"
@@ -49,10 +46,6 @@ DEVICE_IDLE_S = 0.3
 
 # A child process that does not exit this long after SIGTERM is SIGKILLed.
 STOP_WAIT_S = 15.0
-
-# `camfleet signer` imports boto3, paho and psycopg2 and connects: seconds on a loaded
-# 2-core machine; past this it is broken, not slow.
-SIGNER_START_S = 60.0
 
 FINAL_GRANT_STATES = ("verified", "failed", "expired")
 
@@ -194,60 +187,6 @@ class Watcher:
 
 
 # ---- child processes -------------------------------------------------------------------------
-
-
-class ChildProcess:
-    """A child process logging to a file, that can be SIGKILLed and started again."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path, ready_line: str):
-        self.argv, self.env, self.log, self.ready_line = argv, env, log, ready_line
-        self.p: subprocess.Popen | None = None
-        self._offset = 0
-
-    def start(self, timeout: float = SIGNER_START_S) -> None:
-        self.spawn()
-        self.wait_ready(timeout)
-
-    def spawn(self) -> None:
-        """Start the process without waiting (two children then import in parallel)."""
-        self._offset = self.log.stat().st_size if self.log.exists() else 0
-        with open(self.log, "ab") as out:
-            self.p = subprocess.Popen(  # noqa: S603 - our own code, loopback only
-                self.argv,
-                env=self.env,
-                cwd=REPO_ROOT,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def wait_ready(self, timeout: float = SIGNER_START_S) -> None:
-        def ready():
-            if self.p.poll() is not None:
-                raise RuntimeError(f"{self.argv[1]} exited: {self.tail()}")
-            with open(self.log, "rb") as f:
-                f.seek(self._offset)
-                return self.ready_line.encode() in f.read()
-
-        if not wait_until(ready, timeout, 0.05):
-            raise RuntimeError(f"{self.argv[1]} not ready after {timeout:.0f} s: {self.tail()}")
-
-    def kill(self) -> None:
-        self.p.send_signal(signal.SIGKILL)
-        self.p.wait(10)
-
-    def stop(self) -> None:
-        if self.p and self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
 
 
 def signer_process(env: dict[str, str], log: Path, client_id: str) -> ChildProcess:

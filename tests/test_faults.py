@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -38,7 +36,7 @@ from blocks.mqtt import MqttBroker
 from camfleet import db
 from camfleet.localsvc import MosquittoInstance, PostgresInstance
 from camfleet.simulators.esp32 import SimOptions, simulate
-from tests.waiting import wait_until
+from tests.faults_common import ChildProcess, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -151,36 +149,6 @@ class Fleet:
         self.t.join(timeout)
 
 
-class Assembler:
-    """`camfleet assembler` as a child process (so it can be SIGKILLed)."""
-
-    def __init__(self, env: dict[str, str], log: Path):
-        self.env, self.log = env, log
-        self.p: subprocess.Popen | None = None
-
-    def start(self):
-        exe = Path(sys.executable).parent / "camfleet"
-        with open(self.log, "ab") as out:
-            self.p = subprocess.Popen(  # noqa: S603 - our own CLI, loopback only
-                [str(exe), "assembler", "--no-prefect"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill(self):
-        self.p.send_signal(signal.SIGKILL)
-        self.p.wait(10)
-
-    def stop(self):
-        if self.p and self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(STOP_WAIT_S)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 def check_invariants(dsn: str, objects: Path, acked: set, sent: dict) -> dict[str, int]:
     with db.connect(dsn) as conn, conn.cursor() as cur:
         cur.execute(
@@ -247,8 +215,12 @@ def stack(tmp_path):
         }
         env.pop("CAMFLEET_MQTT_BLOCK", None)
         env.pop("CAMFLEET_DATABASE_BLOCK", None)
-        asm = Assembler(env, tmp_path / "assembler.log")
-        asm.start()
+        exe = str(Path(sys.executable).parent / "camfleet")
+        asm = ChildProcess(
+            [exe, "assembler", "--no-prefect"], env, tmp_path / "assembler.log",
+            ready_line="", stop_wait_s=STOP_WAIT_S,
+        )  # fmt: skip
+        asm.spawn()
         try:
             yield mq, pg, dsn, objects, asm, tmp_path
         finally:
@@ -278,7 +250,7 @@ def test_kill_broker_database_and_assembler_while_devices_send(stack):
         def kill_assembler():
             asm.kill()
             time.sleep(DOWN_S)
-            asm.start()
+            asm.spawn()
 
         table = []
         for name, fault in (

@@ -57,10 +57,10 @@ from camfleet.edge.uploader import BatchFailed, EdgeUploader, request_urls
 from camfleet.localsvc import MosquittoInstance, PostgresInstance, S3Instance
 from camfleet.protocol import edge_batch as eb
 from services.signer import Signer
+from tests.faults_common import ChildProcess, wait_until
 from tests.faults_edge_support import (
     Bucket,
     Camera,
-    ChildProcess,
     Row,
     Watcher,
     check_invariants,
@@ -69,7 +69,6 @@ from tests.faults_edge_support import (
     signer_process,
 )
 from tests.test_edge_transaction import broker_block, device, make_store, write_images
-from tests.waiting import wait_until
 
 # A small fleet keeps the 2-core machine usable for other work: three devices, one
 # 8 KB image each per second, i.e. a batch of five every few seconds per device.

@@ -51,6 +51,7 @@ import pytest
 
 from camfleet.localsvc import SshdInstance
 from camfleet.uploader.simulate import local_config
+from tests.faults_common import wait_until
 from tests.faults_prefect_support import (
     BIG_VIDEO_BYTES,
     CRASH_MESSAGE,
@@ -72,7 +73,6 @@ from tests.faults_prefect_support import (
     worker,
     write_config,
 )
-from tests.waiting import wait_until
 
 # Scan every second; a package is taken once both files are a second old (the writer
 # writes the video first and the JSON last, as the analyzer does).
