@@ -24,6 +24,10 @@ Error codes (exactly the seed's table) and what this implementation uses them fo
                 types, missing fields, malformed device id, topic/payload device id
                 mismatch, declaration beyond the limits (image bytes, chunk count,
                 chunk size), chunk id out of range.  ``details["reason"]`` says which.
+      warn      ``reason: normalized``: the message was accepted after values
+                PostgreSQL cannot hold were replaced (NaN/Infinity -> null, NUL and
+                lone surrogates removed from text, a timestamp outside 2000-2100
+                dropped); ``details["fields"]`` names them.
 2102  warn      a chunk without (or with an empty) ``payload`` field.
 2103  error     base64 decode of a chunk payload failed.
 2200  error     the assembly cannot be finalized consistently: two different bodies for
@@ -42,6 +46,15 @@ Error codes (exactly the seed's table) and what this implementation uses them fo
 2204  error     storage upload failed after retries (emitted by the shell).
 2205  error     the ``captures`` write failed after retries (emitted by the shell).
 ====  ========  ==========================================================================
+
+Device-reported failures (decision)
+-----------------------------------
+Metadata whose ``error`` is non-zero is the device saying its capture failed (the seed
+sends ``"error": 0``).  Its ``image_size``/``total_chunk_count`` may be 0; it is parsed
+into a :class:`DeviceFailure`, the core answers :class:`RecordDeviceFailure` and
+remembers the image (late chunks are dropped), and the shell writes an error row with
+the device's own code (DEVICE_ERRORS), a ``captures`` row ``failed``, the sensor
+reading, and then ACK_OK: the only answer seed firmware knows that lets it move on.
 
 Images failing 2202/2203 (decision)
 -----------------------------------
@@ -118,6 +131,31 @@ CAPTURE_TIMEOUT_MS = 60_000
 RETRANSMIT_DELAY_MS = 3_000
 RETRANSMIT_MAX = 3
 
+# Held bytes of one early chunk beyond its payload (bytes object header, dict slot, int
+# key) and of one early image key (its dict, key tuple, timestamps): what the budget
+# counts, so 50,000 one-byte chunks cost what they really cost (measured with
+# sys.getsizeof/tracemalloc on CPython 3.12, rounded up).
+EARLY_CHUNK_OVERHEAD = 160
+EARLY_KEY_OVERHEAD = 700
+
+# Device-reported capture failures: metadata "error" codes (docs/mqtt-ingest.md).
+DEVICE_ERRORS = {
+    1: "camera init failed",
+    2: "capture failed",
+    3: "sensor read failed",
+    4: "memory allocation failed",
+}
+DEVICE_ERROR_UNKNOWN = "unknown device error"
+
+# A capture timestamp outside these years is not a camera clock, it is noise (or an
+# attack on timestamptz); it is dropped with a 2101 warning.
+MIN_CAPTURE_YEAR = 2000
+MAX_CAPTURE_YEAR = 2100
+
+# Sensor values beyond this magnitude cannot be real readings; psycopg2 would send a
+# huge int as numeric, which double precision refuses.
+MAX_SENSOR_ABS = 1e12
+
 JPEG_SOI = b"\xff\xd8"
 JPEG_EOI = b"\xff\xd9"
 
@@ -181,6 +219,7 @@ class StatusMessage:
     status: str
     pending_count: int | None
     raw: dict[str, Any]
+    normalized: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -191,6 +230,18 @@ class MetadataMessage:
     total_chunks: int
     chunk_size: int | None
     metadata: dict[str, Any]  # the validated seed fields (timestamp, location, sensors)
+    normalized: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeviceFailure:
+    """Metadata with a non-zero ``error``: the device reports a failed capture."""
+
+    device_id: str
+    image_name: str
+    device_error: int
+    metadata: dict[str, Any]
+    normalized: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -209,7 +260,7 @@ class AckMessage:
     raw: dict[str, Any] | None
 
 
-Message = StatusMessage | MetadataMessage | ChunkMessage | AckMessage
+Message = StatusMessage | MetadataMessage | ChunkMessage | AckMessage | DeviceFailure
 
 
 # ---------------------------------------------------------------------------------------
@@ -288,13 +339,39 @@ class CaptureFailed:
     total_chunks: int
 
 
-Action = SendNack | SendAck | FinalizeImage | RecordError | RecordStatus | CaptureFailed
+@dataclass(frozen=True)
+class RecordDeviceFailure:
+    """The shell records a device-reported failure (error row, failed capture, sensor
+    reading) and then ACKs it."""
+
+    device_id: str
+    image_name: str
+    device_error: int
+    message: str
+    metadata: dict[str, Any]
+
+
+Action = (
+    SendNack
+    | SendAck
+    | FinalizeImage
+    | RecordError
+    | RecordStatus
+    | CaptureFailed
+    | RecordDeviceFailure
+)
 
 
 def error(code: int, device_id, image_name, reason: str | None = None, **details) -> RecordError:
     if reason is not None:
         details = {"reason": reason, **details}
     return RecordError(code, SEVERITY[code], device_id, image_name, DESCRIPTION[code], details)
+
+
+def normalized_warning(device_id: str, image_name: str | None, fields) -> RecordError:
+    """2101 as a warning: the message was accepted with these fields normalized."""
+    details = {"reason": "normalized", "fields": list(fields)[:32]}
+    return RecordError(2101, "warn", device_id, image_name, DESCRIPTION[2101], details)
 
 
 class ProtocolError(Exception):
@@ -351,7 +428,83 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return (isinstance(v, int | float) and not isinstance(v, bool)) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:  # a 400-digit int does not fit a float (OverflowError)
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+_LONE_SURROGATES = re.compile("[\ud800-\udfff]")
+# Deeper than any seed message; bounds the walk below (json.loads already refused
+# documents deeper than the interpreter's recursion limit).
+MAX_JSON_DEPTH = 32
+
+
+def _clean_text(v: str) -> str | None:
+    """Text PostgreSQL can hold (no NUL, no lone surrogate), or None if unchanged."""
+    if "\x00" not in v and not _LONE_SURROGATES.search(v):
+        return None
+    return _LONE_SURROGATES.sub("\ufffd", v.replace("\x00", ""))
+
+
+def normalize_json(obj: Any) -> tuple[Any, list[str]]:
+    """Make a parsed JSON value storable in jsonb/text: NaN/Infinity -> None, NUL and
+    lone surrogates removed from strings and keys, nesting beyond MAX_JSON_DEPTH cut.
+    Returns the value and the paths changed (iterative: no recursion on hostile depth)."""
+    changed: list[str] = []
+
+    def fix(v, path, depth):
+        if isinstance(v, float) and not math.isfinite(v):
+            changed.append(path)
+            return None, False
+        if isinstance(v, str):
+            c = _clean_text(v)
+            if c is not None:
+                changed.append(path)
+                return c, False
+            return v, False
+        if isinstance(v, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                changed.append(path)
+                return None, False
+            return v, True
+        return v, False
+
+    root, descend = fix(obj, "$", 0)
+    stack = [(root, "$", 0)] if descend else []
+    while stack:
+        node, path, depth = stack.pop()
+        if isinstance(node, dict):
+            for k in list(node):
+                ck = _clean_text(k) if isinstance(k, str) else None
+                sub = f"{path}.{(ck if ck is not None else k)[:40]}"
+                val, more = fix(node[k], sub, depth + 1)
+                if ck is not None:
+                    changed.append(sub)
+                    del node[k]
+                    k = ck
+                node[k] = val
+                if more:
+                    stack.append((val, sub, depth + 1))
+        else:
+            for i, item in enumerate(node):
+                val, more = fix(item, f"{path}[{i}]", depth + 1)
+                node[i] = val
+                if more:
+                    stack.append((val, f"{path}[{i}]", depth + 1))
+    return root, changed
+
+
+def _capture_time_ok(ts: str) -> bool:
+    import datetime as _dt
+
+    try:
+        value = _dt.datetime.fromisoformat(ts)
+    except ValueError:
+        return True  # unparsable stays as the device sent it; no captured_at is derived
+    return MIN_CAPTURE_YEAR <= value.year <= MAX_CAPTURE_YEAR
 
 
 _SENSOR_FIELDS = ("temperature", "humidity", "pressure", "gas_resistance")
@@ -380,6 +533,14 @@ def parse_message(topic: str, payload: bytes, limits: Limits = Limits()) -> Mess
         return AckMessage(topic_device, obj if isinstance(obj, dict) else None)
     if not isinstance(obj, dict):
         raise ProtocolError(error(2101, topic_device, None, "not_an_object"))
+    # values PostgreSQL refuses are normalized here, at the edge, so that no row built
+    # from this message can poison a batched write later (2101 warning names them)
+    for f in ("device_id", "image_name"):  # echoed in topics and ACKs: refused, not cleaned
+        v = obj.get(f)
+        if isinstance(v, str) and _clean_text(v) is not None:
+            raise ProtocolError(error(2101, topic_device, None, "schema", field=f))
+    obj, normalized = normalize_json(obj)
+    normalized = tuple(normalized)
 
     dev = obj.get("device_id")
     if not isinstance(dev, str):
@@ -396,7 +557,7 @@ def parse_message(topic: str, payload: bytes, limits: Limits = Limits()) -> Mess
             raise ProtocolError(error(2101, dev, None, "schema", field="status"))
         if pending is not None and (not _is_int(pending) or not 0 <= pending < 1_000_000):
             raise ProtocolError(error(2101, dev, None, "schema", field="pendingImg"))
-        return StatusMessage(dev, status, pending, obj)
+        return StatusMessage(dev, status, pending, obj, normalized)
 
     name = obj.get("image_name")
     if not isinstance(name, str) or not name or len(name) > MAX_IMAGE_NAME_LEN:
@@ -432,6 +593,16 @@ def parse_message(topic: str, payload: bytes, limits: Limits = Limits()) -> Mess
     size = obj.get("image_size")
     total = obj.get("total_chunk_count")
     csize = obj.get("max_chunks_size")
+    err = obj.get("error")
+    if err is not None and not _is_int(err):
+        raise ProtocolError(error(2101, dev, name, "schema", field="error"))
+    if err:  # the device reports a failed capture: no image follows
+        meta, more = _metadata_fields(obj, dev, name)
+        meta["error"] = err
+        for f, v in (("image_size", size), ("total_chunk_count", total)):
+            if _is_int(v) and 0 <= v <= 1 << 31:
+                meta[f] = v
+        return DeviceFailure(dev, name, err, meta, normalized + more)
     if not _is_int(size) or not _is_int(total):
         raise ProtocolError(error(2101, dev, name, "schema", field="image_size/total_chunk_count"))
     if csize is not None and not _is_int(csize):
@@ -457,38 +628,53 @@ def parse_message(topic: str, payload: bytes, limits: Limits = Limits()) -> Mess
                 total_chunk_count=total,
             )
         )
+    meta, more = _metadata_fields(obj, dev, name)
+    if err is not None:
+        meta["error"] = err
+    meta["image_size"] = size
+    meta["total_chunk_count"] = total
+    if csize is not None:
+        meta["max_chunks_size"] = csize
+    return MetadataMessage(dev, name, size, total, csize, meta, normalized + more)
+
+
+def _metadata_fields(obj: dict, dev: str, name: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The seed's optional metadata fields, validated; plus the ones normalized away."""
     meta: dict[str, Any] = {}
+    more: list[str] = []
     ts = obj.get("capture_timeStamp")
     if ts is not None:
         if not isinstance(ts, str) or len(ts) > 64:
             raise ProtocolError(error(2101, dev, name, "schema", field="capture_timeStamp"))
-        meta["capture_timeStamp"] = ts
+        if _capture_time_ok(ts):
+            meta["capture_timeStamp"] = ts
+        else:
+            more.append("capture_timeStamp")
     loc = obj.get("location")
     if loc is not None:
         if not isinstance(loc, str) or len(loc) > 128:
             raise ProtocolError(error(2101, dev, name, "schema", field="location"))
         meta["location"] = loc
-    err = obj.get("error")
-    if err is not None:
-        if not _is_int(err):
-            raise ProtocolError(error(2101, dev, name, "schema", field="error"))
-        meta["error"] = err
     for f in _SENSOR_FIELDS:
         v = obj.get(f)
-        if v is not None:
-            if not _is_num(v):
-                raise ProtocolError(error(2101, dev, name, "schema", field=f))
-            meta[f] = v
-    meta["image_size"] = size
-    meta["total_chunk_count"] = total
-    if csize is not None:
-        meta["max_chunks_size"] = csize
-    return MetadataMessage(dev, name, size, total, csize, meta)
+        if v is None:
+            continue
+        if not _is_num(v):
+            raise ProtocolError(error(2101, dev, name, "schema", field=f))
+        if abs(v) > MAX_SENSOR_ABS:
+            more.append(f)
+            continue
+        meta[f] = v
+    return meta, tuple(more)
 
 
 # ---------------------------------------------------------------------------------------
 # The assembler
 # ---------------------------------------------------------------------------------------
+
+
+def _early_held(buf: dict[int, bytes]) -> int:
+    return EARLY_KEY_OVERHEAD + sum(len(d) + EARLY_CHUNK_OVERHEAD for d in buf.values())
 
 
 class _Assembly:
@@ -549,7 +735,10 @@ class Assembler:
         self._early: dict[tuple[str, str], dict[int, bytes]] = {}
         self._early_since: dict[tuple[str, str], float] = {}
         self._early_per_device: dict[str, int] = {}
-        self._early_bytes = 0
+        self._early_bytes = 0  # payload bytes
+        # what early chunks really hold (payload + per-chunk and per-image overhead):
+        # the figure max_early_bytes_total bounds
+        self._early_held = 0
         # recently finalized/failed (device, name) -> time; late QoS-1 duplicates of a
         # finished image are dropped instead of starting a new assembly
         self._recent: OrderedDict[tuple[str, str], float] = OrderedDict()
@@ -578,6 +767,10 @@ class Assembler:
     def early_bytes(self) -> int:
         return self._early_bytes
 
+    @property
+    def early_held_bytes(self) -> int:
+        return self._early_held
+
     def active(self) -> int:
         return len(self._asm)
 
@@ -596,11 +789,46 @@ class Assembler:
     def receive(self, msg: Message, now: float) -> list[Action]:
         if isinstance(msg, ChunkMessage):
             return self._on_chunk(msg, now)
+        out: list[Action] = []
+        if getattr(msg, "normalized", ()):
+            self.stats["errors"] += 1
+            out.append(
+                normalized_warning(msg.device_id, getattr(msg, "image_name", None), msg.normalized)
+            )
         if isinstance(msg, MetadataMessage):
-            return self._on_metadata(msg, now)
+            return out + self._on_metadata(msg, now)
         if isinstance(msg, StatusMessage):
-            return [RecordStatus(msg.device_id, msg.status, msg.pending_count)]
-        return []
+            return out + [RecordStatus(msg.device_id, msg.status, msg.pending_count)]
+        if isinstance(msg, DeviceFailure):
+            return out + self._on_device_failure(msg, now)
+        return out
+
+    def _on_device_failure(self, msg: DeviceFailure, now: float) -> list[Action]:
+        key = (msg.device_id, msg.image_name)
+        if self._recently_done(key, now):  # QoS 1 redelivery of the same report
+            self.stats["duplicates"] += 1
+            return []
+        if key in self._asm:  # the device gave up on an image it had started
+            self._drop(key)
+        early = self._early.pop(key, None)
+        if early is not None:
+            self._forget_early(key, early)
+        self._remember(key, now)
+        text = DEVICE_ERRORS.get(msg.device_error, DEVICE_ERROR_UNKNOWN)
+        return [
+            RecordDeviceFailure(msg.device_id, msg.image_name, msg.device_error, text, msg.metadata)
+        ]
+
+    def _forget_early(self, key, buf: dict[int, bytes]) -> None:
+        """Release the accounting of an early-chunk buffer already popped from _early."""
+        self._early_since.pop(key, None)
+        self._early_bytes -= sum(len(d) for d in buf.values())
+        self._early_held -= _early_held(buf)
+        n = self._early_per_device[key[0]] - len(buf)
+        if n:
+            self._early_per_device[key[0]] = n
+        else:
+            del self._early_per_device[key[0]]
 
     def _recently_done(self, key, now) -> bool:
         t = self._recent.get(key)
@@ -646,11 +874,7 @@ class Assembler:
         out: list[Action] = []
         early = self._early.pop(key, None)
         if early is not None:
-            self._early_since.pop(key, None)
-            self._early_per_device[msg.device_id] -= len(early)
-            if not self._early_per_device[msg.device_id]:
-                del self._early_per_device[msg.device_id]
-            self._early_bytes -= sum(len(d) for d in early.values())
+            self._forget_early(key, early)
             for cid, data in sorted(early.items()):
                 if key not in self._asm:
                     break
@@ -687,7 +911,11 @@ class Assembler:
             return []
         if (
             self._early_per_device.get(msg.device_id, 0) >= lim.max_early_chunks_per_device
-            or self._early_bytes + len(msg.data) > lim.max_early_bytes_total
+            or self._early_held
+            + len(msg.data)
+            + EARLY_CHUNK_OVERHEAD
+            + (EARLY_KEY_OVERHEAD if buf is None else 0)
+            > lim.max_early_bytes_total
         ):
             # recovered by NACK if the metadata arrives; reported once per image so an
             # image whose metadata never comes still ends in a coded error
@@ -709,6 +937,9 @@ class Assembler:
         buf[msg.chunk_id] = msg.data
         self._early_per_device[msg.device_id] = self._early_per_device.get(msg.device_id, 0) + 1
         self._early_bytes += len(msg.data)
+        self._early_held += (
+            len(msg.data) + EARLY_CHUNK_OVERHEAD + (EARLY_KEY_OVERHEAD if len(buf) == 1 else 0)
+        )
         return []
 
     def _add_chunk(self, a: _Assembly, cid: int, data: bytes, now: float) -> list[Action]:
@@ -879,13 +1110,7 @@ class Assembler:
         for key, since in list(self._early_since.items()):
             if now >= since + t.capture_timeout:
                 buf = self._early.pop(key)
-                del self._early_since[key]
-                self._early_bytes -= sum(len(d) for d in buf.values())
-                n = self._early_per_device[key[0]] - len(buf)
-                if n:
-                    self._early_per_device[key[0]] = n
-                else:
-                    del self._early_per_device[key[0]]
+                self._forget_early(key, buf)
                 self.stats["errors"] += 1
                 out.append(
                     error(
