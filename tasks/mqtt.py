@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from camfleet import db
-from camfleet.keys import object_key, sanitize_name
+from camfleet.keys import BadName, object_key, sanitize_name
 from camfleet.protocol.assembler import FinalizeImage, encode_ack
 
 # Retries of the storage and database tasks: 3 retries 0.5/1/2 s apart ride out a
@@ -93,13 +94,22 @@ def new_batch(images: list[tuple[FinalizeImage, float]]) -> IngestBatch:
     """A batch of (image, monotonic time it was assembled)."""
     items = []
     for img, finalized_at in images:
-        key = object_key(
-            "esp32", img.device_id, f"{img.sha256[:16]}-{sanitize_name(img.safe_name)}"
-        )
+        key = object_key("esp32", img.device_id, f"{img.sha256[:16]}-{storage_name(img)}")
         items.append(Item(img, key, img.image_name, finalized_at=finalized_at))
     batch = IngestBatch(uuid.uuid4().hex, items)
     _BATCHES[batch.batch_id] = batch
     return batch
+
+
+def storage_name(img: FinalizeImage) -> str:
+    """The file-name part of an image's key.  A device's name that sanitizes to nothing
+    ('?', 'é', '日本', '_') gets a stand-in derived from its hash, so the image is still
+    stored (and a resend maps to the same key) instead of failing the whole batch."""
+    try:
+        return sanitize_name(img.safe_name)
+    except BadName:
+        digest = hashlib.sha256(img.image_name.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"img-{digest[:16]}"
 
 
 def get_batch(batch_id: str) -> IngestBatch:

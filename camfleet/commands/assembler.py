@@ -37,8 +37,21 @@ def assembler(
     concurrent_batches: int = typer.Option(2, help="flow runs in flight"),
     recorder: str = typer.Option(
         "inline",
-        help="where recording flow runs execute: inline (this process) or process "
-        "(a child with its own Prefect client: off this GIL, ~120 MB more memory)",
+        help="where recording flow runs execute: inline (a thread of this process) or "
+        "process (a child with its own Prefect client: off this GIL, ~120 MB more memory)",
+    ),
+    unknown_devices: str = typer.Option(
+        "register",
+        envvar="CAMFLEET_MQTT_UNKNOWN_DEVICES",
+        help="device ids not in `devices`: register (admitted at a bounded rate, see "
+        "--new-device-burst/--new-device-per-min) or refuse (registered devices only)",
+    ),
+    new_device_burst: int = typer.Option(200, help="new device ids admitted at once"),
+    new_device_per_min: float = typer.Option(
+        60, help="new device ids admitted per minute after the burst"
+    ),
+    health_port: int = typer.Option(
+        None, help="serve GET /healthz on 127.0.0.1:PORT (200 ready, 503 not)"
     ),
 ) -> None:
     """Assemble chunked images from ESP32CAM/+/data, store them, write rows, ACK_OK."""
@@ -48,6 +61,8 @@ def assembler(
         raise typer.BadParameter("--ack-path is direct or flow")
     if recorder not in ("inline", "process"):
         raise typer.BadParameter("--recorder is inline or process")
+    if unknown_devices not in ("register", "refuse"):
+        raise typer.BadParameter("--unknown-devices is register or refuse")
 
     from blocks.mqtt import MqttBroker
     from camfleet.protocol.assembler import Timing
@@ -82,6 +97,10 @@ def assembler(
         max_concurrent_batches=concurrent_batches,
         recorder=recorder,
         topics=(s.topic_pattern_status, s.topic_pattern_data, s.topic_pattern_ack),
+        unknown_devices=unknown_devices,
+        new_device_burst=new_device_burst,
+        new_device_per_min=new_device_per_min,
+        health_port=health_port,
     )
     AssemblerService(broker, cfg).run_forever()
 

@@ -594,7 +594,7 @@ def parse_message(topic: str, payload: bytes, limits: Limits = Limits()) -> Mess
     total = obj.get("total_chunk_count")
     csize = obj.get("max_chunks_size")
     err = obj.get("error")
-    if err is not None and not _is_int(err):
+    if err is not None and not (_is_int(err) and -(2**31) <= err < 2**31):
         raise ProtocolError(error(2101, dev, name, "schema", field="error"))
     if err:  # the device reports a failed capture: no image follows
         meta, more = _metadata_fields(obj, dev, name)

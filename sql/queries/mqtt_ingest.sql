@@ -91,3 +91,17 @@ set last_seen_at = greatest(devices.last_seen_at, excluded.last_seen_at);
 update captures
 set flow_run_id = :flow_run_id, updated_at = now()
 where record_id = any(:record_ids) and flow_run_id is null;
+
+-- name: ingest_record_device_failure^
+-- The device reported a failed capture (metadata "error" non-zero): the row says so,
+-- unless an earlier send of the same image name is already stored.
+insert into captures (device_id, device_capture_id, source, captured_at, image_bytes,
+                      total_chunks, content_type, ingest_status, metadata)
+values (:device_id, :device_capture_id, 'mqtt', :captured_at, 0, 0, 'image/jpeg',
+        'failed', :metadata)
+on conflict (device_id, device_capture_id) do update
+set ingest_status = 'failed',
+    metadata = captures.metadata || excluded.metadata,
+    updated_at = now()
+where captures.ingest_status not in ('stored', 'quarantined')
+returning record_id;

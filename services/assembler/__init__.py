@@ -41,6 +41,20 @@ Batches are formed by load: a batch takes everything that finished while the pre
 batches were busy (up to MAX_BATCH_IMAGES).  ``--no-prefect`` drops the recording run
 too (rows then carry no flow_run_id).
 
+Fault isolation (issue 12; docs/mqtt-ingest.md "Hostile devices")
+-----------------------------------------------------------------
+* Every message is handled inside its own try: whatever goes wrong becomes a coded
+  error for that device and one log line.  A worker thread that dies anyway is a crash:
+  the process exits EXIT_CRASHED (70) so its supervisor restarts it (never half-dead).
+* Rows are written by rows.RowWriter: a row the database refuses is isolated by
+  bisection and quarantined (2205), the rest of the batch is written.
+* Device ids not yet registered are admitted by admission.DeviceAdmission
+  (``--unknown-devices register|refuse``, bounded rate); the inbox is bounded in bytes
+  (INBOX_MAX_BYTES): what arrives beyond it is dropped and counted.
+* Flow-run recording (recorder.Recorder) runs on its own thread, only with a configured
+  Prefect API, with a bounded backlog: the ACK path never waits on Prefect.
+* Ready means subscribed: the broker's SUBACK, not the CONNACK (``--health-port``).
+
 Persistent session: a stable client id with clean_session=False and QoS 1
 subscriptions, so the broker queues a device's chunks while we reconnect (backoff
 1..30 s); `stop()` finishes the stores in flight, ACKs them, then disconnects.
@@ -49,12 +63,10 @@ subscriptions, so the broker queues a device's chunks while we reconnect (backof
 from __future__ import annotations
 
 import asyncio
-import csv
 import datetime as dt
-import io
 import json
 import logging
-import multiprocessing
+import os
 import queue
 import re
 import signal
@@ -66,10 +78,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg2
-import psycopg2.extras
 
 from camfleet import db
 from camfleet.protocol import assembler as core
+from services.assembler.admission import (
+    KNOWN_REFRESH_S,
+    NEW_DEVICE_BURST,
+    NEW_DEVICE_PER_MIN,
+    DeviceAdmission,
+)
+from services.assembler.recorder import (
+    RECORD_BACKLOG,
+    RECORD_INTERVAL_S,
+    Recorder,
+    prefect_api_configured,
+)
+from services.assembler.rows import DB_FLUSH_INTERVAL_S, RowWriter
 
 log = logging.getLogger("camfleet.assembler")
 
@@ -82,32 +106,28 @@ BATCH_WINDOW_S = 0.02
 # Flow runs in flight: two overlap one run's Prefect bookkeeping with the next one's
 # store and SQL; more would just queue on the Prefect server (2 cores).
 MAX_CONCURRENT_BATCHES = 2
-# The db writer flushes at least this often (rows of status/errors/logs are not on the
-# ACK path) or when this many rows are waiting.
-DB_FLUSH_INTERVAL_S = 0.2
-DB_FLUSH_ROWS = 2000
-# Rows kept while the database is down, per kind; beyond it the oldest log rows go
-# first (device_publish_log is diagnostics, errors and status are kept longer).
-MAX_PENDING_ROWS = 50_000
 # Reconnect backoff to the broker.
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 30
 # paho in-flight / queued QoS 1 publishes (ACKs/NACKs): lifted from paho's default 20,
 # a batch ACKs up to MAX_BATCH_IMAGES devices at once.
 MAX_INFLIGHT_PUBLISHES = 1000
-# The recording flow run (default ACK path): at most one per interval, covering up to
-# RECORD_MAX captures; 2 s keeps Prefect at ~0.5 runs/s whatever the image rate.
-RECORD_INTERVAL_S = 2.0
-RECORD_MAX = 2000
-# A recording run that keeps failing gives up on its captures after this many tries
-# (they are stored and ACKed; only the flow_run_id stays empty).
-RECORD_ATTEMPTS = 5
 # Assembled images waiting for (or inside) a store/row/ACK batch.  When storage or the
 # database stalls, images beyond this are refused (2200 "ingest_backlog", no ACK: the
 # device keeps its copy and resends) instead of growing the heap without bound.
 MAX_BACKLOG_BYTES = 128 * 1024 * 1024
 # How long stop() waits for in-flight stores before giving up (devices resend anyway).
 SHUTDOWN_TIMEOUT_S = 60
+# Bytes of received MQTT payloads waiting for the worker.  paho delivers whatever the
+# broker sends; beyond this the message is dropped (counted in stats["inbox_dropped"]):
+# a device resends an unACKed image, a lost chunk is NACKed.  64 MiB is ~5 s of a
+# 100-device fleet at full speed.
+INBOX_MAX_BYTES = 64 * 1024 * 1024
+# Bookkeeping per inbox entry beyond its payload (tuple, topic str, float, bytes header).
+INBOX_ENTRY_OVERHEAD = 200
+# A worker thread died: the process exits with this code (EX_SOFTWARE) so that its
+# supervisor restarts it.
+EXIT_CRASHED = 70
 
 
 @dataclass
@@ -128,32 +148,20 @@ class ServiceConfig:
     batch_window_s: float = BATCH_WINDOW_S
     max_concurrent_batches: int = MAX_CONCURRENT_BATCHES
     topics: tuple[str, str, str] = ("ESP32CAM/+/status", "ESP32CAM/+/data", "ESP32CAM/+/ack")
+    # device ids not yet in `devices`: "register" (at a bounded rate) or "refuse"
+    unknown_devices: str = "register"
+    new_device_burst: int = NEW_DEVICE_BURST
+    new_device_per_min: float = NEW_DEVICE_PER_MIN
+    inbox_max_bytes: int = INBOX_MAX_BYTES
+    record_backlog: int = RECORD_BACKLOG
+    health_port: int | None = None  # GET /healthz on 127.0.0.1:<port>; 0 = any free port
+    health_host: str = "127.0.0.1"
 
 
 def redact_url(url: str) -> str:
     """A URL for logs: no password, no query string secrets."""
     url = re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
     return re.sub(r"(?i)(password|secret|token|key)=[^&]*", r"\1=***", url)
-
-
-# device_publish_log gets a row per chunk (the seed's diagnostics query shows chunk ids),
-# thousands a second: COPY costs PostgreSQL a third of the time of INSERT ... VALUES and
-# this process half the CPU (measured on 20,000 rows).
-_PUBLISH_LOG_COPY = (
-    "COPY device_publish_log (device_id, topic, direction, payload, received_at)"
-    " FROM STDIN WITH (FORMAT csv)"
-)
-
-
-def _copy_publish_log(cur, rows) -> None:
-    """(device_id, topic, direction, payload dict, received_at) rows, in one COPY."""
-    buf = io.StringIO()
-    csv.writer(buf).writerows(
-        (d, topic, direction, json.dumps(p, separators=(",", ":")), wall.isoformat())
-        for d, topic, direction, p, wall in rows
-    )
-    buf.seek(0)
-    cur.copy_expert(_PUBLISH_LOG_COPY, buf)
 
 
 class AssemblerService:
@@ -166,28 +174,49 @@ class AssemblerService:
         self.pool = db.Pool(config.database_url, maxconn=6)
         self.core = core.Assembler(config.limits, config.timing)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox_bytes = 0
+        self._inbox_lock = threading.Lock()
         self.finished: queue.SimpleQueue = queue.SimpleQueue()
-        self._rows: dict[str, deque] = {
-            k: deque() for k in ("error", "status", "log", "failed", "seen")
+        self.stats = {
+            "messages": 0,
+            "batches": 0,
+            "acks": 0,
+            "nacks": 0,
+            "db_errors": 0,
+            "internal_errors": 0,
+            "inbox_dropped": 0,
+            "device_failures": 0,
         }
-        self._rows_lock = threading.Lock()
-        self._seen: dict[str, dt.datetime] = {}
+        self.rows = RowWriter(self.pool, self.stats, self._ack_device_failure)
+        self.admission = DeviceAdmission(
+            config.unknown_devices, config.new_device_burst, config.new_device_per_min
+        )
+        # Prefect: recording runs only with a configured API (never a temporary server)
+        self.prefect_api = prefect_api_configured() if config.use_prefect else None
+        self.ack_path = config.ack_path if self.prefect_api else "direct"
+        self.recorder = None
+        if self.prefect_api and self.ack_path == "direct":
+            self.recorder = Recorder(
+                config.recorder,
+                config.storage_url,
+                config.database_url,
+                self.stats,
+                backlog=config.record_backlog,
+            )
         self._stopping = threading.Event()
         self._worker_done = threading.Event()
-        self._connected = threading.Event()
+        self._connected = threading.Event()  # set on the SUBACK: ready means subscribed
+        self._subscribe_mid: int | None = None
         self._threads: list[threading.Thread] = []
         self._inflight_batches = 0
         self._ingest_idle = threading.Event()
         self._ingest_idle.set()
-        self._ingest_loop: asyncio.AbstractEventLoop | None = None
-        self._to_record: deque = deque()
         self._backlog_bytes = 0
         self._backlog_lock = threading.Lock()
-        self._recorder_lock = threading.Lock()
-        self._recorder_proc = None
-        self._recorder_conn = None
+        self.crashed: str | None = None
+        self._exit = os._exit  # tests replace it to observe a crash
+        self.health = None
         self.client = None
-        self.stats = {"messages": 0, "batches": 0, "acks": 0, "nacks": 0, "db_errors": 0}
         # timings for the summary printed at stop (bounded: the last 100k of each)
         self._batch_seconds: deque = deque(maxlen=100_000)
         self._finalize_to_ack: deque = deque(maxlen=100_000)
@@ -197,24 +226,35 @@ class AssemblerService:
         line = "=" * 60
         if not self.cfg.use_prefect:
             prefect = "off"
-        elif self.cfg.ack_path == "flow":
+        elif not self.prefect_api:
+            prefect = (
+                "no Prefect API configured (PREFECT_API_URL): captures are stored and "
+                "ACKed, no flow runs are recorded"
+            )
+        elif self.ack_path == "flow":
             prefect = "one mqtt-ingest flow run per batch (on the ACK path)"
         else:
             prefect = f"one mqtt-ingest-record flow run per {RECORD_INTERVAL_S:g} s"
-        return "\n".join(
-            [
-                line,
-                "camfleet MQTT assembler - ESP32S3-CAM Fleet Ingestion",
-                line,
-                f"MQTT Broker: {self.broker.host}:{self.broker.port} (TLS: {self.broker.tls})",
-                f"Database: {redact_url(self.cfg.database_url)}",
-                f"Storage: {redact_url(self.store.describe())}",
-                f"Prefect: {prefect}",
-                f"Timeouts: capture {self.cfg.timing.capture_timeout:g}s, retransmit "
-                f"{self.cfg.timing.retransmit_delay:g}s x{self.cfg.timing.retransmit_max}",
-                line,
-            ]
-        )
+        lines = [
+            line,
+            "camfleet MQTT assembler - ESP32S3-CAM Fleet Ingestion",
+            line,
+            f"MQTT Broker: {self.broker.host}:{self.broker.port} (TLS: {self.broker.tls})",
+            f"Database: {redact_url(self.cfg.database_url)}",
+            f"Storage: {redact_url(self.store.describe())}",
+            f"Prefect: {prefect}",
+            f"Timeouts: capture {self.cfg.timing.capture_timeout:g}s, retransmit "
+            f"{self.cfg.timing.retransmit_delay:g}s x{self.cfg.timing.retransmit_max}",
+            f"Unknown devices: {self.cfg.unknown_devices}"
+            + (
+                f" (burst {self.cfg.new_device_burst}, then {self.cfg.new_device_per_min:g}/min)"
+                if self.cfg.unknown_devices == "register"
+                else ""
+            ),
+        ]
+        if self.health is not None:
+            lines.append(f"Health: http://{self.cfg.health_host}:{self.health.port}/healthz")
+        return "\n".join([*lines, line])
 
     # -- MQTT ----------------------------------------------------------------------
     def _make_client(self):
@@ -223,6 +263,7 @@ class AssemblerService:
         client.max_inflight_messages_set(MAX_INFLIGHT_PUBLISHES)
         client.max_queued_messages_set(0)
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         return client
@@ -237,7 +278,19 @@ class AssemblerService:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        client.subscribe([(t, 1) for t in self.cfg.topics])
+        _, self._subscribe_mid = client.subscribe([(t, 1) for t in self.cfg.topics])
+        if self._connected.is_set():
+            log.warning("MQTT reconnected (session present: %s)", flags.session_present)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None):
+        # ready only once the broker has acknowledged the subscriptions: a message sent
+        # right after "Subscribed" must not be lost
+        if mid != self._subscribe_mid:
+            return
+        failed = [rc for rc in reason_codes if getattr(rc, "is_failure", False)]
+        if failed:
+            log.error("MQTT subscription refused: %s", failed)
+            return
         first = not self._connected.is_set()
         self._connected.set()
         if first:
@@ -246,16 +299,26 @@ class AssemblerService:
             for t in self.cfg.topics:
                 print(f"  - {t}", flush=True)
             print("✓ Worker started - processing messages...", flush=True)
-        else:
-            log.warning("MQTT reconnected (session present: %s)", flags.session_present)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
         if not self._stopping.is_set():
             log.warning("MQTT disconnected (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client, userdata, msg):
-        # the network thread: enqueue and return, nothing else
-        self.inbox.put((msg.topic, msg.payload, time.monotonic()))
+        # the network thread: enqueue and return, nothing else (bounded in bytes)
+        size = len(msg.payload) + len(msg.topic) + INBOX_ENTRY_OVERHEAD
+        with self._inbox_lock:
+            if self._inbox_bytes + size > self.cfg.inbox_max_bytes:
+                self.stats["inbox_dropped"] += 1
+                if self.stats["inbox_dropped"] % 1000 == 1:
+                    log.warning(
+                        "inbox full (%d bytes): %d messages dropped so far",
+                        self._inbox_bytes,
+                        self.stats["inbox_dropped"],
+                    )
+                return
+            self._inbox_bytes += size
+        self.inbox.put((msg.topic, msg.payload, time.monotonic(), size))
 
     def publish(self, topic: str, payload: bytes) -> None:
         self.client.publish(topic, payload, qos=1)
@@ -274,30 +337,46 @@ class AssemblerService:
                 if self._worker_done.is_set():
                     return
             else:
-                topic, payload, t = item
+                topic, payload, t, size = item
+                with self._inbox_lock:
+                    self._inbox_bytes -= size
                 self.stats["messages"] += 1
                 try:
                     self._handle_message(topic, payload, t)
                 except Exception:
                     # One message must never stop ingest for the whole fleet.
-                    self.stats["internal_errors"] = self.stats.get("internal_errors", 0) + 1
-                    log.exception("message on %s could not be handled; continuing", topic[:200])
+                    self.stats["internal_errors"] += 1
+                    log.exception(
+                        "device %s: message on %s could not be handled; continuing",
+                        _topic_device(topic),
+                        topic[:200],
+                    )
             now = time.monotonic()
             if (d := c.next_deadline()) is not None and d <= now:
-                self._apply(c.tick(now))
+                try:
+                    self._apply(c.tick(now))
+                except Exception:
+                    self.stats["internal_errors"] += 1
+                    log.exception("assembler tick failed; continuing")
 
     def _handle_message(self, topic: str, payload: bytes, t: float) -> None:
+        dev = _topic_device(topic)
+        if dev is None or not self.admission.admit(dev):
+            # malformed topic or a device id not admitted: dropped before parsing, no
+            # row (an invented-id flood must not grow the tables), only counted
+            self.stats["unknown_dropped"] = self.admission.dropped
+            return
         wall = dt.datetime.now(dt.UTC)
         try:
             msg = core.parse_message(topic, payload, self.cfg.limits)
         except core.ProtocolError as exc:
             rec = exc.record
             if rec.device_id:
-                self._seen[rec.device_id] = wall
+                self.rows.seen(rec.device_id, wall)
                 self._log_in(rec.device_id, topic, {"rejected": rec.code, **rec.details}, wall)
             self._apply([rec])
             return
-        self._seen[msg.device_id] = wall
+        self.rows.seen(msg.device_id, wall)
         if isinstance(msg, core.ChunkMessage):
             if not self.cfg.log_control_only:
                 entry = {
@@ -307,7 +386,7 @@ class AssemblerService:
                     "bytes": len(msg.data),
                 }
                 self._log_in(msg.device_id, topic, entry, wall)
-        elif isinstance(msg, core.MetadataMessage):
+        elif isinstance(msg, core.MetadataMessage | core.DeviceFailure):
             entry = {"device_id": msg.device_id, "image_name": msg.image_name, **msg.metadata}
             self._log_in(msg.device_id, topic, entry, wall)
         elif isinstance(msg, core.StatusMessage):
@@ -325,11 +404,25 @@ class AssemblerService:
                 self.stats["nacks"] += 1
                 self.on_outbound(a.device_id, a.topic, payload)
             elif isinstance(a, core.RecordError):
-                self._queue_row("error", self._error_row(a))
+                self.rows.queue("error", self._error_row(a))
             elif isinstance(a, core.RecordStatus):
-                self._queue_row("status", (a.device_id, a.status, a.pending_count))
+                self.rows.queue("status", (a.device_id, a.status, a.pending_count))
             elif isinstance(a, core.CaptureFailed):
-                self._queue_row("failed", a)
+                self.rows.queue("failed", a)
+            elif isinstance(a, core.RecordDeviceFailure):
+                self.stats["device_failures"] += 1
+                self.rows.queue("device_failure", a)
+
+    def _ack_device_failure(self, f: core.RecordDeviceFailure, config) -> None:
+        """A device-reported failure is recorded: ACK_OK, so the firmware moves on (it
+        knows no other answer that lets it delete the failed capture)."""
+        from tasks.mqtt import next_wake_time
+
+        payload = core.encode_ack(f.image_name, next_wake_time(config))
+        topic = core.ack_topic(f.device_id)
+        self.publish(topic, payload)
+        self.stats["acks"] += 1
+        self.on_outbound(f.device_id, topic, payload)
 
     @staticmethod
     def _error_row(a: core.RecordError) -> dict[str, Any]:
@@ -344,7 +437,7 @@ class AssemblerService:
 
     def on_error(self, code: int, item, message: str, details: dict | None = None) -> None:
         img = item.image
-        self._queue_row(
+        self.rows.queue(
             "error",
             dict(
                 device_id=img.device_id,
@@ -364,101 +457,51 @@ class AssemblerService:
                 img.metadata,
                 img.total_chunks,
             )
-            self._queue_row("failed", failed)
+            self.rows.queue("failed", failed)
 
     def on_outbound(self, device_id: str, topic: str, payload: bytes) -> None:
-        self._queue_row(
+        self.rows.queue(
             "log",
             (device_id, topic, "out", json.loads(payload), dt.datetime.now(dt.UTC)),
         )
 
     def _log_in(self, device_id, topic, entry, wall) -> None:
-        self._queue_row("log", (device_id, topic, "in", entry, wall))
-
-    def _queue_row(self, kind: str, row) -> None:
-        with self._rows_lock:
-            rows = self._rows[kind]
-            rows.append(row)
-            if len(rows) > MAX_PENDING_ROWS:
-                rows.popleft()
+        self.rows.queue("log", (device_id, topic, "in", entry, wall))
 
     # -- db writer -----------------------------------------------------------------
     def _db_writer(self) -> None:
         backoff = DB_FLUSH_INTERVAL_S
+        give_up = 0
+        next_refresh = time.monotonic() + KNOWN_REFRESH_S
         while True:
             stopping = self._stopping.is_set() and self._worker_done.is_set()
             time.sleep(backoff if not stopping else 0)
+            if time.monotonic() >= next_refresh:  # devices registered meanwhile
+                next_refresh = time.monotonic() + KNOWN_REFRESH_S
+                self._load_known_devices()
             try:
-                self._flush_rows()
+                self.rows.flush()
                 backoff = DB_FLUSH_INTERVAL_S
-            except psycopg2.Error as exc:
+            except psycopg2.Error as exc:  # unreachable: RowWriter put the rows back
                 self.stats["db_errors"] += 1
                 log.warning("database write failed (%s); retrying", type(exc).__name__)
                 backoff = min(backoff * 2, 5.0)
-                if stopping and self._db_give_up():
+                give_up += 1
+                if stopping and give_up > 5:
                     return
                 continue
             if stopping and self._ingest_idle.is_set():
-                self._flush_rows()
+                self.rows.flush()
                 return
 
-    def _db_give_up(self) -> bool:
-        self._give_up_count = getattr(self, "_give_up_count", 0) + 1
-        return self._give_up_count > 5
-
-    def _flush_rows(self) -> None:
-        with self._rows_lock:
-            taken = {k: list(v) for k, v in self._rows.items()}
-            for v in self._rows.values():
-                v.clear()
-            seen, self._seen = self._seen, {}
-        if not any(taken.values()) and not seen:
-            return
-        q = db.queries
+    # -- known devices ------------------------------------------------------------------
+    def _load_known_devices(self) -> None:
         try:
-            with self.pool.connection() as conn:
-                with conn.cursor() as cur:
-                    devices = sorted(
-                        set(seen)
-                        | {r[0] for r in taken["status"]}
-                        | {r["device_id"] for r in taken["error"] if r["device_id"]}
-                    )
-                    if devices:
-                        psycopg2.extras.execute_values(
-                            cur,
-                            q.ingest_touch_devices_values.sql,
-                            [(d, seen.get(d) or dt.datetime.now(dt.UTC)) for d in devices],
-                        )
-                    if taken["log"]:
-                        _copy_publish_log(cur, taken["log"])
-                for device_id, status, pending in taken["status"]:
-                    q.ingest_insert_status(
-                        conn,
-                        device_id=device_id,
-                        status=status,
-                        pending_count=pending,
-                        payload={"status": status, "pendingImg": pending},
-                    )
-                for row in taken["error"]:
-                    q.ingest_insert_error(conn, **row)
-                for f in taken["failed"]:
-                    meta = {**f.metadata, "failed_code": f.code}
-                    q.ingest_mark_capture_failed(
-                        conn,
-                        device_id=f.device_id,
-                        device_capture_id=f.image_name,
-                        captured_at=None,
-                        image_bytes=f.metadata.get("image_size"),
-                        total_chunks=f.total_chunks,
-                        metadata=meta,
-                    )
-        except psycopg2.Error:
-            with self._rows_lock:  # put them back, in order, for the next attempt
-                for k, v in taken.items():
-                    self._rows[k].extendleft(reversed(v))
-                for d, w in seen.items():
-                    self._seen.setdefault(d, w)
-            raise
+            with self.pool.connection() as conn, conn.cursor() as cur:
+                cur.execute("select device_id from devices")
+                self.admission.load(r[0] for r in cur.fetchall())
+        except psycopg2.Error as exc:
+            log.warning("could not read registered devices (%s)", type(exc).__name__)
 
     # -- ingest: batches -> flow runs --------------------------------------------------
     def _submit(self, fin: core.FinalizeImage) -> None:
@@ -476,7 +519,7 @@ class AssemblerService:
                 "ingest_backlog",
                 backlog_bytes=self._backlog_bytes,
             )
-            self._queue_row("error", self._error_row(err))
+            self.rows.queue("error", self._error_row(err))
             return
         self._ingest_idle.clear()
         self.finished.put((fin, time.monotonic()))
@@ -499,8 +542,6 @@ class AssemblerService:
         slots = asyncio.Semaphore(self.cfg.max_concurrent_batches)
         running: set[asyncio.Task] = set()
         loop = asyncio.get_running_loop()
-        recording = self.cfg.use_prefect and self.cfg.ack_path != "flow"
-        recorder = asyncio.create_task(self._recorder()) if recording else None
         while True:
             await slots.acquire()
             first = await loop.run_in_executor(None, self._next_finished)
@@ -518,81 +559,26 @@ class AssemblerService:
                 if time.monotonic() >= window_end:
                     break
                 await asyncio.sleep(0.005)
-            batch = tm.new_batch(images)
+            try:
+                batch = tm.new_batch(images)
+            except Exception:  # never let one image stop ingest for the fleet
+                log.exception("ingest batch could not be formed; images refused (2205)")
+                self._refuse_images(images)
+                slots.release()
+                continue
             self._inflight_batches += 1
             task = asyncio.create_task(self._run_batch(batch, slots))
             running.add(task)
             task.add_done_callback(running.discard)
         if running:
             await asyncio.gather(*running, return_exceptions=True)
-        if recorder is not None:
-            recorder.cancel()
-            await asyncio.gather(recorder, return_exceptions=True)
-            while self._to_record:  # the last captures get their run too
-                if not await self._record_once():
-                    break
 
-    async def _recorder(self) -> None:
-        while True:
-            await asyncio.sleep(RECORD_INTERVAL_S)
-            if self._to_record:
-                await self._record_once()
-
-    async def _record_once(self) -> bool:
-        take = []
-        while self._to_record and len(take) < RECORD_MAX:
-            take.append(self._to_record.popleft())
-        records = [r for r, _ in take]
-        try:
-            if self.cfg.recorder == "process":
-                ok = await asyncio.to_thread(self._recorder_call, records)
-            else:
-                from flows.mqtt_ingest import mqtt_ingest_record
-
-                state = await mqtt_ingest_record(records, return_state=True)
-                ok = state.is_completed()
-        except Exception:
-            log.exception("recording flow run crashed")
-            ok = False
-        if not ok:
-            retry = [(r, n + 1) for r, n in take if n + 1 < RECORD_ATTEMPTS]
-            self._to_record.extendleft(reversed(retry))
-            log.warning("recording flow run failed for %d captures", len(records))
-        return ok
-
-    def _recorder_call(self, records: list[dict]) -> bool:
-        with self._recorder_lock:
-            if self._recorder_proc is None or not self._recorder_proc.is_alive():
-                self._start_recorder()
-            self._recorder_conn.send(records)
-            return bool(self._recorder_conn.recv())
-
-    def _start_recorder(self) -> None:
-        """The recording flow runs live in a child process: Prefect's client (HTTP,
-        events, logs) then never holds this process's GIL while chunks and ACKs wait."""
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(
-            target=_recorder_main,
-            args=(child, self.cfg.storage_url, self.cfg.database_url),
-            name="assembler-recorder",
-            daemon=True,
-        )
-        proc.start()
-        child.close()
-        self._recorder_proc, self._recorder_conn = proc, parent
-
-    def _stop_recorder(self) -> None:
-        with self._recorder_lock:
-            if self._recorder_proc is not None and self._recorder_proc.is_alive():
-                try:
-                    self._recorder_conn.send(None)
-                except OSError:
-                    pass
-                self._recorder_proc.join(30)
-                if self._recorder_proc.is_alive():
-                    self._recorder_proc.kill()
-            self._recorder_proc = None
+    def _refuse_images(self, images) -> None:
+        for fin, _ in images:
+            err = core.error(2205, fin.device_id, fin.image_name, "ingest_failed")
+            self.rows.queue("error", self._error_row(err))
+            with self._backlog_lock:
+                self._backlog_bytes -= len(fin.data)
 
     def _next_finished(self):
         """Block until an image is finished (None: shutting down and nothing left)."""
@@ -611,11 +597,11 @@ class AssemblerService:
 
         t_start = time.monotonic()
         try:
-            if self.cfg.use_prefect and self.cfg.ack_path == "flow":
+            if self.prefect_api and self.ack_path == "flow":
                 await mqtt_ingest(batch.batch_id, tm.manifest(batch), return_state=True)
             else:
                 await run_batch_direct(batch.batch_id)
-                if self.cfg.use_prefect:
+                if self.recorder is not None:
                     for i in batch.items:
                         if i.record_id is not None:
                             record = {
@@ -626,7 +612,7 @@ class AssemblerService:
                                 "storage_path": i.key,
                                 "bytes": len(i.image.data),
                             }
-                            self._to_record.append((record, 0))
+                            self.recorder.add(record)
         except Exception:
             log.exception("ingest batch %s crashed", batch.batch_id[:8])
             for item in batch.items:
@@ -649,21 +635,72 @@ class AssemblerService:
                 self._ingest_idle.set()
 
     # -- lifecycle -----------------------------------------------------------------
+    def _guarded(self, name: str, target):
+        """A worker thread's body: if it raises, or returns while the service is not
+        stopping, the process is crashed (EXIT_CRASHED) rather than left half-dead."""
+
+        def run():
+            try:
+                target()
+            except BaseException:
+                log.critical("thread %s died", name, exc_info=True)
+                self._crash(f"thread {name} died")
+                return
+            if not self._stopping.is_set():
+                self._crash(f"thread {name} returned")
+
+        return run
+
+    def _crash(self, why: str) -> None:
+        self.crashed = why
+        log.critical(
+            "%s: exiting with status %d so that the supervisor restarts us", why, EXIT_CRASHED
+        )
+        print(f"✗ {why}: exiting ({EXIT_CRASHED})", flush=True)
+        self._exit(EXIT_CRASHED)
+
+    def health_status(self) -> dict:
+        alive = all(t.is_alive() for t in self._threads)
+        ready = self._connected.is_set() and alive and self.crashed is None
+        return {
+            "ready": bool(ready and not self._stopping.is_set()),
+            "subscribed": self._connected.is_set(),
+            "threads_alive": alive,
+            "crashed": self.crashed,
+            "inbox_bytes": self._inbox_bytes,
+            "backlog_bytes": self._backlog_bytes,
+            "rows_pending": self.rows.pending(),
+            "record_pending": self.recorder.pending() if self.recorder else 0,
+            "unknown_dropped": self.admission.dropped,
+            "stats": dict(self.stats),
+        }
+
     def start(self) -> None:
+        if self.cfg.health_port is not None:
+            from services.assembler.health import HealthServer
+
+            self.health = HealthServer(
+                self.cfg.health_host, self.cfg.health_port, self.health_status
+            )
+            self.health.start()
         print(self.banner(), flush=True)
+        self._load_known_devices()
         self.client = self._make_client()
         for name, target in (
             ("assembler-worker", self._worker),
             ("assembler-ingest", self._ingest_thread),
             ("assembler-db", self._db_writer),
         ):
-            t = threading.Thread(target=target, name=name, daemon=True)
+            t = threading.Thread(target=self._guarded(name, target), name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        if self.recorder is not None:
+            self.recorder.start()
         self.client.connect_async(self.broker.host, self.broker.port, self.broker.keepalive)
         self.client.loop_start()
 
     def wait_connected(self, timeout: float = 30) -> bool:
+        """True once subscribed (the broker's SUBACK came back)."""
         return self._connected.wait(timeout)
 
     def stop(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
@@ -672,16 +709,19 @@ class AssemblerService:
         self._stopping.set()
         end = time.monotonic() + timeout
         # let the worker drain what paho already delivered
-        while not self.inbox.empty() and time.monotonic() < end:
+        while not self.inbox.empty() and time.monotonic() < end and self._threads[0].is_alive():
             time.sleep(0.05)
         self._worker_done.set()
         self._threads[0].join(max(0.1, end - time.monotonic()))
         self._threads[1].join(max(0.1, end - time.monotonic()))  # in-flight stores + ACKs
-        self._stop_recorder()
+        if self.recorder is not None:
+            self.recorder.stop(max(0.1, min(10.0, end - time.monotonic())))
         if self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()
         self._threads[2].join(max(0.1, end - time.monotonic()))
+        if self.health is not None:
+            self.health.stop()
         self.pool.close()
         print(f"✓ Worker stopped: {self.summary()}", flush=True)
 
@@ -711,39 +751,13 @@ class AssemblerService:
         while not stop.wait(1.0):
             pass
         self.stop()
+        if self.crashed:
+            raise SystemExit(EXIT_CRASHED)
 
 
-def _recorder_main(conn, storage_url: str, database_url: str) -> None:
-    """Child process: run one `mqtt-ingest-record` flow per list of records received."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
-    from camfleet.storage import open_store
-    from flows.mqtt_ingest import mqtt_ingest_record
-    from tasks import mqtt as tm
-
-    pool = db.Pool(database_url, maxconn=2)
-    tm.set_context(
-        tm.IngestContext(
-            store=open_store(storage_url),
-            pool=pool,
-            publish=lambda topic, payload: None,
-            on_error=lambda *a, **k: None,
-        )
-    )
-
-    async def main() -> None:
-        while True:
-            records = await asyncio.to_thread(conn.recv)
-            if records is None:
-                return
-            try:
-                state = await mqtt_ingest_record(records, return_state=True)
-                ok = state.is_completed()
-            except Exception:
-                log.exception("recording flow run crashed")
-                ok = False
-            conn.send(ok)
-
-    try:
-        asyncio.run(main())
-    finally:
-        pool.close()
+def _topic_device(topic: str) -> str | None:
+    """The device id a topic names, if well formed (ESP32CAM/<id>/<kind>)."""
+    st = core.split_topic(topic)
+    if st is None or not core.DEVICE_ID_RE.match(st[0]):
+        return None
+    return st[0]
