@@ -501,3 +501,23 @@ def test_recording_backlog_is_bounded_and_drops_are_counted():
         r.add({"record_id": str(i)})
     assert r.pending() == 100 and stats["record_dropped"] == 150
     assert r._queue[0][0]["record_id"] == "150"  # the oldest went first
+
+
+def test_one_device_looping_on_status_is_held_to_its_row_quota(mosquitto, service, database_url):
+    from services.assembler.admission import RowQuota
+
+    b = broker_block(mosquitto)
+    svc = service(b)
+    svc.quota = RowQuota({"status": (10, 0.0), "log": (15, 0.0), "error": (5, 0.0)})
+    d = Device(b, "L00B00000001")
+    for i in range(200):
+        d.pub({"device_id": d.dev, "status": f"s{i}", "pendingImg": 1}, kind="status")
+    for _ in range(50):
+        d.pub(None, raw=b"{not json")
+    d.close()
+    healthy_device_still_works(b, database_url)
+    n = "select count(*) from {} where device_id = 'L00B00000001'"
+    assert rows(database_url, n.format("device_status")) == [(10,)]
+    assert rows(database_url, n.format("device_errors")) == [(5,)]
+    assert rows(database_url, n.format("device_publish_log") + " and direction = 'in'") == [(15,)]
+    assert svc.stats["rows_over_quota"] == 190 + 45 + 235

@@ -86,6 +86,7 @@ from services.assembler.admission import (
     NEW_DEVICE_BURST,
     NEW_DEVICE_PER_MIN,
     DeviceAdmission,
+    RowQuota,
 )
 from services.assembler.recorder import (
     RECORD_BACKLOG,
@@ -188,6 +189,7 @@ class AssemblerService:
             "device_failures": 0,
         }
         self.rows = RowWriter(self.pool, self.stats, self._ack_device_failure)
+        self.quota = RowQuota()
         self.admission = DeviceAdmission(
             config.unknown_devices, config.new_device_burst, config.new_device_per_min
         )
@@ -404,9 +406,11 @@ class AssemblerService:
                 self.stats["nacks"] += 1
                 self.on_outbound(a.device_id, a.topic, payload)
             elif isinstance(a, core.RecordError):
-                self.rows.queue("error", self._error_row(a))
+                if self._within_quota("error", a.device_id):
+                    self.rows.queue("error", self._error_row(a))
             elif isinstance(a, core.RecordStatus):
-                self.rows.queue("status", (a.device_id, a.status, a.pending_count))
+                if self._within_quota("status", a.device_id):
+                    self.rows.queue("status", (a.device_id, a.status, a.pending_count))
             elif isinstance(a, core.CaptureFailed):
                 self.rows.queue("failed", a)
             elif isinstance(a, core.RecordDeviceFailure):
@@ -466,7 +470,16 @@ class AssemblerService:
         )
 
     def _log_in(self, device_id, topic, entry, wall) -> None:
-        self.rows.queue("log", (device_id, topic, "in", entry, wall))
+        if self._within_quota("log", device_id):
+            self.rows.queue("log", (device_id, topic, "in", entry, wall))
+
+    def _within_quota(self, kind: str, device_id: str | None) -> bool:
+        """Rows a device's own messages create are rate-limited per device and kind
+        (admission.ROW_QUOTAS); errors the service itself raises are not."""
+        if self.quota.allow(kind, device_id):
+            return True
+        self.stats["rows_over_quota"] = self.quota.over
+        return False
 
     # -- db writer -----------------------------------------------------------------
     def _db_writer(self) -> None:

@@ -86,3 +86,44 @@ class DeviceAdmission:
                     self.dropped,
                 )
             return False
+
+
+# Rows one device may cause per kind: (burst, per minute).  A real device sends a status
+# and an image (45 chunks, up to 4,096 for a 4 MiB image) per wake-up; a device (or a
+# stolen credential) looping on publish must not fill the tables for everyone.  Rows
+# beyond the quota are dropped and counted (stats["rows_over_quota"]).
+ROW_QUOTAS = {
+    "status": (120, 60.0),
+    "error": (300, 120.0),
+    "log": (10_000, 10_000.0),
+}
+
+
+class RowQuota:
+    """Per-device token buckets for the rows a device's messages create (worker thread
+    only: no lock)."""
+
+    def __init__(self, quotas: dict[str, tuple[int, float]] = ROW_QUOTAS, clock=time.monotonic):
+        self.quotas = quotas
+        self._clock = clock
+        self._buckets: dict[tuple[str, str], list[float]] = {}
+        self.over = 0
+
+    def allow(self, kind: str, device_id: str | None) -> bool:
+        q = self.quotas.get(kind)
+        if q is None or device_id is None:
+            return True
+        burst, per_min = q
+        now = self._clock()
+        b = self._buckets.get((kind, device_id))
+        if b is None:
+            if len(self._buckets) >= MAX_KNOWN:
+                self._buckets.clear()  # bounded; a reset only grants a fresh burst
+            b = self._buckets[(kind, device_id)] = [float(burst), now]
+        b[0] = min(burst, b[0] + (now - b[1]) * per_min / 60.0)
+        b[1] = now
+        if b[0] >= 1:
+            b[0] -= 1
+            return True
+        self.over += 1
+        return False
