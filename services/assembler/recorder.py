@@ -95,6 +95,8 @@ class Recorder:
         asyncio.run(self._loop())
 
     async def _loop(self) -> None:
+        if self.mode == "process":  # warm the child up now (Prefect imports take seconds)
+            await asyncio.to_thread(self._ensure_process)
         while not self._stop.is_set():
             await asyncio.to_thread(self._stop.wait, self.interval)
             if self._queue and not self._stop.is_set():
@@ -132,6 +134,11 @@ class Recorder:
 
     # -- "process": a child with its own Prefect client -----------------------------
     def _process_call(self, records: list[dict]) -> bool:
+        self._ensure_process()
+        self._conn.send(records)
+        return bool(self._conn.recv())
+
+    def _ensure_process(self) -> None:
         if self._proc is None or not self._proc.is_alive():
             ctx = multiprocessing.get_context("spawn")
             parent, child = ctx.Pipe()
@@ -144,8 +151,6 @@ class Recorder:
             proc.start()
             child.close()
             self._proc, self._conn = proc, parent
-        self._conn.send(records)
-        return bool(self._conn.recv())
 
     def _stop_process(self) -> None:
         if self._proc is not None and self._proc.is_alive():
