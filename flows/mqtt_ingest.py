@@ -1,6 +1,6 @@
 """MQTT chunk ingest (seed 002): the flow runs behind the assembler service.
 
-Two flows, one per ACK path of services/assembler.py (its docstring has the measured
+Two flows, one per ACK path of services/assembler/__init__.py (its docstring has the measured
 decision):
 
 ``mqtt-ingest-record`` (default): the service has stored objects, written rows and
@@ -121,7 +121,7 @@ async def run_batch_direct(batch_id: str) -> dict:
 
 @flow(name="mqtt-ingest-record", log_prints=False, persist_result=False, validate_parameters=False)
 async def mqtt_ingest_record(records: list[dict]) -> dict:
-    """The default ACK path's flow run (see services/assembler.py): the service has
+    """The default ACK path's flow run (see services/assembler/__init__.py): the service has
     stored, recorded and ACKed these captures in its own batches; this run verifies
     their objects and puts its id on their rows, so the UI shows which run covers which
     capture without a flow run sitting between a device's last chunk and its ACK_OK."""

@@ -324,7 +324,7 @@ async def publish_acks(batch_id: str) -> int:
     return n
 
 
-# -- recording (the default ACK path: see services/assembler.py) --------------------------
+# -- recording (the default ACK path: see services/assembler/__init__.py) --------------------------
 
 
 @task(
