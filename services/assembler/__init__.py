@@ -750,7 +750,10 @@ class AssemblerService:
             f"{self.stats['batches']} batches ({self.stats['acks'] / max(1, len(b)):.1f}/batch); "
             f"batch run p50 {pct(b, 0.5):.0f} ms p99 {pct(b, 0.99):.0f} ms; "
             f"assembled->ACK p50 {pct(f, 0.5):.0f} ms p99 {pct(f, 0.99):.0f} ms; "
-            f"NACKs {self.stats['nacks']}"
+            f"NACKs {self.stats['nacks']}; dropped: {self.admission.dropped} from ids not "
+            f"admitted, {self.stats['inbox_dropped']} inbox full, "
+            f"{self.stats.get('rows_over_quota', 0)} rows over quota, "
+            f"{self.stats['rows_quarantined']} rows quarantined"
         )
 
     def run_forever(self) -> None:
