@@ -1,7 +1,7 @@
 """The edge-upload signer/verifier: the cloud side of seed 000's batch transaction.
 
 It subscribes to every device's request topic, answers each request with presigned
-POSTs confined to `devices/{serial}/{name}`, then watches the granted keys until each
+POSTs confined to `edge/{serial}/{key name}`, then watches the granted keys until each
 object appears, checks it (size within the grant, the exact declared size and SHA-256
 when the device sent them, and the SHA-256 it computes from the stored bytes), makes it
 a `captures` row and only then publishes `{"file": name}`, the device's licence to
@@ -9,6 +9,14 @@ delete its copy. Verified captures are handed to a Prefect flow run in batches.
 
 Protocol rules live in `camfleet.protocol.edge_batch`; this module is the shell around
 them: MQTT (paho's network thread only enqueues), the object store, PostgreSQL.
+
+Fairness: requests wait in per-device queues served round-robin, each device has a
+request rate limit (3007) and a cap on open grants (3008), so one device, or a flood
+of invented ones, cannot hold every grant or the worker (`services.signer_limits`).
+Grants nobody watches are swept to `expired`. Ready means subscribed (the SUBACK
+arrived); a worker that dies anyway makes `run_forever` raise `WorkerDied`, and the
+command exits non-zero for its supervisor to restart it. Nothing here waits on Prefect:
+the hand-off has its own thread and a bounded backlog.
 
 Crash safety: every grant is a row in `edge_upload_grants` before its URL is published,
 and a restarted signer resumes watching open grants. A verification lost with the
@@ -141,7 +149,7 @@ class _Known:
 def _key_for(serial: str, name: str, seen: _Known | None) -> str:
     """The object key to grant for `name`: never one that holds a delivered image.
 
-    A name not delivered before keeps devices/{serial}/{name}. A delivered name asked
+    A name not delivered before keeps edge/{serial}/{key name}. A delivered name asked
     for again without proof of the same bytes (a seed request, another checksum) is a
     camera reusing the name for a new image, or a device re-sending one whose
     verification it missed: its own key either way, and verification tells which.

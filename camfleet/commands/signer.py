@@ -38,7 +38,7 @@ def signer(
         None, help="serve GET /live and /ready on 127.0.0.1:PORT for a supervisor"
     ),
     requests_per_s: float = typer.Option(
-        20.0, help="per-device request rate limit (burst 60); 0: no limit"
+        50.0, help="per-device requests per second (burst 100); 0: no limit"
     ),
     max_open_per_device: int = typer.Option(100, help="open grants one device may hold"),
 ) -> None:

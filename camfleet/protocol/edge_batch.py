@@ -43,9 +43,9 @@ answers an already-stored identical file with ``verified`` instead of a URL. A r
 without them (deployed firmware) is *unchecked*: the signer verifies existence and the
 size against the presigned POST's content-length range and records the SHA-256 it
 computes, so later audits can compare. Either way the object key is chosen by the
-signer (``devices/{serial}/{name}``), never by the device; a name that was delivered
+signer (``edge/{serial}/{key_name(name)}``), never by the device; a name that was delivered
 before and is asked for again without proof of the same bytes gets a key of its own
-(``devices/{serial}/{stem}~{token}{ext}``, see `reuse_key`), so a camera that reuses a
+(``edge/{serial}/{stem}~{token}{ext}``, see `reuse_key`), so a camera that reuses a
 name cannot overwrite an image it has already deleted.
 
 Unchecked requests are answered LEGACY_ANSWER_DELAY_S late and get their
