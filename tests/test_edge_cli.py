@@ -175,4 +175,4 @@ def test_local_storage_uploads_through_the_device_api(tmp_path, mosquitto, datab
         api.wait(15)
     assert sum(x["deleted"] for x in summaries) == 6
     assert {n: r[0] for n, r in captures(database_url, cfg.serial).items()} == shas
-    assert sorted(p.name for p in (root / "devices" / cfg.serial).iterdir()) == sorted(shas)
+    assert sorted(p.name for p in (root / "edge" / cfg.serial).iterdir()) == sorted(shas)
