@@ -1,7 +1,7 @@
 """The edge-upload signer/verifier: the cloud side of seed 000's batch transaction.
 
 It subscribes to every device's request topic, answers each request with presigned
-POSTs confined to `devices/{serial}/{name}`, then watches the granted keys until each
+POSTs confined to `edge/{serial}/{key name}`, then watches the granted keys until each
 object appears, checks it (size within the grant, the exact declared size and SHA-256
 when the device sent them, and the SHA-256 it computes from the stored bytes), makes it
 a `captures` row and only then publishes `{"file": name}`, the device's licence to
@@ -9,6 +9,14 @@ delete its copy. Verified captures are handed to a Prefect flow run in batches.
 
 Protocol rules live in `camfleet.protocol.edge_batch`; this module is the shell around
 them: MQTT (paho's network thread only enqueues), the object store, PostgreSQL.
+
+Fairness: requests wait in per-device queues served round-robin, each device has a
+request rate limit (3007) and a cap on open grants (3008), so one device, or a flood
+of invented ones, cannot hold every grant or the worker (`services.signer_limits`).
+Grants nobody watches are swept to `expired`. Ready means subscribed (the SUBACK
+arrived); a worker that dies anyway makes `run_forever` raise `WorkerDied`, and the
+command exits non-zero for its supervisor to restart it. Nothing here waits on Prefect:
+the hand-off has its own thread and a bounded backlog.
 
 Crash safety: every grant is a row in `edge_upload_grants` before its URL is published,
 and a restarted signer resumes watching open grants. A verification lost with the
@@ -29,6 +37,8 @@ deleted and the earlier row stands. Either way the device gets `{"file": name}`.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import heapq
 import http.client
@@ -36,7 +46,6 @@ import itertools
 import json
 import logging
 import os
-import queue
 import ssl
 import threading
 import time
@@ -50,6 +59,7 @@ from camfleet.edge.link import no_delay
 from camfleet.protocol import edge_batch as eb
 from camfleet.storage import ObjectStore, StorageError
 from camfleet.storage.base import STREAM_CHUNK_BYTES
+from services.signer_limits import FairInbox, RateLimiter
 
 log = logging.getLogger("camfleet.signer")
 
@@ -74,14 +84,26 @@ SIBLING_FALLBACK_S = 1.0
 CHECK_WORKERS = 4
 READ_WORKERS = 4
 
-# Inbound requests waiting for the worker: a fleet's burst after an outage. Beyond
-# this, paho's thread drops requests (the devices time out and ask again) instead of
-# growing memory without bound; payloads are cut to just over the request limit
-# before queueing, so the queue holds at most ~64 MiB.
-MAX_QUEUED_REQUESTS = 2_000
+# Inbound requests wait in one bounded queue per device (`signer_limits.FairInbox`);
+# beyond the bounds paho's thread drops requests (the devices time out and ask again)
+# instead of growing memory without bound.
 
-# Grants watched at once: 2,000 devices with a 5-file batch each in flight.
+# Grants watched at once: 2,000 devices with a 5-file batch each in flight. One device
+# may hold at most MAX_OPEN_GRANTS_PER_DEVICE of them (two full 50-file answers), so
+# no device can fill the total; names past either cap are answered `rejected` (3008)
+# and the device asks again once its open grants are resolved.
 MAX_PENDING_GRANTS = 10_000
+MAX_OPEN_GRANTS_PER_DEVICE = 100
+
+# Grants still `granted` this long after their URL expired (plus the grace) are swept
+# to `expired`: a grant this signer does not watch (a crash between the row and the
+# watch, a cap, another signer instance gone) still ends in a final state.
+SWEEP_INTERVAL_S = 60.0
+SWEEP_MARGIN_S = 60.0
+
+# Verified captures waiting for a Prefect hand-off while Prefect is down: beyond this
+# the oldest are not handed off (they are stored and recorded regardless; counted).
+MAX_HANDOFF_BACKLOG = 10_000
 
 # Hand verified captures to Prefect in batches: at most this many per flow run, and no
 # capture waits longer than HANDOFF_MAX_WAIT_S (one flow run per file would cost the
@@ -127,7 +149,7 @@ class _Known:
 def _key_for(serial: str, name: str, seen: _Known | None) -> str:
     """The object key to grant for `name`: never one that holds a delivered image.
 
-    A name not delivered before keeps devices/{serial}/{name}. A delivered name asked
+    A name not delivered before keeps edge/{serial}/{key name}. A delivered name asked
     for again without proof of the same bytes (a seed request, another checksum) is a
     camera reusing the name for a new image, or a device re-sending one whose
     verification it missed: its own key either way, and verification tells which.
@@ -142,6 +164,29 @@ def _key_for(serial: str, name: str, seen: _Known | None) -> str:
     return eb.reuse_key(serial, name)
 
 
+class WorkerDied(RuntimeError):
+    """The signer's worker thread died: the process should exit non-zero."""
+
+
+def _bucket_stores(store: ObjectStore, buckets: list[str] | None) -> dict:
+    """{bucket name or None: store}; None is the signer's own bucket.
+
+    Allowed buckets are reached with the same endpoint and credentials as `store`
+    (the operator lists only buckets those credentials may write).
+    """
+    stores: dict[str | None, ObjectStore] = {None: store}
+    for name in buckets or []:
+        if not hasattr(store, "bucket") or not hasattr(store, "client"):
+            raise ValueError("a bucket allow-list needs an S3 store (STORAGE_URL s3://...)")
+        if name == store.bucket:
+            stores[name] = store
+            continue
+        other = copy.copy(store)  # shares the boto3 client: same endpoint, same keys
+        other.bucket = name
+        stores[name] = other
+    return stores
+
+
 @dataclass
 class SignerStats:
     requests: int = 0
@@ -151,6 +196,9 @@ class SignerStats:
     failed: int = 0
     published: int = 0
     handed_off: int = 0
+    rate_limited: int = 0  # requests answered 3007
+    capped: int = 0  # names answered `rejected` 3008 (grant caps)
+    swept: int = 0  # stale grants marked expired
     errors: list[str] = field(default_factory=list)
 
 
@@ -314,11 +362,27 @@ class Signer:
         grace_s: float = eb.GRANT_GRACE_S,
         handoff: Callable[[list[dict]], str | None] | None = None,
         clock: Callable[[], float] = time.time,
+        buckets: list[str] | None = None,
+        max_open_per_device: int = MAX_OPEN_GRANTS_PER_DEVICE,
+        max_pending: int = MAX_PENDING_GRANTS,
+        rate_limiter: RateLimiter | None = None,
+        sweep_margin_s: float = SWEEP_MARGIN_S,
     ) -> None:
         self.store = store
+        # Buckets a request's bucket-name may choose (None: bucket-name is ignored, as
+        # the seed's cloud did, and every object goes to `store`'s bucket).
+        self._stores = _bucket_stores(store, buckets)
+        self._readers = {
+            name: ObjectReader.for_store(bucket_store)
+            for name, bucket_store in self._stores.items()
+        }
+        self.max_open_per_device = max_open_per_device
+        self.max_pending = max_pending
+        self.rate_limiter = rate_limiter or RateLimiter()
+        self.sweep_margin_s = sweep_margin_s
+        self._next_sweep = 0.0
         # The request worker, each verification job and the hand-off: one connection each.
         self.pool = db.Pool(dsn, maxconn=CHECK_WORKERS + 2)
-        self._reader = ObjectReader.for_store(store)
         self._reads = None  # the worker's read threads, while it runs
         self.topics = topics or eb.Topics()
         self.expires_in = expires_in
@@ -328,9 +392,10 @@ class Signer:
         self.stats = SignerStats()
         self._broker = broker
         self._client_id = client_id
-        # (topic, payload) requests; None only wakes the worker (a job finished).
-        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue(MAX_QUEUED_REQUESTS)
+        # (topic, payload) requests, one queue per device served round-robin.
+        self._inbox = FairInbox()
         self._pending: dict[tuple[str, str], _Pending] = {}
+        self._open_by_device: dict[str, int] = {}  # len of _pending per serial
         self._publishing = eb.VerificationQueue(settle_s)
         self._handoff = _Handoff(handoff, self.pool) if handoff else None
         self.legacy_answer_delay_s = legacy_answer_delay_s
@@ -339,16 +404,20 @@ class Signer:
         self._lock = threading.Lock()  # verification threads resolve grants concurrently
         self._error_windows: dict[str, tuple[int, int]] = {}
         self._stop = threading.Event()
-        self._connected = threading.Event()
+        self._connected = threading.Event()  # set on the broker's SUBACK, not before
+        self._subscribe_mid: int | None = None
         self._thread: threading.Thread | None = None
+        self._crashed: str | None = None  # why the worker died (the process must exit)
         self._client = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self, connect_timeout: float = 10.0) -> Signer:
+        self._sweep()
         self._resume_open_grants()
         client = self._broker.client(self._client_id, clean_session=False)
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = lambda *a, **k: self._connected.clear()
         client.on_message = self._on_message
         client.reconnect_delay_set(min_delay=1, max_delay=10)
@@ -357,7 +426,7 @@ class Signer:
         self._client = client
         if not self._connected.wait(connect_timeout):
             log.warning("signer: broker %s not reachable yet; retrying", self._broker.describe())
-        self._thread = threading.Thread(target=self._work, name="edge-signer", daemon=True)
+        self._thread = threading.Thread(target=self._work_or_die, name="edge-signer", daemon=True)
         self._thread.start()
         if self._handoff:
             self._handoff.start()
@@ -373,8 +442,9 @@ class Signer:
         if self._client is not None:
             self._client.disconnect()
             self._client.loop_stop()
-        if self._reader is not None:
-            self._reader.close()
+        for reader in self._readers.values():
+            if reader is not None:
+                reader.close()
         self.pool.close()
 
     def run_forever(self) -> None:
@@ -387,12 +457,44 @@ class Signer:
         self.start()
         try:
             while not self._stop.wait(1.0):
-                pass
+                if not self.live():
+                    self._crashed = self._crashed or "a signer thread died"
+                    break
         finally:
             self.stop()
+        if self._crashed:
+            # A zombie that answers nobody helps nobody: exit non-zero, be restarted.
+            raise WorkerDied(self._crashed)
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
+        """True once subscribed: the broker's SUBACK arrived (requests now reach us)."""
         return self._connected.wait(timeout)
+
+    def live(self) -> bool:
+        """The worker and the MQTT network thread are running (or not started yet)."""
+        if self._crashed:
+            return False
+        if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
+            return False
+        net = getattr(self._client, "_thread", None)
+        return not (net is not None and not net.is_alive() and not self._stop.is_set())
+
+    def ready(self) -> bool:
+        """Live and subscribed: a request published now will be answered."""
+        return self.live() and self._connected.is_set() and not self._stop.is_set()
+
+    def health(self) -> dict:
+        with self._lock:
+            pending = len(self._pending)
+        return {
+            "subscribed": self._connected.is_set(),
+            "pending_grants": pending,
+            "queued_requests": len(self._inbox),
+            "dropped_requests": self._inbox.dropped,
+            "rate_limited": self.stats.rate_limited,
+            "capped": self.stats.capped,
+            "handoff_backlog": self._handoff.backlog() if self._handoff else 0,
+        }
 
     def __enter__(self) -> Signer:
         return self.start()
@@ -407,17 +509,37 @@ class Signer:
             log.warning("signer: broker refused the connection: %s", reason_code)
             return
         no_delay(client)
-        client.subscribe(self.topics.request_filter(), qos=MQTT_QOS)
+        _, self._subscribe_mid = client.subscribe(self.topics.request_filter(), qos=MQTT_QOS)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
+        # Ready only now: before the SUBACK, a request published to the broker may not
+        # be routed to us.
+        if any(getattr(rc, "is_failure", False) for rc in reason_codes or []):
+            log.error("signer: broker refused the subscription to %s", self.topics.request_filter())
+            return
         self._connected.set()
 
     def _on_message(self, client, userdata, message) -> None:
-        try:
-            payload = bytes(message.payload[: eb.MAX_REQUEST_BYTES + 1])  # parser refuses
-            self._inbox.put_nowait((message.topic, payload))
-        except queue.Full:
-            log.warning("signer: request queue full, dropping a request on %s", message.topic)
+        payload = bytes(message.payload[: eb.MAX_REQUEST_BYTES + 1])  # parser refuses
+        if not self._inbox.put(message.topic, (message.topic, payload)):
+            if self._inbox.dropped in (1, 10, 100) or self._inbox.dropped % 1000 == 0:
+                log.warning(
+                    "signer: request queue full, %d requests dropped (latest on %s)",
+                    self._inbox.dropped,
+                    eb._printable(message.topic, 120),
+                )
 
     # -- the worker -------------------------------------------------------------------------
+
+    def _work_or_die(self) -> None:
+        try:
+            self._work()
+        except BaseException as exc:
+            # Every request and job already has its own handler; reaching here is a bug.
+            # Say so once and stop: run_forever exits non-zero and a supervisor restarts.
+            self._crashed = f"worker died: {type(exc).__name__}"
+            log.critical("signer: %s", self._crashed, exc_info=True)
+            self._stop.set()
 
     def _work(self) -> None:
         from concurrent.futures import ThreadPoolExecutor
@@ -443,27 +565,37 @@ class Signer:
                 while self._answers_due and self._answers_due[0][0] <= now:
                     _, _, serial, answer = heapq.heappop(self._answers_due)
                     self._publish_answer(serial, answer)
-                try:
-                    item = self._inbox.get(timeout=self._idle_timeout())
-                except queue.Empty:
-                    continue
+                if now >= self._next_sweep:
+                    self._sweep()
+                item = self._inbox.get(timeout=self._idle_timeout())
                 if item is not None:
                     self._handle_request_safely(*item)
-                # Drain what else arrived, without starving the checks.
+                # Drain what else arrived (round-robin by device), without starving
+                # the checks.
                 for _ in range(50):
-                    try:
-                        item = self._inbox.get_nowait()
-                    except queue.Empty:
+                    item = self._inbox.get(timeout=0)
+                    if item is None:
                         break
-                    if item is not None:
-                        self._handle_request_safely(*item)
+                    self._handle_request_safely(*item)
 
     def _wake(self) -> None:
         """Make the worker look at the schedule now (a verification job finished)."""
+        self._inbox.wake()
+
+    def _sweep(self) -> None:
+        """Grants left `granted` well past their URL's expiry end as `expired`."""
+        self._next_sweep = self.clock() + SWEEP_INTERVAL_S
         try:
-            self._inbox.put_nowait(None)
-        except queue.Full:
-            pass  # the worker is busy with requests and will look soon anyway
+            with self.pool.connection() as conn:
+                swept = db.queries.edge_grants_sweep(
+                    conn, older_than_s=self.grace_s + self.sweep_margin_s
+                )
+        except Exception as exc:
+            log.warning("signer: sweeping stale grants failed: %s", type(exc).__name__)
+            return
+        if swept:
+            self.stats.swept += swept
+            log.info("signer: %d stale grants marked expired", swept)
 
     def _idle_timeout(self) -> float:
         now = self.clock()
@@ -513,31 +645,100 @@ class Signer:
             request = eb.parse_url_request(serial, payload, max_file_bytes=self.max_file_bytes)
         except eb.RequestRefused as exc:
             self.stats.refused += 1
-            self._record_error(serial, None, eb.E_REQUEST, "warn", exc.reason, {})
-            self._publish_answer(serial, eb.url_answer(serial, None, [], error=exc.reason))
+            if self.rate_limiter.allow(serial):  # a flood of garbage gets no answers
+                self._record_error(serial, None, eb.E_REQUEST, "warn", exc.reason, {})
+                self._publish_answer(serial, eb.url_answer(serial, None, [], error=exc.reason))
             return
+        if not self.rate_limiter.allow(serial):
+            self._refuse(serial, request, eb.E_RATE, "too many requests; ask again later")
+            self.stats.rate_limited += 1
+            return
+        allowed, bucket = self._bucket_for(request.bucket_name)
+        if not allowed:
+            reason = f"bucket-name {eb._printable(request.bucket_name)!r} is not allowed"
+            self._refuse(serial, request, eb.E_BUCKET, reason)
+            self.stats.refused += 1
+            return
+        request = self._within_caps(serial, request)
+        # More names than one answer holds: one answer (and, for a names-only request,
+        # one verification group) per part, so a seed device that reads only the first
+        # answer gets that part verified and asks again for the rest.
+        files = request.files
+        parts = [
+            files[i : i + eb.MAX_REQUEST_FILES] for i in range(0, len(files), eb.MAX_REQUEST_FILES)
+        ] or [()]
+        for number, part in enumerate(parts):
+            rejected = request.rejected if number == 0 else ()
+            part_request = dataclasses.replace(request, files=part, rejected=rejected)
+            self._answer_part(serial, part_request, bucket, number if len(parts) > 1 else None)
 
+    def _bucket_for(self, name: str | None) -> tuple[bool, str | None]:
+        """(allowed, bucket to use: None is the signer's own) for a bucket-name.
+
+        Without an allow-list bucket-name is ignored, as the seed's cloud did; with
+        one, a listed bucket is used, the signer's own bucket or no name means the
+        signer's own, and any other name is refused (3009).
+        """
+        if len(self._stores) == 1 or not name or name == getattr(self.store, "bucket", None):
+            return True, None
+        if name in self._stores:
+            return True, name
+        return False, None
+
+    def _refuse(self, serial: str, request: eb.UrlRequest, code: int, reason: str) -> None:
+        """Answer the whole request with an error (no grants), for this device only."""
+        self._record_error(serial, None, code, "warn", reason, {})
+        answer = eb.url_answer(serial, request.request_id, [], error=reason)
+        answer["error-code"] = code
+        self._publish_answer(serial, answer)
+
+    def _within_caps(self, serial: str, request: eb.UrlRequest) -> eb.UrlRequest:
+        """The request with the names past the device's or the signer's grant cap
+        moved to `rejected` (3008): one device cannot hold every grant the signer
+        watches, and a full signer refuses instead of granting what it cannot watch."""
+        with self._lock:
+            watched = {f.name for f in request.files if (serial, f.name) in self._pending}
+            device_room = self.max_open_per_device - self._open_by_device.get(serial, 0)
+            total_room = self.max_pending - len(self._pending)
+        keep: list[eb.FileSpec] = []
+        over: list[eb.Rejection] = []
+        for spec in request.files:
+            if spec.name in watched:  # asked again: replaces its own grant
+                keep.append(spec)
+            elif device_room > 0 and total_room > 0:
+                device_room -= 1
+                total_room -= 1
+                keep.append(spec)
+            else:
+                over.append(eb.Rejection(spec.name, "too many open uploads; ask again later"))
+        if not over:
+            return request
+        self.stats.capped += len(over)
+        self._record_error(
+            serial, None, eb.E_CAPACITY, "warn", f"{len(over)} names over the grant cap", {}
+        )
+        return dataclasses.replace(
+            request, files=tuple(keep), rejected=request.rejected + tuple(over)
+        )
+
+    def _answer_part(
+        self, serial: str, request: eb.UrlRequest, bucket: str | None, part: int | None
+    ) -> None:
         now = self.clock()
-        with self.pool.connection() as conn:  # one transaction for the whole request
-            group, grants, already = self._grant(conn, serial, request, now)
+        with self.pool.connection() as conn:  # one transaction for the whole part
+            group, grants, already = self._grant(conn, serial, request, now, bucket, part)
         with self._lock:
             if group is not None and grants:
                 self._publishing.open_request(serial, group, [g.name for g, _, _ in grants], now)
             for grant, _, _ in grants:
-                full = len(self._pending) >= MAX_PENDING_GRANTS
-                if full and (serial, grant.name) not in self._pending:
-                    # Still granted in the database: a restart or the device's next
-                    # request picks it up.
-                    log.warning("signer: %d grants pending; not watching more", len(self._pending))
-                    break
                 first = grant is grants[0][0]
                 due = now + (CHECK_FIRST_S if first else SIBLING_FALLBACK_S)
-                self._pending[(serial, grant.name)] = _Pending(
-                    grant, group, due, siblings=(serial, grant.request_id or "")
-                )
+                self._watch(_Pending(grant, group, due, siblings=(serial, grant.request_id or "")))
             for grant in already:  # read back by a job, due now, before its {"file"}
-                self._pending[(serial, grant.name)] = _Pending(
-                    grant, None, now, siblings=(serial, grant.request_id or ""), recheck=True
+                self._watch(
+                    _Pending(
+                        grant, None, now, siblings=(serial, grant.request_id or ""), recheck=True
+                    )
                 )
             self.stats.granted += len(grants)
 
@@ -549,6 +750,8 @@ class Signer:
             rejected=request.rejected,
             expires_in=self.expires_in,
         )
+        if part is not None:
+            answer["part"] = part + 1
         if request.checked or not self.legacy_answer_delay_s:
             self._publish_answer(serial, answer)
         else:
@@ -556,7 +759,34 @@ class Signer:
             entry = (due_at, next(self._answer_seq), serial, answer)
             heapq.heappush(self._answers_due, entry)
 
-    def _grant(self, conn, serial: str, request: eb.UrlRequest, now: float):
+    def _watch(self, pending: _Pending) -> None:
+        """Watch a grant (caller holds the lock); replaces the same name's earlier one."""
+        key = (pending.grant.serial, pending.grant.name)
+        if key not in self._pending:
+            serial = pending.grant.serial
+            self._open_by_device[serial] = self._open_by_device.get(serial, 0) + 1
+        self._pending[key] = pending
+
+    def _unwatch(self, pending: _Pending) -> None:
+        """Stop watching this grant, if it is still the one watched (caller holds the lock)."""
+        key = (pending.grant.serial, pending.grant.name)
+        if self._pending.get(key) is pending:
+            del self._pending[key]
+            left = self._open_by_device.get(key[0], 1) - 1
+            if left > 0:
+                self._open_by_device[key[0]] = left
+            else:
+                self._open_by_device.pop(key[0], None)
+
+    def _grant(
+        self,
+        conn,
+        serial: str,
+        request: eb.UrlRequest,
+        now: float,
+        bucket: str | None = None,
+        part: int | None = None,
+    ):
         """Presigned POSTs and grant rows for a request, in the caller's transaction.
 
         Returns (the verification group of an unchecked request or None, grants as
@@ -565,6 +795,9 @@ class Signer:
         """
         expires_at = now + self.expires_in
         group = None if request.checked else (request.request_id or uuid.uuid4().hex)
+        if group is not None and part is not None:
+            group = f"{group}.{part + 1}"
+        store = self._stores[bucket]
         grants: list[tuple[eb.Grant, dict[str, str], str]] = []
         already: list[eb.Grant] = []
         known = self._names_known(conn, request)
@@ -586,13 +819,14 @@ class Signer:
                 request_id=request.request_id or group,
                 declared_size=spec.size,
                 declared_sha256=spec.sha256,
+                bucket=bucket,
             )
             if request.checked and same_bytes:
                 # Verified before (the device crashed or missed the message): no upload;
                 # a job confirms the object still has these bytes, then verifies it.
                 already.append(grant)
                 continue
-            post = self.store.presigned_post(key, max_bytes=max_bytes, expires_in=self.expires_in)
+            post = store.presigned_post(key, max_bytes=max_bytes, expires_in=self.expires_in)
             grants.append((grant, post.fields, post.url))
 
         db.queries.edge_ensure_device(conn, device_id=serial)
@@ -608,6 +842,7 @@ class Signer:
                 declared_sha256=grant.declared_sha256,
                 max_bytes=grant.max_bytes,
                 expires_at=grant.expires_at,
+                bucket=grant.bucket,
             )
         for rejection in request.rejected:
             if not self._error_allowed(serial):
@@ -619,22 +854,28 @@ class Signer:
                 eb.E_NAME,
                 "warn",
                 f"file name refused: {rejection.reason}",
-                {"filename": rejection.filename},
+                {"filename": eb._printable(rejection.filename, 255)},
             )
         return group, grants, already
 
     @staticmethod
     def _names_known(conn, request: eb.UrlRequest) -> dict[str, _Known]:
         rows = db.queries.edge_names_known(
-            conn, device_id=request.serial, file_names=[f.name for f in request.files]
+            conn,
+            device_id=request.serial,
+            file_names=[f.name for f in request.files],
+            capture_names=[eb.key_name(f.name) for f in request.files],
         )
         return {row[0]: _Known(*row[1:]) for row in rows}
 
-    def _read(self, key: str, max_bytes: int | None = None) -> tuple[int, str | None] | None:
+    def _read(
+        self, key: str, max_bytes: int | None = None, bucket: str | None = None
+    ) -> tuple[int, str | None] | None:
         """(size, SHA-256) of the stored object, None when absent; raises on store errors."""
-        if self._reader is not None:
-            return self._reader.digest(key, max_bytes)
-        return stored_digest(self.store, key, max_bytes)
+        reader = self._readers.get(bucket)
+        if reader is not None:
+            return reader.digest(key, max_bytes)
+        return stored_digest(self._stores.get(bucket, self.store), key, max_bytes)
 
     # -- verification -----------------------------------------------------------------------
 
@@ -688,7 +929,7 @@ class Signer:
                 code = eb.E_SIZE if verdict is eb.Verdict.SIZE else eb.E_CHECKSUM
                 if verdict is eb.Verdict.SIZE and size and size > grant.max_bytes:
                     # The store did not enforce the POST policy: do not keep what it forbade.
-                    self.store.delete(grant.key)
+                    self._stores.get(grant.bucket, self.store).delete(grant.key)
                 self._resolve_failed(pending, "failed", code, reason, size, sha)
                 continue
             verified.append((pending, size, sha))
@@ -703,7 +944,8 @@ class Signer:
 
     def _read_outcome(self, pending: _Pending):
         try:
-            return self._read(pending.grant.key, pending.grant.max_bytes)
+            grant = pending.grant
+            return self._read(grant.key, grant.max_bytes, grant.bucket)
         except Exception as exc:
             return exc
 
@@ -746,8 +988,7 @@ class Signer:
         with self._lock:
             for pending, _, _ in verified:
                 grant = pending.grant
-                if self._pending.get((grant.serial, grant.name)) is pending:
-                    del self._pending[(grant.serial, grant.name)]
+                self._unwatch(pending)
                 self.stats.verified += 1
                 publish += self._publishing.resolved(
                     grant.serial, pending.group, grant.name, True, now
@@ -755,7 +996,7 @@ class Signer:
         for pending, _, _ in verified:
             earlier = resent.get(id(pending))
             if earlier is not None and earlier[1] != pending.grant.key:
-                self._drop_copy(pending.grant.key)
+                self._drop_copy(pending.grant)
         for pub in publish:
             self._publish_verification(pub)
         if self._handoff:
@@ -784,17 +1025,19 @@ class Signer:
             if key == pending.grant.key:  # this very object (re-confirmed after a re-request)
                 resent[id(pending)] = (record_id, key)
                 continue
-            stored = self._read(key)
+            stored = self._read(key, bucket=pending.grant.bucket)
             if stored is not None and stored[1] == sha:
                 resent[id(pending)] = (record_id, key)
         return resent
 
-    def _drop_copy(self, key: str) -> None:
+    def _drop_copy(self, grant: eb.Grant) -> None:
         """Delete a re-sent image's second object; its bytes are stored under the first."""
         try:
-            self.store.delete(key)
+            self._stores.get(grant.bucket, self.store).delete(grant.key)
         except Exception as exc:  # a leftover copy wastes space, loses nothing
-            log.warning("signer: could not delete the re-sent copy %s: %s", key, type(exc).__name__)
+            log.warning(
+                "signer: could not delete the re-sent copy %s: %s", grant.key, type(exc).__name__
+            )
 
     def _backoff(self, pending: _Pending, now: float) -> None:
         pending.interval = min(pending.interval * CHECK_BACKOFF, CHECK_MAX_INTERVAL_S)
@@ -812,8 +1055,10 @@ class Signer:
             self._resolve_grant(conn, grant, size, sha, *earlier)
             return None
         metadata = {"uploaded_via": "edge-presigned-post"}
-        if grant.reuses_name:  # the device's name, for finding this image re-sent
+        if grant.renamed:  # the device's own name (reused or not a safe key as is)
             metadata["device_file_name"] = grant.name
+        if grant.bucket:  # storage_path is in this bucket, not the signer's own
+            metadata["bucket"] = grant.bucket
         row = db.queries.edge_capture_upsert(
             conn,
             device_id=grant.serial,
@@ -875,8 +1120,7 @@ class Signer:
             log.warning("signer: could not record failure of %s: %s", grant.key, type(exc).__name__)
             return
         with self._lock:
-            if self._pending.get((grant.serial, grant.name)) is pending:
-                del self._pending[(grant.serial, grant.name)]
+            self._unwatch(pending)
             self.stats.failed += 1
             publish = self._publishing.resolved(
                 grant.serial, pending.group, grant.name, False, self.clock()
@@ -892,11 +1136,27 @@ class Signer:
             rows = list(db.queries.edge_grants_open(conn))
         groups: dict[tuple[str, str], list[str]] = {}
         now = self.clock()
-        for serial, name, key, request_id, checked, size, sha, max_bytes, expires_at in rows:
+        for (
+            serial,
+            name,
+            key,
+            request_id,
+            checked,
+            size,
+            sha,
+            max_bytes,
+            expires_at,
+            bucket,
+        ) in rows:
             group = None if checked else (request_id or "resumed")
-            grant = eb.Grant(serial, name, key, max_bytes, expires_at, request_id, size, sha)
+            if bucket is not None and bucket not in self._stores:
+                bucket = None  # no longer allowed: looked for in the signer's own bucket
+            grant = eb.Grant(
+                serial, name, key, max_bytes, expires_at, request_id, size, sha, bucket
+            )
             siblings = (serial, request_id or "")
-            self._pending[(serial, name)] = _Pending(grant, group, now, siblings=siblings)
+            with self._lock:
+                self._watch(_Pending(grant, group, now, siblings=siblings))
             if group is not None:
                 groups.setdefault((serial, group), []).append(name)
         for (serial, group), names in groups.items():
@@ -986,6 +1246,7 @@ class _Handoff:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="edge-handoff", daemon=True)
         self.flow_runs: list[str] = []
+        self.dropped = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -997,7 +1258,16 @@ class _Handoff:
             if not self._items:
                 self._first_at = time.monotonic()
             self._items.extend(captures)
+            over = len(self._items) - MAX_HANDOFF_BACKLOG
+            if over > 0:  # Prefect down for long: stored captures, just not handed off
+                del self._items[:over]
+                self.dropped += over
+                log.warning("signer: hand-off backlog full; %d captures not handed off", over)
             self._lock.notify()
+
+    def backlog(self) -> int:
+        with self._lock:
+            return len(self._items)
 
     def stop(self) -> None:
         with self._lock:

@@ -347,7 +347,7 @@ def check_invariants(
     row_count = Counter((r[0], r[1]) for r in rows)
     row_of = {(r[0], r[1]): r for r in rows}
     versions, latest = bucket.versions()
-    expected_key = {k: f"devices/{k[0]}/{k[1]}" for k in images}
+    expected_key = {k: f"edge/{k[0]}/{k[1]}" for k in images}
     c = Check(images=len(images), delivered=len(deleted))
     for key in sorted(deleted):
         row = row_of.get(key)
@@ -362,7 +362,7 @@ def check_invariants(
         elif bucket.sha256(row[3], latest[row[3]]) != images[key]:
             c.lost.append((key, "object's SHA-256 differs from the device's image"))
     c.duplicated = sum(n - 1 for n in row_count.values() if n > 1)
-    # Keys are devices/{serial}/{name}: a second object for one image would be a
+    # Keys are edge/{serial}/{name}: a second object for one image would be a
     # second key for the same (serial, name).
     per_image = Counter(tuple(k.split("/")[1:3]) for k in latest if k.count("/") == 2)
     c.duplicated += sum(n - 1 for n in per_image.values() if n > 1)

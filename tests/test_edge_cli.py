@@ -116,8 +116,8 @@ def test_device_process_killed_at_random_points_loses_nothing(
         assert on_device | set(captures(database_url, serial)) == set(shas)
     run_cli(cmd, timeout=120)
     assert {n: r[0] for n, r in captures(database_url, serial).items()} == shas
-    keys = sorted(o.key for o in store.list(f"devices/{serial}/"))
-    assert keys == [f"devices/{serial}/{n}" for n in sorted(shas)]  # one object per file
+    keys = sorted(o.key for o in store.list(f"edge/{serial}/"))
+    assert keys == [f"edge/{serial}/{n}" for n in sorted(shas)]  # one object per file
     assert list((tmp_path / "bufferStorage").iterdir()) == []
 
 
@@ -175,4 +175,4 @@ def test_local_storage_uploads_through_the_device_api(tmp_path, mosquitto, datab
         api.wait(15)
     assert sum(x["deleted"] for x in summaries) == 6
     assert {n: r[0] for n, r in captures(database_url, cfg.serial).items()} == shas
-    assert sorted(p.name for p in (root / "devices" / cfg.serial).iterdir()) == sorted(shas)
+    assert sorted(p.name for p in (root / "edge" / cfg.serial).iterdir()) == sorted(shas)

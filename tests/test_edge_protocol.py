@@ -42,7 +42,7 @@ def test_camfleet_request_is_checked():
         (b"[1, 2]", "JSON object"),
         (req(serial="ENTO-2"), "does not match"),
         (req(files="a.jpg"), "list of file names"),
-        (req(files=[f"f{i}.jpg" for i in range(51)]), "more than 50"),
+        (req(files=[f"f{i}.jpg" for i in range(251)]), "more than 250"),
         (req(**{"request-id": "../x"}), "request-id"),
         (req(checksums=[1]), "checksums"),
         (b" " * (eb.MAX_REQUEST_BYTES + 1), "larger than"),
@@ -55,11 +55,91 @@ def test_refused_requests(payload, reason):
 
 
 def test_bad_names_are_rejected_one_by_one():
-    names = ["ok.jpg", "../ENTO-2/x.jpg", "a/b.jpg", ".hidden", "sp ace.jpg", "ok.jpg", 7, ""]
+    names = ["ok.jpg", "../ENTO-2/x.jpg", "a/b.jpg", "..", "a\x00b", "ok.jpg", 7, "", "\ud800"]
+    names.append("x" * 256)
     r = eb.parse_url_request("ENTO-1", req(files=names))
     assert [f.name for f in r.files] == ["ok.jpg"]
-    assert len(r.rejected) == 7
+    assert len(r.rejected) == 9
     assert any("duplicate" in x.reason for x in r.rejected)
+
+
+# Names cameras and filesystems really produce: every one is accepted and mapped to a
+# safe key of its own; the device keeps (and is answered with) its own name.
+CAMERA_NAMES = [
+    "IMG 0001.jpg",
+    "2026-12-03T02:41:07+00:00.jpg",
+    "Éclosion_été.jpg",
+    "日本.jpg",
+    ".hidden.jpg",
+    "_x.jpg",
+    "a~b.jpg",
+    "?",
+    "tab\there.JPG",
+    "dots ...jpg",
+    "é" * 127,
+]
+
+
+def test_any_name_a_device_can_have_gets_a_safe_distinct_key():
+    r = eb.parse_url_request("ENTO-1", req(files=CAMERA_NAMES + ["plain_0001.jpg"]))
+    assert r.rejected == ()
+    keys = [eb.device_key("ENTO-1", f.name) for f in r.files]
+    assert len(set(keys)) == len(keys)
+    assert keys[-1] == "edge/ENTO-1/plain_0001.jpg"  # a safe name is its own key
+    for name, key in zip(CAMERA_NAMES, keys, strict=False):
+        folder, base = key.rsplit("/", 1)
+        assert folder == "edge/ENTO-1" and key.count("/") == 2
+        assert eb.check_name(base.replace("~", "_")) == base.replace("~", "_")
+        assert "~" in base  # never a name a device can ask for as is
+        assert len(base.encode()) <= 128
+        if name.lower().endswith(".jpg"):
+            assert base.lower().endswith(".jpg")
+        # Reuse keys of these names stay distinct from every mapped key.
+        assert eb.reuse_key("ENTO-1", name) not in keys
+    assert eb.key_name("IMG 0001.jpg") == eb.key_name("IMG 0001.jpg")  # stable
+    for safe in ("no_extension", "dots...jpg", "A-1.b_c"):
+        assert eb.key_name(safe) == safe
+
+
+def test_more_names_than_one_answer_holds_are_accepted_up_to_the_limit():
+    r = eb.parse_url_request("ENTO-1", req(files=[f"f{i}.jpg" for i in range(250)]))
+    assert len(r.files) == 250 and r.rejected == ()
+
+
+def _seed_cloud_answer(batch, names, literal=True, request_id=None):
+    files = [
+        {"filename": n, "key": f"edge/E/{n}", "url": {"url": "http://s/b", "fields": {"k": n}}}
+        for n in names
+    ]
+    body = {"device-serialID": batch.serial, "files": files}
+    if request_id is not None:
+        body["request-id"] = request_id
+    return (repr(body) if literal else json.dumps(body)).encode()
+
+
+def test_device_takes_a_seed_clouds_answer_without_request_id_and_python_literals():
+    b = _batch()
+    b.request(now=0.0)
+    uploads = b.on_answer(_seed_cloud_answer(b, ["a.jpg", "b.jpg"]))  # single quotes
+    assert [u.name for u in uploads] == ["a.jpg", "b.jpg"]
+    assert b.states["c.jpg"] is eb.FileState.REQUESTED
+    later = b.on_answer(_seed_cloud_answer(b, ["c.jpg"], literal=False))
+    assert [u.name for u in later] == ["c.jpg"]
+    # Another request's id is still not ours; names we did not ask for change nothing.
+    assert b.on_answer(_seed_cloud_answer(b, ["a.jpg"], request_id="other")) is None
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        b.on_uploaded(name, True)
+    assert b.on_verification(b"{'file': 'a.jpg'}") == [eb.Delete("a.jpg")]
+    assert b.on_verification(b'{"file": "b.jpg"}') == [eb.Delete("b.jpg")]
+    assert b.on_verification(b"{'file': 'zzz.jpg'}") == []
+    assert b.on_verification(b"{'file': __import__('os')}") == []  # not a literal
+
+
+def test_an_answer_without_request_id_cannot_refuse_our_files():
+    b = _batch()
+    b.request(now=0.0)
+    b.on_answer(b"{'device-serialID': 'E', 'files': [], 'error': 'x'}")
+    assert b.count(eb.FileState.REQUESTED) == 3
 
 
 def test_bad_checksums_are_rejected():
@@ -85,7 +165,7 @@ def test_topic_serial():
 
 
 def test_device_key_is_confined():
-    assert eb.device_key("ENTO-1", "a.jpg") == "devices/ENTO-1/a.jpg"
+    assert eb.device_key("ENTO-1", "a.jpg") == "edge/ENTO-1/a.jpg"
     with pytest.raises(ValueError):
         eb.device_key("ENTO-1", "../x.jpg")
     with pytest.raises(ValueError):
@@ -227,7 +307,7 @@ def test_any_json_request_is_parsed_or_refused(value):
     except eb.RequestRefused:
         return
     for f in r.files:
-        assert eb.device_key("ENTO-1", f.name).startswith("devices/ENTO-1/")
+        assert eb.device_key("ENTO-1", f.name).startswith("edge/ENTO-1/")
 
 
 @settings(max_examples=200, deadline=None)

@@ -179,7 +179,7 @@ def test_batch_of_five_moves_uploads_verifies_and_deletes(
     assert set(rows) == set(shas)
     for name, (sha, path, source, size) in rows.items():
         assert sha == shas[name] and source == "edge" and size == 4096
-        assert path == f"devices/{cfg.serial}/{name}"
+        assert path == f"edge/{cfg.serial}/{name}"
         assert hashlib.sha256(store.get(path)).hexdigest() == sha
 
 
@@ -195,7 +195,7 @@ def test_more_than_five_files_take_several_batches(tmp_path, signer, mosquitto, 
 
 
 def objects(store, serial: str) -> list[str]:
-    return sorted(o.key for o in store.list(f"devices/{serial}/"))
+    return sorted(o.key for o in store.list(f"edge/{serial}/"))
 
 
 def grants(dsn: str, serial: str) -> dict[str, tuple]:
@@ -263,7 +263,7 @@ def test_forged_requests_are_refused(tmp_path, signer, store, mosquitto, databas
         assert topic.endswith(a) and answer["files"] == [] and "does not match" in answer["error"]
 
         # Names with path components: each refused, the good one granted under A's prefix.
-        names = ["ok.jpg", f"../{b}/x.jpg", f"{b}/x.jpg", "..", ".hidden"]
+        names = ["ok.jpg", f"../{b}/x.jpg", f"{b}/x.jpg", "..", "a\x00.jpg"]
         dev.publish(
             f"cameraDevice/generateURL/{a}",
             {"device-serialID": a, "bucket-name": "x", "files": names},
@@ -271,12 +271,12 @@ def test_forged_requests_are_refused(tmp_path, signer, store, mosquitto, databas
         answer = json.loads(dev.get()[1])
         assert [f["filename"] for f in answer["files"]] == ["ok.jpg"]
         grant = answer["files"][0]
-        assert grant["key"] == grant["url"]["fields"]["key"] == f"devices/{a}/ok.jpg"
+        assert grant["key"] == grant["url"]["fields"]["key"] == f"edge/{a}/ok.jpg"
         assert len(answer["rejected"]) == 4
 
         # moto does not enforce the POST policy, so a device can store under another
         # key; camfleet never verifies or records what it did not grant.
-        fields = dict(grant["url"]["fields"], key=f"devices/{b}/evil.jpg")
+        fields = dict(grant["url"]["fields"], key=f"edge/{b}/evil.jpg")
         r = httpx.post(grant["url"]["url"], data=fields, files={"file": ("f", b"x" * 10)})
         assert r.status_code < 300
         with pytest.raises(queue.Empty):
@@ -320,7 +320,7 @@ def test_wrong_size_or_checksum_is_never_verified(tmp_path, signer, store, mosqu
             dev.get(timeout=1.5)
         codes = sorted(e[0] for e in errors(database_url, serial))
         assert codes == [eb.E_SIZE, eb.E_CHECKSUM]
-        assert store.head(f"devices/{serial}/big.jpg") is None  # over the limit: removed
+        assert store.head(f"edge/{serial}/big.jpg") is None  # over the limit: removed
         assert captures(database_url, serial) == {}
     finally:
         dev.close()
@@ -392,7 +392,7 @@ def test_device_crash_mid_batch_loses_nothing_and_uploads_nothing_twice(
         watcher.close()
     assert list(cfg.buffer_dir.iterdir()) == [] and list(cfg.repo_dir.iterdir()) == []
     assert {n: r[0] for n, r in captures(database_url, cfg.serial).items()} == shas
-    assert objects(store, cfg.serial) == [f"devices/{cfg.serial}/{n}" for n in sorted(shas)]
+    assert objects(store, cfg.serial) == [f"edge/{cfg.serial}/{n}" for n in sorted(shas)]
 
 
 def test_broker_down_during_the_wait_recovers(tmp_path, store, database_url):
@@ -420,7 +420,7 @@ def test_broker_down_during_the_wait_recovers(tmp_path, store, database_url):
             summaries = up.drain()
     assert list(cfg.buffer_dir.iterdir()) == []
     assert {n: r[0] for n, r in captures(database_url, cfg.serial).items()} == shas
-    assert objects(store, cfg.serial) == [f"devices/{cfg.serial}/{n}" for n in sorted(shas)]
+    assert objects(store, cfg.serial) == [f"edge/{cfg.serial}/{n}" for n in sorted(shas)]
     assert sum(s["deleted"] for s in summaries) <= 5
 
 
@@ -510,7 +510,7 @@ def test_expired_urls_are_renewed(tmp_path, store, mosquitto, database_url, s3):
         summaries = up.drain()
     assert [s["deleted"] for s in summaries] == [5]
     assert {n: r[0] for n, r in captures(database_url, cfg.serial).items()} == shas
-    assert objects(store, cfg.serial) == [f"devices/{cfg.serial}/{n}" for n in sorted(shas)]
+    assert objects(store, cfg.serial) == [f"edge/{cfg.serial}/{n}" for n in sorted(shas)]
 
 
 def test_a_device_replaying_garbage_gets_bounded_error_rows(signer, mosquitto, database_url):
@@ -519,18 +519,22 @@ def test_a_device_replaying_garbage_gets_bounded_error_rows(signer, mosquitto, d
     serial = f"ENTO-{uuid.uuid4().hex[:6]}"
     dev = Listener(mosquitto, [f"cameraDevice/getURL/{serial}"])
     try:
-        for _ in range(MAX_ERRORS_PER_DEVICE_PER_MIN + 15):
+        sent = MAX_ERRORS_PER_DEVICE_PER_MIN + 15
+        for _ in range(sent):
             dev.publish(f"cameraDevice/generateURL/{serial}", b"\x00not json")
-        for _ in range(MAX_ERRORS_PER_DEVICE_PER_MIN + 15):
-            assert json.loads(dev.get()[1])["files"] == []  # every one still answered
+        answered = 0
+        while True:  # answered until its own queue (8) overflows; the rest dropped
+            try:
+                assert json.loads(dev.get(timeout=3)[1])["files"] == []
+            except queue.Empty:
+                break
+            answered += 1
     finally:
         dev.close()
+    assert 1 <= answered <= sent
+    assert answered == sent or signer._inbox.dropped > 0
     # (a minute boundary may split the burst into two windows)
-    assert (
-        MAX_ERRORS_PER_DEVICE_PER_MIN
-        <= len(errors(database_url, serial))
-        <= 2 * MAX_ERRORS_PER_DEVICE_PER_MIN
-    )
+    assert 1 <= len(errors(database_url, serial)) <= 2 * MAX_ERRORS_PER_DEVICE_PER_MIN
 
 
 def test_a_verified_file_whose_object_is_gone_is_uploaded_again(
@@ -543,7 +547,7 @@ def test_a_verified_file_whose_object_is_gone_is_uploaded_again(
     assert [s["deleted"] for s in EdgeUploader(cfg, broker, min_age_s=0).drain()] == [1]
     # The device missed the verification (its copy is back in the buffer), and the
     # object has since disappeared from the store.
-    key = f"devices/{cfg.serial}/{name}"
+    key = f"edge/{cfg.serial}/{name}"
     (cfg.buffer_dir / name).write_bytes(store.get(key))
     store.delete(key)
     up = EdgeUploader(cfg, broker, min_age_s=0)
@@ -589,7 +593,7 @@ def jpeg(version: bytes, size: int = 4000) -> tuple[bytes, str]:
 def test_a_reuse_key_stays_in_the_device_prefix_and_keeps_the_extension():
     key = eb.reuse_key("ENTO-0001", "cam_0001.jpg")
     folder, base = key.rsplit("/", 1)
-    assert folder == "devices/ENTO-0001" and base.endswith(".jpg")
+    assert folder == "edge/ENTO-0001" and base.endswith(".jpg")
     assert base.startswith("cam_0001" + eb.REUSE_MARK)
     assert eb.reuse_key("ENTO-0001", "cam_0001.jpg") != key
     # No device can ask for this name, so its key is never a device_key.
@@ -615,9 +619,9 @@ def test_a_new_image_under_a_delivered_name_gets_its_own_key_and_row(
         (cfg.repo_dir / name).write_bytes(data)
         assert [s["deleted"] for s in EdgeUploader(cfg, broker, min_age_s=0).drain()] == [1]
     rows = capture_rows(database_url, cfg.serial)
-    assert rows[0] == (name, first_sha, f"devices/{cfg.serial}/{name}")
+    assert rows[0] == (name, first_sha, f"edge/{cfg.serial}/{name}")
     reused_name, sha, key = rows[1]
-    assert len(rows) == 2 and sha == second_sha and key == f"devices/{cfg.serial}/{reused_name}"
+    assert len(rows) == 2 and sha == second_sha and key == f"edge/{cfg.serial}/{reused_name}"
     assert reused_name.startswith("cam_0001~") and reused_name.endswith(".jpg")
     assert {hashlib.sha256(store.get(r[2])).hexdigest() for r in rows} == {first_sha, second_sha}
 
@@ -651,7 +655,7 @@ def test_a_re_sent_image_under_a_delivered_name_is_stored_once(
     name = "seed_0001.jpg"
     data, sha = jpeg(b"s")
     broker = broker_block(mosquitto)
-    key = f"devices/{serial}/{name}"
+    key = f"edge/{serial}/{name}"
     for attempt in (1, 2):  # the second time it missed the verification
         (buffer / name).write_bytes(data)
         assert run_seed_batch(broker, serial, buffer, [name], tmp_path) == [name]
@@ -659,7 +663,7 @@ def test_a_re_sent_image_under_a_delivered_name_is_stored_once(
         if attempt == 1:
             assert granted == key
         else:  # a delivered name, asked for without a checksum: a key of its own
-            assert granted.startswith(f"devices/{serial}/seed_0001~")
+            assert granted.startswith(f"edge/{serial}/seed_0001~")
         # No second object, no second row: the grant points at the first delivery.
         assert objects(store, serial) == [key]
         assert capture_rows(database_url, serial) == [(name, sha, key)]
@@ -820,10 +824,10 @@ def test_a_batch_found_together_is_read_once_and_recorded_in_one_transaction(
         with open(s3.log_path, "rb") as f:
             f.seek(log_offset)
             lines = f.read().decode(errors="replace").splitlines()
-        reads = [  # "GET /bucket/devices/<serial>/<name>?X-Amz-... HTTP/1.1" 200
+        reads = [  # "GET /bucket/edge/<serial>/<name>?X-Amz-... HTTP/1.1" 200
             (line.split('"GET ')[1].split("?")[0].rsplit("/", 1)[1], line.split('" ')[1][:3])
             for line in lines
-            if '"GET ' in line and f"/devices/{cfg.serial}/" in line
+            if '"GET ' in line and f"/edge/{cfg.serial}/" in line
         ]
         if len(reads) >= 5:
             break

@@ -322,7 +322,7 @@ def test_a_reused_file_name_keeps_the_image_delivered_before(
             shas.append(hashlib.sha256(data).hexdigest())
             summaries = EdgeUploader(cfg, broker, min_age_s=0).drain()
             assert [x["deleted"] for x in summaries] == [1]  # the device's copy is gone
-    stored = {hashlib.sha256(store.get(o.key)).hexdigest() for o in store.list("devices/")}
+    stored = {hashlib.sha256(store.get(o.key)).hexdigest() for o in store.list("edge/")}
     assert set(shas) <= stored, "the first image was overwritten by the second"
 
 
@@ -342,7 +342,7 @@ def test_a_hanging_store_does_not_hold_up_other_devices_answers(tmp_path, mosqui
             assert [x["deleted"] for x in EdgeUploader(a, broker, min_age_s=0).drain()] == [1]
             # A's copy is back in its buffer, as if the verification never arrived.
             name = next(iter(data))
-            (a.buffer_dir / name).write_bytes(store.get(f"devices/{a.serial}/{name}"))
+            (a.buffer_dir / name).write_bytes(store.get(f"edge/{a.serial}/{name}"))
             write_images(b.repo_dir, 1, prefix="b")
             a_batch = EdgeUploader(a, broker, min_age_s=0).next_batch()
             b_batch = EdgeUploader(b, broker, min_age_s=0).next_batch()

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
+
+
+def _prefect_api_configured() -> bool:
+    """A Prefect API URL is set (environment or the active Prefect profile)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
 
 
 def signer(
@@ -14,8 +25,22 @@ def signer(
     handoff: str = typer.Option(
         "flow",
         help="post-processing of verified uploads: 'flow' (a flow run per batch), "
-        "'deployment:<flow>/<name>' (run that deployment per batch) or 'none'",
+        "'deployment:<flow>/<name>' (run that deployment per batch) or 'none'; "
+        "without a configured Prefect API (PREFECT_API_URL) there is no hand-off",
     ),
+    buckets: str = typer.Option(
+        None,
+        envvar="CAMFLEET_EDGE_BUCKETS",
+        help="comma-separated buckets a request's bucket-name may choose (same endpoint "
+        "and credentials); unset: bucket-name is ignored",
+    ),
+    health_port: int = typer.Option(
+        None, help="serve GET /live and /ready on 127.0.0.1:PORT for a supervisor"
+    ),
+    requests_per_s: float = typer.Option(
+        50.0, help="per-device requests per second (burst 100); 0: no limit"
+    ),
+    max_open_per_device: int = typer.Option(100, help="open grants one device may hold"),
 ) -> None:
     """Answer edge devices' URL requests and verify their uploads (runs until stopped)."""
     import logging
@@ -23,10 +48,19 @@ def signer(
     from camfleet import resolve
     from camfleet.settings import get_settings
     from camfleet.storage import open_store
-    from services.signer import Signer
+    from services.signer import Signer, WorkerDied
+    from services.signer_health import HealthServer
+    from services.signer_limits import REQUEST_BURST, RateLimiter
 
     logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(message)s")
     run = None
+    if handoff not in ("flow", "none") and not handoff.startswith("deployment:"):
+        raise typer.BadParameter("handoff is 'flow', 'deployment:<flow>/<name>' or 'none'")
+    if handoff != "none" and not _prefect_api_configured():
+        # Never start a temporary Prefect server inside a long-running service: its
+        # start can take longer than a device waits, and it outlives a killed signer.
+        typer.echo("signer: no Prefect API configured (PREFECT_API_URL): no hand-off")
+        handoff = "none"
     if handoff == "flow":
         from flows.edge_batch import run_uploads_received
 
@@ -40,19 +74,35 @@ def signer(
             flow_run = run_deployment(name, parameters={"captures": captures}, timeout=0)
             return str(flow_run.id)
 
-    elif handoff != "none":
-        raise typer.BadParameter("handoff is 'flow', 'deployment:<flow>/<name>' or 'none'")
+    allowed = [b.strip() for b in (buckets or "").split(",") if b.strip()]
     store = open_store(storage_url)
     broker = resolve.mqtt_broker(mqtt_block)
     typer.echo(f"signer: storage {store.describe()}, broker {broker.describe()}")
-    Signer(
+    if allowed:
+        typer.echo(f"signer: bucket-name allowed: {', '.join(allowed)}")
+    service = Signer(
         store,
         resolve.database_url(database_block),
         broker,
         client_id=client_id,
         expires_in=expires_in,
         handoff=run,
-    ).run_forever()
+        buckets=allowed,
+        rate_limiter=RateLimiter(requests_per_s, REQUEST_BURST),
+        max_open_per_device=max_open_per_device,
+    )
+    health = None
+    if health_port is not None:
+        health = HealthServer(health_port, service.live, service.ready, service.health).start()
+        typer.echo(f"signer: health on http://127.0.0.1:{health.port}/ready and /live")
+    try:
+        service.run_forever()
+    except WorkerDied as exc:
+        typer.echo(f"signer: {exc}; exiting", err=True)
+        raise typer.Exit(70) from None  # EX_SOFTWARE: the supervisor restarts us
+    finally:
+        if health is not None:
+            health.stop()
 
 
 def register(app: typer.Typer, simulate: typer.Typer) -> None:

@@ -51,7 +51,7 @@ def _candidates(
 
 def _usable(directory: Path, name: str, max_bytes: int) -> bool:
     try:
-        eb.check_name(name)
+        eb.check_device_name(name)
     except BadName as exc:
         log.warning("edge: leaving %r in %s: %s", name[:80], directory, exc)
         return False
@@ -125,7 +125,7 @@ def take_batch(
 
 def delete_verified(buffer_dir: Path, name: str) -> None:
     """Remove a verified file from the buffer (already gone counts as done)."""
-    eb.check_name(name)
+    eb.check_device_name(name)
     (Path(buffer_dir) / name).unlink(missing_ok=True)
 
 

@@ -28,12 +28,12 @@ def post_file(client: httpx.Client, upload: eb.Upload, buffer_dir: Path) -> None
     Raises UploadExpired on a 4xx answer (a new URL is needed) and httpx errors or
     RuntimeError otherwise (retrying the same URL may work).
     """
-    path = Path(buffer_dir) / eb.check_name(upload.name)
+    path = Path(buffer_dir) / eb.check_device_name(upload.name)
     with open(path, "rb") as f:
         response = client.post(
             upload.url,
             data=upload.fields,
-            files={"file": (upload.name, f, "application/octet-stream")},
+            files={"file": (eb.key_name(upload.name), f, "application/octet-stream")},
         )
     if 200 <= response.status_code < 300:
         return

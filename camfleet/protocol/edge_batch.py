@@ -43,9 +43,9 @@ answers an already-stored identical file with ``verified`` instead of a URL. A r
 without them (deployed firmware) is *unchecked*: the signer verifies existence and the
 size against the presigned POST's content-length range and records the SHA-256 it
 computes, so later audits can compare. Either way the object key is chosen by the
-signer (``devices/{serial}/{name}``), never by the device; a name that was delivered
+signer (``edge/{serial}/{key_name(name)}``), never by the device; a name that was delivered
 before and is asked for again without proof of the same bytes gets a key of its own
-(``devices/{serial}/{stem}~{token}{ext}``, see `reuse_key`), so a camera that reuses a
+(``edge/{serial}/{stem}~{token}{ext}``, see `reuse_key`), so a camera that reuses a
 name cannot overwrite an image it has already deleted.
 
 Unchecked requests are answered LEGACY_ANSWER_DELAY_S late and get their
@@ -56,9 +56,12 @@ to the verification topic only after its last upload, so earlier messages would 
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import posixpath
 import re
+import unicodedata
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -74,20 +77,28 @@ from camfleet.keys import BadName, key_within, object_key, safe_id, sanitize_nam
 # The seed's move.py moves "batches of 5"; the device side defaults to it.
 DEFAULT_BATCH_SIZE = 5
 
-# Files one request may name: ten times the seed's batch, so a tuned device can batch
-# more, while an answer (one presigned POST is ~1.5 KB) stays far below MQTT and AWS
-# IoT's 128 KB message limit.
+# Files one answer may hold (and the largest batch a camfleet device asks for): ten
+# times the seed's batch, while an answer (one presigned POST is ~1.5 KB) stays far
+# below MQTT and AWS IoT's 128 KB message limit.
 MAX_REQUEST_FILES = 50
 
-# A raw request: 50 names of 128 characters plus checksums is under 12 KB; anything
-# beyond 32 KiB is refused before json.loads.
-MAX_REQUEST_BYTES = 32 * 1024
+# Names one request may hold: a device that moved a backlog at once may name more than
+# one answer holds; such a request is answered in parts of MAX_REQUEST_FILES, each its
+# own answer message (a seed device uses the first and asks again for the rest).
+MAX_REQUEST_NAMES = 250
+
+# A raw request: 250 names of up to 255 bytes plus checksums is under 100 KB; anything
+# beyond 128 KiB is refused before json.loads.
+MAX_REQUEST_BYTES = 128 * 1024
+
+# Longest file name a device can have (Linux and FAT/exFAT allow 255 bytes).
+MAX_DEVICE_NAME_BYTES = 255
 
 # A raw getURL answer the device accepts: 50 presigned POSTs at ~1.5 KB each.
 MAX_ANSWER_BYTES = 128 * 1024
 
-# A verification message is {"file": name}: a 128-character name fits in 200 bytes.
-MAX_VERIFICATION_BYTES = 1024
+# A verification message is {"file": name}: a 255-byte name, JSON-escaped, fits.
+MAX_VERIFICATION_BYTES = 2048
 
 # Largest file a presigned POST allows: trap cameras write JPEGs of a few MB; 32 MiB
 # also fits short clips and bounds what the signer reads back to hash.
@@ -128,6 +139,9 @@ E_SIZE = 3003  # stored object's size outside the grant or unequal to the declar
 E_CHECKSUM = 3004  # stored object's SHA-256 differs from the declared one
 E_NEVER_UPLOADED = 3005  # the grant expired without an object
 E_STORE = 3006  # the object store failed while verifying (retried later)
+E_RATE = 3007  # the device sent requests faster than its rate limit: answered, not granted
+E_CAPACITY = 3008  # the device (or the signer) has too many open grants: ask again later
+E_BUCKET = 3009  # bucket-name not in the signer's allow-list
 
 
 class RequestRefused(ValueError):
@@ -172,35 +186,90 @@ class Topics:
             raise RequestRefused(str(exc)) from None
 
 
-def device_key(serial: str, name: str) -> str:
-    """The one object key a device's file may have: devices/{serial}/{name}."""
-    return object_key("devices", safe_id(serial, "serial"), name)
-
+# Edge objects live under their own prefix, apart from the device API's `devices/<id>/`,
+# so no edge upload can ever take a key that another pipeline's device owns.
+EDGE_PREFIX = "edge"
 
 # A name reused for a new image (a camera whose counter or clock restarted: a Raspberry
-# Pi has no RTC) is stored under its own key, `{stem}~{token}{ext}`. check_name refuses
-# '~', so such a key is never the key of a name a device can ask for.
+# Pi has no RTC) is stored under its own key, `{stem}~{token}{ext}`; a name that is not
+# a safe key as is becomes `{stem}~{hash}{ext}`. A plain key name never holds '~', so
+# neither can meet a name a device asks for; the hash has 10 hex digits and the reuse
+# token 12 characters without '.', so they cannot meet each other either.
 REUSE_MARK = "~"
+NAME_HASH_DIGITS = 10
+
+_SAFE_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SAFE_EXT = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
+_KEY_STEM_CHARS = 80
+
+
+def device_key(serial: str, name: str) -> str:
+    """The object key of a device's file: edge/{serial}/{key_name(name)}."""
+    return object_key(EDGE_PREFIX, safe_id(serial, "serial"), key_name(name))
+
+
+def key_name(name: object) -> str:
+    """A safe, collision-free object-key component for any file name a device can have.
+
+    A name of `[A-Za-z0-9._-]` (not starting with '.', '_' or '-') is its own key
+    name. Any other (spaces, colons, accents, a leading dot) becomes
+    `{ascii stem}~{10 hex of its SHA-256}{ext}`: readable, and two names can only
+    meet if their SHA-256 prefixes do.
+    """
+    name = check_device_name(name)
+    if _SAFE_KEY_NAME.match(name) and len(name) <= 128 and name not in {".", ".."}:
+        return name
+    stem, ext = posixpath.splitext(name)
+    if not _SAFE_EXT.match(ext):
+        stem, ext = name, ""
+    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    safe_stem = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_stem).strip("._-")[:_KEY_STEM_CHARS]
+    digest = hashlib.sha256(name.encode("utf-8")).hexdigest()[:NAME_HASH_DIGITS]
+    return f"{safe_stem.rstrip('._-') or 'file'}{REUSE_MARK}{digest}{ext}"
 
 
 def reuse_key(serial: str, name: str, token: str | None = None) -> str:
     """A fresh key in the device's prefix for a new image under a delivered `name`."""
-    stem, ext = posixpath.splitext(check_name(name))
+    stem, ext = posixpath.splitext(key_name(name))
     token = token or uuid.uuid4().hex[:12]  # 48 bits: never the same twice for one name
     if not re.fullmatch(r"[0-9a-z]{1,32}", token):
         raise BadName("reuse token must be 1-32 of 0-9 a-z")
-    key = object_key("devices", safe_id(serial, "serial"), f"{stem}{REUSE_MARK}{token}{ext}")
-    if not key_within(key, f"devices/{serial}") or key.count("/") != 2:
+    serial = safe_id(serial, "serial")
+    key = object_key(EDGE_PREFIX, serial, f"{stem}{REUSE_MARK}{token}{ext}")
+    if not key_within(key, f"{EDGE_PREFIX}/{serial}") or key.count("/") != 2:
         raise BadName("reuse key escapes the device's prefix")
     return key
 
 
 def check_name(name: object) -> str:
-    """A file name usable as is: sanitizing must not change it (the device deletes by it)."""
+    """A file name usable as a key as is: sanitizing must not change it."""
     clean = sanitize_name(name)
     if clean != name:
         raise BadName("name has characters outside A-Z a-z 0-9 . _ -")
     return clean
+
+
+def check_device_name(name: object) -> str:
+    """Any name a file can have on a device's filesystem; BadName for what cannot.
+
+    Refused: not a string, empty, '.', '..', '/' or NUL (no filesystem allows them in
+    a name), not encodable as UTF-8 (a lone surrogate), over 255 bytes. Everything
+    else (spaces, colons, accents, a leading dot, even control characters) is a name a
+    camera can write, and `key_name` maps it to a safe key.
+    """
+    if not isinstance(name, str) or not name:
+        raise BadName("name must be a non-empty string")
+    if name in {".", ".."}:
+        raise BadName("name must not be '.' or '..'")
+    if "/" in name or "\x00" in name:
+        raise BadName("name must not contain '/' or NUL")
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadName("name is not valid UTF-8") from None
+    if len(encoded) > MAX_DEVICE_NAME_BYTES:
+        raise BadName(f"name longer than {MAX_DEVICE_NAME_BYTES} bytes")
+    return name
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,6 +310,20 @@ def _load_json(payload: bytes, limit: int) -> Any:
         raise RequestRefused("message is not JSON") from None
 
 
+def _load_payload(payload: bytes, limit: int) -> Any:
+    """A cloud's answer or verification: JSON, or the Python literal a seed-style cloud
+    may send (the seed device parses both with ast.literal_eval)."""
+    try:
+        return _load_json(payload, limit)
+    except RequestRefused:
+        if len(payload) > limit:
+            raise
+    try:
+        return ast.literal_eval(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+        raise RequestRefused("message is neither JSON nor a Python literal") from None
+
+
 def _printable(value: object, limit: int = 80) -> str:
     """A device-supplied value made safe to echo in a reason or a log line."""
     text = value if isinstance(value, str) else repr(value)
@@ -252,7 +335,7 @@ def parse_url_request(
     topic_serial: str,
     payload: bytes,
     *,
-    max_files: int = MAX_REQUEST_FILES,
+    max_files: int = MAX_REQUEST_NAMES,
     max_file_bytes: int = MAX_FILE_BYTES,
 ) -> UrlRequest:
     """Validate a generateURL request from the device that owns `topic_serial`.
@@ -291,7 +374,7 @@ def parse_url_request(
     seen: set[str] = set()
     for raw in names:
         try:
-            name = check_name(raw)
+            name = check_device_name(raw)
         except BadName as exc:
             rejected.append(Rejection(_printable(raw), str(exc)))
             continue
@@ -370,15 +453,22 @@ class Grant:
     request_id: str | None = None
     declared_size: int | None = None
     declared_sha256: str | None = None
+    bucket: str | None = None  # None: the signer's own bucket
 
     @property
     def capture_name(self) -> str:
-        """The captures row's device_capture_id: `name`, or the reuse key's basename."""
+        """The captures row's device_capture_id: the key's basename (`key_name(name)`,
+        or the reuse key's)."""
         return self.key.rsplit("/", 1)[1]
 
     @property
     def reuses_name(self) -> bool:
         """A new image under a name delivered before, granted its own key."""
+        return self.capture_name != key_name(self.name)
+
+    @property
+    def renamed(self) -> bool:
+        """The device's name is not the captures row's: kept in its metadata."""
         return self.capture_name != self.name
 
 
@@ -557,10 +647,14 @@ class DeviceBatch:
     def on_answer(self, payload: bytes) -> list[Upload] | None:
         """A getURL payload: the uploads to make, or None when it is not ours."""
         try:
-            body = _load_json(payload, MAX_ANSWER_BYTES)
+            body = _load_payload(payload, MAX_ANSWER_BYTES)
         except RequestRefused:
             return None
-        if not isinstance(body, dict) or body.get("request-id") != self.request_id:
+        if not isinstance(body, dict):
+            return None
+        # A seed-style cloud sends no request-id: its answer is matched by file name
+        # (only files still waiting for a URL take one). Another request's id: not ours.
+        if "request-id" in body and body.get("request-id") != self.request_id:
             return None
         entries = body.get("files")
         if not isinstance(entries, list):
@@ -592,7 +686,9 @@ class DeviceBatch:
             if isinstance(name, str) and self.states.get(name) is FileState.REQUESTED:
                 self.states[name] = FileState.REFUSED
                 self.reasons[name] = _printable(entry.get("reason", "refused"), 200)
-        if isinstance(body.get("error"), str):
+        if isinstance(body.get("error"), str) and "request-id" in body:
+            # Only an answer to our own request may refuse its files: an error without
+            # a request-id could be another client's, and seed clouds never send one.
             for name, state in self.states.items():
                 if state is FileState.REQUESTED:
                     self.states[name] = FileState.REFUSED
@@ -653,7 +749,7 @@ class DeviceBatch:
         before the device reads the HTTP response), so URL_RECEIVED files count too.
         """
         try:
-            body = _load_json(payload, MAX_VERIFICATION_BYTES)
+            body = _load_payload(payload, MAX_VERIFICATION_BYTES)
         except RequestRefused:
             return []
         name = body.get("file") if isinstance(body, dict) else None

@@ -9,11 +9,11 @@ on conflict (device_id) do update set last_seen_at = now();
 -- name: edge_grant_upsert!
 -- A (re)issued presigned POST; re-granting a file reopens it.
 insert into edge_upload_grants (device_id, file_name, object_key, request_id, checked,
-                                declared_size, declared_sha256, max_bytes, expires_at)
+                                declared_size, declared_sha256, max_bytes, expires_at, bucket)
 values (:device_id, :file_name, :object_key, :request_id, :checked,
-        :declared_size, :declared_sha256, :max_bytes, to_timestamp(:expires_at))
+        :declared_size, :declared_sha256, :max_bytes, to_timestamp(:expires_at), :bucket)
 on conflict (device_id, file_name) do update
-set object_key = excluded.object_key, request_id = excluded.request_id,
+set object_key = excluded.object_key, bucket = excluded.bucket, request_id = excluded.request_id,
     checked = excluded.checked, declared_size = excluded.declared_size,
     declared_sha256 = excluded.declared_sha256, max_bytes = excluded.max_bytes,
     status = 'granted', failed_reason = null, granted_at = now(),
@@ -27,10 +27,19 @@ where device_id = :device_id and file_name = :file_name;
 -- name: edge_grants_open
 -- Grants still waiting for their object (resumed after a signer restart).
 select device_id, file_name, object_key, request_id, checked, declared_size,
-       declared_sha256, max_bytes, extract(epoch from expires_at)::float8 as expires_at
+       declared_sha256, max_bytes, extract(epoch from expires_at)::float8 as expires_at,
+       bucket
 from edge_upload_grants
 where status = 'granted'
 order by granted_at;
+
+-- name: edge_grants_sweep!
+-- Grants nobody verified long after their URL expired end as expired (a final state).
+update edge_upload_grants
+set status = 'expired', failed_reason = 'no upload verified before the URL expired',
+    resolved_at = now()
+where status = 'granted'
+  and expires_at < now() - make_interval(secs => :older_than_s);
 
 -- name: edge_grant_resolve!
 -- object_key moves only when a re-sent image is verified as an earlier delivery.
@@ -68,12 +77,14 @@ order by record_id;
 -- name: edge_names_known
 -- A request's file names as the signer knows them: the grant (a verified one with the
 -- declared checksum needs no upload) and whether a capture was delivered under the name
--- (a new image under it then gets a key of its own).
+-- (a new image under it then gets a key of its own). capture_names are the names'
+-- key names (`edge_batch.key_name`), the captures rows' device_capture_id.
 select n.file_name, g.status, g.object_key, g.stored_size, g.stored_sha256,
        c.record_id is not null as delivered
-from unnest(cast(:file_names as text[])) as n (file_name)
+from unnest(cast(:file_names as text[]), cast(:capture_names as text[]))
+     as n (file_name, capture_name)
 left join edge_upload_grants g on g.device_id = :device_id and g.file_name = n.file_name
-left join captures c on c.device_id = :device_id and c.device_capture_id = n.file_name;
+left join captures c on c.device_id = :device_id and c.device_capture_id = n.capture_name;
 
 -- name: edge_capture_same_image^
 -- An earlier delivery of exactly these bytes under this file name (a device re-sending
