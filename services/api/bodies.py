@@ -32,6 +32,7 @@ from typing import Annotated
 import anyio
 import asyncpg
 from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator
 
@@ -287,6 +288,17 @@ async def _bad_value(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": {"error": "bad_value", "reason": reason}}, status_code=422)
 
 
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own 422, without echoing the input: an input such as NaN (or a huge
+    string) cannot be rendered as JSON, which turned the 422 into a 500."""
+    errors = [
+        {"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")}
+        for e in exc.errors()[:20]
+    ]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
 def setup(app: FastAPI) -> None:
     for exc_class in (asyncpg.DataError, RecursionError, OverflowError):
         app.add_exception_handler(exc_class, _bad_value)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
