@@ -351,3 +351,28 @@ def test_oversized_chunked_bodies_on_activate_and_pair_are_413(api):
         headers = {**headers, "Content-Type": "application/json"}
         r = api.http.post(path, content=chunked(), headers=headers)
         assert r.status_code == 413, (path, r.status_code, r.text)
+
+
+# --- issue 19, item 6: Lifelog keys are filed under the capture date (seed 004) -------
+
+
+def test_upload_keys_use_the_capture_date_as_the_seed_does(api):
+    _, device_id, token = paired(api)
+    today = datetime.now(UTC).strftime("%Y/%m/%d")
+    cases = [
+        ({"filename": "2025-12-26T10-15-30Z_000123.jpg", "seq": 123},
+         f"devices/{device_id}/2025/12/26/123-2025-12-26T10-15-30Z_000123.jpg"),
+        ({"filename": "a.jpg", "seq": 1, "captured_at": "2024-02-03T23:30:00-01:00"},
+         f"devices/{device_id}/2024/02/04/1-a.jpg"),
+        ({"filename": "a.jpg", "seq": 2}, f"devices/{device_id}/{today}/2-a.jpg"),
+        # implausible dates (the far future, before 2000, not a date) file under today
+        ({"filename": "9999-01-01_x.jpg", "seq": 3}, f"{today}/3-9999-01-01_x.jpg"),
+        ({"filename": "1999-01-01_x.jpg", "seq": 4}, f"{today}/4-1999-01-01_x.jpg"),
+        ({"filename": "2025-02-30_x.jpg", "seq": 5}, f"{today}/5-2025-02-30_x.jpg"),
+    ]  # fmt: skip
+    for body, key in cases:
+        r = api.http.post("/devices/upload-url", json=body, headers={"X-Device-Token": token})
+        assert r.status_code == 200, r.text
+        assert r.json()["object_key"].removeprefix(f"devices/{device_id}/") == key.removeprefix(
+            f"devices/{device_id}/"
+        )

@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import anyio
@@ -177,6 +178,8 @@ class UploadUrlRequest(_Body):
     seq: int | None = Field(None, ge=0, le=MAX_SEQ)
     # Declared size in bytes (optional): refused up front when over the limit.
     size: int | None = Field(None, ge=0)
+    # When the photo was taken (optional): the key's date folder, as in the seed.
+    captured_at: UtcDatetime | None = None
 
 
 class IngestRequest(_Body):
@@ -323,11 +326,42 @@ async def rotate(request: Request, device_id: str, user: UserIdentity = Depends(
 # --- upload URL ----------------------------------------------------------------------
 
 
-def build_object_key(device_id: str, filename: str, seq: int | None, now: datetime) -> str:
-    """devices/{device_id}/YYYY/MM/DD/{seq}-{filename}; a uuid stands in for no seq."""
+# The seed's file names start with the capture time: 2025-12-26T10-15-30Z_000123.jpg.
+_NAME_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})")
+# A capture date is trusted for the key's date folder back to this year, and up to a day
+# ahead (a device clock a little fast); anything else files under the upload date.
+EARLIEST_CAPTURE_YEAR = 2000
+CAPTURE_DATE_SKEW = timedelta(days=1)
+
+
+def capture_day(filename: str, captured_at: datetime | None, now: datetime) -> datetime:
+    """The date the key is filed under: the capture date, as in the seed's example
+    (`devices/<id>/2025/12/26/123-2025-12-26T10-15-30Z_000123.jpg`), from `captured_at`
+    or the file name's leading date; the upload date when neither is plausible."""
+    day = captured_at
+    if day is None and (m := _NAME_DATE.match(filename)):
+        try:
+            day = datetime(int(m[1]), int(m[2]), int(m[3]), tzinfo=UTC)
+        except ValueError:
+            day = None
+    if day is None or day.year < EARLIEST_CAPTURE_YEAR or day > now + CAPTURE_DATE_SKEW:
+        return now
+    return day
+
+
+def build_object_key(
+    device_id: str,
+    filename: str,
+    seq: int | None,
+    now: datetime,
+    captured_at: datetime | None = None,
+) -> str:
+    """devices/{device_id}/YYYY/MM/DD/{seq}-{filename} (capture date); a uuid stands in
+    for no seq."""
     name = sanitize_name(filename)
     lead = str(seq) if seq is not None else uuid.uuid4().hex
-    return object_key(DEVICE_PREFIX, device_id, now.strftime("%Y/%m/%d"), f"{lead}-{name}")
+    day = capture_day(filename, captured_at, now)
+    return object_key(DEVICE_PREFIX, device_id, day.strftime("%Y/%m/%d"), f"{lead}-{name}")
 
 
 def upload_target(url: str) -> dict:
@@ -353,7 +387,9 @@ async def upload_url(request: Request):
     if body.size is not None and body.size > cfg.max_upload_bytes:
         raise _error(413, "too_large", f"declared size over {cfg.max_upload_bytes} bytes")
     try:
-        key = build_object_key(device.device_id, body.filename, body.seq, datetime.now(UTC))
+        key = build_object_key(
+            device.device_id, body.filename, body.seq, datetime.now(UTC), body.captured_at
+        )
     except BadName as exc:
         raise _error(400, "bad_filename", str(exc)) from None
     signer = _presigner(request) or _store(request)
