@@ -125,7 +125,12 @@ async def upload_post(request: Request, key: str):
     if declared > max_bytes + MULTIPART_OVERHEAD_BYTES:
         raise _error(413, "too_large", f"upload over {max_bytes} bytes")
     store = _local_store(request)
-    form = await request.form(max_files=1, max_fields=8)
+    deadline = bodies.limits(request.app).deadline_s
+    try:
+        with anyio.fail_after(deadline):  # a stalled form body is cut off too
+            form = await request.form(max_files=1, max_fields=8)
+    except TimeoutError:
+        raise _error(408, "body_too_slow", f"form not received within {deadline:g} s") from None
     try:
         upload = form.get("file")
         if upload is None or isinstance(upload, str):
