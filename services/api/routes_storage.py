@@ -97,7 +97,10 @@ async def upload_put(request: Request, key: str):
     if declared is not None and declared > max_bytes:
         raise _error(413, "too_large", f"upload over {max_bytes} bytes")
     store = _local_store(request)
-    with bodies.upload_slots(request.app).take(f"key:{key}"):
+    # Counted per device (the key's first two parts, devices/<id>), not per URL: a device
+    # holding stalled uploads on many URLs still gets only its share.
+    owner = "/".join(key.split("/")[:2])
+    with bodies.upload_slots(request.app).take(owner):
         spool = await bodies.spool_body(request, max_bytes)
     try:
         info = await anyio.to_thread.run_sync(_put_once, store, key, spool, max_bytes)
