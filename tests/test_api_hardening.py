@@ -280,6 +280,34 @@ def test_stalled_uploads_are_cut_off_and_do_not_block_other_devices(api):
     assert not (api.storage / target["object_key"]).exists()
 
 
+def test_a_stalled_capture_body_gets_408(api):
+    host, port = api.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            f"POST /v1/captures HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json"
+            "\r\nContent-Length: 1000\r\n\r\n{".encode()
+        )
+        assert sock.recv(4096).decode("latin-1").split(" ", 2)[1] == "408"
+
+
+def test_upload_slots_refuse_beyond_the_process_and_device_caps():
+    from fastapi import HTTPException
+
+    from services.api.bodies import UploadSlots
+
+    slots = UploadSlots(total=3, per_device=2)
+    with slots.take("a"), slots.take("a"):
+        with pytest.raises(HTTPException) as refused, slots.take("a"):
+            pass
+        assert refused.value.status_code == 429
+        with slots.take("b"):
+            with pytest.raises(HTTPException) as full, slots.take("c"):
+                pass
+            assert full.value.status_code == 503
+            assert full.value.headers["Retry-After"]
+    assert slots.busy == 0 and not slots.by_device  # every slot given back
+
+
 # --- 8. decide, then write -----------------------------------------------------------
 
 
