@@ -310,23 +310,26 @@ def test_signed_local_upload_checks_signature_size_and_expiry(client):
     key = "devices/d1/2025/01/01/1-a.jpg"
     signed = store.presigned_put(key, "image/jpeg", expires_in=60, max_bytes=100)
     path = signed.url.removeprefix("http://testserver")
-    assert client.put(path.replace("1-a.jpg", "1-b.jpg"), content=b"x").status_code == 403
-    assert client.put(path.replace("sig=", "sig=0"), content=b"x").status_code == 403
-    assert client.put(path, content=b"x" * 101).status_code == 413
+    ct = signed.headers
+    other = path.replace("1-a.jpg", "1-b.jpg")
+    assert client.put(other, content=b"x", headers=ct).status_code == 403
+    assert client.put(path.replace("sig=", "sig=0"), content=b"x", headers=ct).status_code == 403
+    assert client.put(path, content=b"x" * 101, headers=signed.headers).status_code == 413
     assert store.head(key) is None
 
     def chunks():  # no Content-Length: the limit is enforced while streaming
         for _ in range(20):
             yield b"y" * 10
 
-    assert client.put(path, content=chunks()).status_code == 413
+    assert client.put(path, content=chunks(), headers=signed.headers).status_code == 413
     assert store.head(key) is None
-    r = client.put(path, content=b"z" * 100)
+    r = client.put(path, content=b"z" * 100, headers=signed.headers)
     assert r.status_code == 201 and r.json()["sha256"] == hashlib.sha256(b"z" * 100).hexdigest()
     expired = store.presigned_put(key, "image/jpeg", expires_in=-1, max_bytes=100)
-    r = client.put(expired.url.removeprefix("http://testserver"), content=b"z")
+    r = client.put(expired.url.removeprefix("http://testserver"), content=b"z", headers=ct)
     assert r.status_code == 403
 
+    key = "devices/d1/2025/01/01/2-a.jpg"  # signed objects are write-once: a new key
     post = store.presigned_post(key, max_bytes=100, expires_in=60)
     r = client.post(
         post.url.removeprefix("http://testserver"),

@@ -710,3 +710,141 @@ def test_pairing_code_brute_force_is_limited_never_500(api):
     ]
     assert set(codes) <= {400, 429}, codes
     assert codes.count(429) >= BRUTE_FORCE_TRIES - 2 * ACTIVATE_FAIL_LIMIT, codes
+
+
+# ---------------------------------------------------------------------------------------
+# Every device-API route with a body: arbitrary bytes and JSON (issue 13, item 5)
+# ---------------------------------------------------------------------------------------
+
+BODY_ROUTES = (
+    "/v1/captures",
+    "/v1/devices/HOSTILE1/trigger",
+    "/devices/pair",
+    "/devices/activate",
+    "/devices/upload-url",
+    "/devices/ingest",
+    "/devices/rotate-token",
+)
+
+
+def _stored_objects(api) -> set[str]:
+    root = api.app.state.store.root
+    return {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and ".tmp" not in p.relative_to(root).parts
+    }
+
+
+def _db_counts(api) -> tuple[int, int, int]:
+    from tests.test_api_commands_helpers import fetch
+
+    dsn = api.app.state.database_url
+    return fetch(
+        dsn,
+        "SELECT (SELECT count(*) FROM captures), (SELECT count(*) FROM devices),"
+        " (SELECT count(*) FROM scheduled_triggers)",
+    )[0]
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+@given(raw=st.one_of(raw_bytes, st.just(_deep()), st.just(_deep(b'{"a":'))))
+def test_every_body_route_refuses_hostile_bodies_before_auth_without_5xx(api, raw):
+    before = _db_counts(api), _stored_objects(api)
+    for path in BODY_ROUTES:
+        r = api.post(path, content=raw, headers={"Content-Type": "application/json"})
+        assert 400 <= r.status_code < 500, (path, r.status_code, r.text[:200])
+    # nothing written for a caller without credentials
+    assert (_db_counts(api), _stored_objects(api)) == before
+
+
+def _credentials(api) -> dict:
+    """A paired device's token and its owner's key, made once per test (the fixture
+    outlives hypothesis examples)."""
+    creds = getattr(api, "creds", None)
+    if creds is None:
+        from tests.test_api_commands_helpers import add_device
+
+        user_key = _user_key(api)
+        r = api.post("/devices/pair", json={"name": "h"}, headers={"Authorization": user_key})
+        r = api.post("/devices/activate", json={"pairing_code": r.json()["pairing_code"]})
+        device_id, token = r.json()["device_id"], r.json()["device_token"]
+        add_device(api.app.state.database_url, "HOSTILE1")
+        creds = api.creds = {"device_id": device_id, "token": token, "user": user_key}
+    return creds
+
+
+def _user_key(api) -> str:
+    from camfleet import db, tokens
+
+    key = tokens.new_user_key()
+    with db.transaction(api.app.state.database_url) as conn:
+        db.queries.devices_create_user(conn, user_id="hostile", name="hostile")
+        db.queries.devices_create_user_key(
+            conn,
+            user_id="hostile",
+            key_hash=tokens.hash_user_key(api.app.state.secret_key, key),
+            label="t",
+        )
+    return f"Bearer {key}"
+
+
+def _valid_bodies(device_id: str) -> dict[str, dict]:
+    from tests.test_api_commands_helpers import capture_body
+
+    return {
+        "/v1/captures": capture_body(device_id, None),
+        "/v1/devices/HOSTILE1/trigger": {"label": "x", "ttl_seconds": 60},
+        "/devices/pair": {"name": "cam"},
+        "/devices/upload-url": {"filename": "a.jpg", "content_type": "image/jpeg", "seq": 1},
+        "/devices/ingest": {"object_key": f"devices/{device_id}/a.jpg", "seq": 1},
+    }
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+@given(
+    route=st.sampled_from(sorted(_valid_bodies("x"))),
+    field_index=st.integers(0, 10),
+    value=st.one_of(
+        json_values,
+        st.sampled_from(
+            [
+                "0001-01-01T00:00:00+05:00",
+                "9999-12-31T23:59:59-05:00",
+                "a\x00b",
+                {"a\x00b": "\x00"},
+                2**64,
+                -(2**63) - 1,
+            ]
+        ),
+    ),
+)
+def test_authenticated_hostile_fields_get_4xx_and_leave_no_orphan(api, route, field_index, value):
+    creds = _credentials(api)
+    body = _valid_bodies(creds["device_id"])[route]
+    field = sorted(body)[field_index % len(body)]
+    body[field] = value
+    headers = {"X-Device-Token": creds["token"], "Authorization": creds["user"]}
+    if route.startswith("/v1/devices"):
+        headers.pop("X-Device-Token")
+    r = api.post(route, content=json.dumps(body).encode(), headers=headers)
+    assert r.status_code < 500, (route, field, r.status_code, r.text[:200])
+    # every capture object has its row: nothing written for a refused request
+    from tests.test_api_commands_helpers import fetch
+
+    rows = {
+        p for (p,) in fetch(api.app.state.database_url, "SELECT storage_path FROM captures") if p
+    }
+    assert {o for o in _stored_objects(api) if o.startswith("captures/")} <= rows

@@ -21,6 +21,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from camfleet.keys import MAX_ID_LEN
+
 # --- Limits --------------------------------------------------------------------------
 
 # A capture every 5 s is the fastest a camera that grabs, encodes and uploads a frame
@@ -113,13 +115,35 @@ def command(trigger_id: str, trigger_type: str) -> dict:
 # --- Trigger ids ---------------------------------------------------------------------
 
 
+# Trigger ids travel back in `/v1/captures` (trigger_id, a safe id of at most
+# keys.MAX_ID_LEN) and become object key names, so every id made here must fit there
+# for every device id the API accepts (up to keys.MAX_ID_LEN characters).
+MAX_TRIGGER_ID_LEN = MAX_ID_LEN
+# The hash that stands in for the tail of a long device id: 48 bits, per device.
+_DEVICE_HASH_CHARS = 12
+
+
+def _device_part(device_id: str, room: int) -> str:
+    """`device_id` when it fits in `room` characters, else its head plus a hash of the
+    whole id: deterministic (a re-run scheduler makes the same id) and distinct per
+    device, and still readable in logs."""
+    if len(device_id) <= room:
+        return device_id
+    digest = hashlib.sha256(device_id.encode()).hexdigest()[:_DEVICE_HASH_CHARS]
+    return f"{device_id[: room - _DEVICE_HASH_CHARS - 1]}-{digest}"
+
+
 def scheduled_trigger_id(device_id: str, slot: datetime) -> str:
     """The seed's id form, ``sched_FLOOR1_20251109_140530``: one id per device and slot."""
-    return f"sched_{device_id}_{slot.astimezone(UTC):%Y%m%d_%H%M%S}"
+    stamp = f"{slot.astimezone(UTC):%Y%m%d_%H%M%S}"
+    room = MAX_TRIGGER_ID_LEN - len("sched__") - len(stamp)
+    return f"sched_{_device_part(device_id, room)}_{stamp}"
 
 
 def manual_trigger_id(device_id: str, now: datetime) -> str:
-    return f"manual_{device_id}_{now.astimezone(UTC):%Y%m%d_%H%M%S}_{secrets.token_hex(3)}"
+    stamp = f"{now.astimezone(UTC):%Y%m%d_%H%M%S}_{secrets.token_hex(3)}"
+    room = MAX_TRIGGER_ID_LEN - len("manual__") - len(stamp)
+    return f"manual_{_device_part(device_id, room)}_{stamp}"
 
 
 def manual_expiry(now: datetime, ttl: float = MANUAL_TTL_SECONDS) -> datetime:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import stat
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -37,18 +38,38 @@ TMP_DIR = ".tmp"
 STALE_TMP_S = 3600
 
 
-def upload_signature(secret: bytes, method: str, key: str, expires: int, max_bytes: int) -> str:
-    msg = f"{method}\n{key}\n{expires}\n{max_bytes}".encode()
+class KeyUnavailable(Exception):
+    """The key cannot name a file here: it is a directory, or a parent of it is a file,
+    or (write-once uploads) a different object is already stored under it."""
+
+
+def upload_signature(
+    secret: bytes, method: str, key: str, expires: int, max_bytes: int, content_type: str = ""
+) -> str:
+    # The content type is signed too (as S3 signs Content-Type in a presigned PUT): a URL
+    # signed for image/jpeg cannot store an SVG or an HTML page.
+    msg = f"{method}\n{key}\n{expires}\n{max_bytes}\n{content_type}".encode()
     return hmac.new(secret, msg, hashlib.sha256).hexdigest()
 
 
 def verify_upload_signature(
-    secret: bytes, method: str, key: str, expires: int, max_bytes: int, signature: str
+    secret: bytes,
+    method: str,
+    key: str,
+    expires: int,
+    max_bytes: int,
+    signature: str,
+    content_type: str = "",
 ) -> bool:
     if expires < time.time():
         return False
-    expected = upload_signature(secret, method, key, expires, max_bytes)
+    expected = upload_signature(secret, method, key, expires, max_bytes, content_type)
     return hmac.compare_digest(expected, signature)
+
+
+def signed_content_type(value: str | None) -> str:
+    """The media type as signed and compared: lower case, without parameters."""
+    return (value or "").split(";", 1)[0].strip().lower()
 
 
 class LocalStore(ObjectStore):
@@ -81,16 +102,33 @@ class LocalStore(ObjectStore):
             raise ValueError("key lies in the store's temporary directory")
         return path
 
-    def _write_atomically(self, key: str, write) -> Path:
+    def _write_atomically(self, key: str, write, exclusive: bool = False) -> Path:
+        """Write through a temporary file renamed into place. `exclusive`: never replace
+        an existing object (KeyUnavailable instead), for write-once uploads."""
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # a parent of the key is a file
+            raise KeyUnavailable(f"a parent of {key!r} is an object") from None
+        if path.is_dir():
+            raise KeyUnavailable(f"{key!r} is a prefix of other objects")
         fd, tmp = tempfile.mkstemp(dir=self.tmp, prefix=".upload-")
         try:
             with os.fdopen(fd, "wb") as out:
                 write(out)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(tmp, path)
+            if exclusive:
+                try:
+                    os.link(tmp, path)  # atomic create-if-absent
+                except FileExistsError:
+                    raise KeyUnavailable(f"{key!r} is already stored") from None
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
+        except IsADirectoryError:  # raced with a deeper key's mkdir
+            Path(tmp).unlink(missing_ok=True)
+            raise KeyUnavailable(f"{key!r} is a prefix of other objects") from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -121,8 +159,9 @@ class LocalStore(ObjectStore):
         self._write_atomically(key, copy)
         return ObjectInfo(key, size, digest.hexdigest(), content_type)
 
-    def put_stream(self, key, stream, max_bytes: int) -> ObjectInfo:
-        """Copy a stream (an upload body) to `key`, refusing more than `max_bytes`."""
+    def put_stream(self, key, stream, max_bytes: int, exclusive: bool = False) -> ObjectInfo:
+        """Copy a stream (an upload body) to `key`, refusing more than `max_bytes`;
+        `exclusive`: KeyUnavailable when an object is already stored there."""
         digest = hashlib.sha256()
         size = 0
 
@@ -135,27 +174,46 @@ class LocalStore(ObjectStore):
                 digest.update(chunk)
                 out.write(chunk)
 
-        self._write_atomically(key, copy)
+        try:
+            self._write_atomically(key, copy, exclusive=exclusive)
+        except KeyUnavailable:
+            if exclusive and size and self.checksum(key) == digest.hexdigest():
+                return ObjectInfo(key, size, digest.hexdigest())  # a retry: same bytes
+            raise
         return ObjectInfo(key, size, digest.hexdigest())
+
+    # Only regular files are objects: a key naming a directory (a prefix of other
+    # objects) or going through a file is absent, never a 4,096-byte "object".
+    _ABSENT = (FileNotFoundError, NotADirectoryError, IsADirectoryError)
 
     def get(self, key):
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        except self._ABSENT:
             raise KeyError(key) from None
 
     def head(self, key):
         try:
-            size = self._path(key).stat().st_size
-        except FileNotFoundError:
+            st = self._path(key).stat()
+        except self._ABSENT:
             return None
-        return ObjectInfo(key, size)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return ObjectInfo(key, st.st_size)
+
+    def read_head(self, key: str, size: int) -> bytes | None:
+        """The first `size` bytes of the object (a magic-number check), or None."""
+        try:
+            with self._path(key).open("rb") as f:
+                return f.read(size)
+        except self._ABSENT:
+            return None
 
     def checksum(self, key):
         try:
             with self._path(key).open("rb") as f:
                 return sha256_stream(f)[0]
-        except FileNotFoundError:
+        except self._ABSENT:
             return None
 
     def delete(self, key):
@@ -169,7 +227,9 @@ class LocalStore(ObjectStore):
                 if key.startswith(prefix):
                     yield ObjectInfo(key, path.stat().st_size)
 
-    def _signed_url(self, method: str, key: str, expires_in: int, max_bytes: int) -> tuple:
+    def _signed_url(
+        self, method: str, key: str, expires_in: int, max_bytes: int, content_type: str = ""
+    ) -> tuple:
         if not (self.public_url and self._secret):
             raise PresignNotSupported(
                 "local storage presigns uploads through the device API: set "
@@ -177,13 +237,15 @@ class LocalStore(ObjectStore):
             )
         object_key(key)
         expires = int(time.time()) + expires_in
-        sig = upload_signature(self._secret, method, key, expires, max_bytes)
+        sig = upload_signature(self._secret, method, key, expires, max_bytes, content_type)
         query = urlencode({"expires": expires, "max_bytes": max_bytes, "sig": sig})
         url = f"{self.public_url}{UPLOAD_ROUTE}{quote(key)}?{query}"
         return url, datetime.fromtimestamp(expires, UTC)
 
     def presigned_put(self, key, content_type, expires_in=300, max_bytes=None):
-        url, expires_at = self._signed_url("PUT", key, expires_in, max_bytes or 0)
+        url, expires_at = self._signed_url(
+            "PUT", key, expires_in, max_bytes or 0, signed_content_type(content_type)
+        )
         return PresignedPut(url, key, expires_at, {"Content-Type": content_type})
 
     def presigned_post(self, key, max_bytes, expires_in=300, content_type=None):

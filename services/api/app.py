@@ -47,6 +47,7 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
 
 
 ROUTER_MODULES = [
+    "services.api.bodies",  # body size/time/count limits, bad input -> 4xx (no routes)
     "services.api.routes_storage",  # signed uploads to local storage
     "services.api.routes_devices",  # pairing, tokens, upload-url, ingest (seed 004)
     "services.api.routes_commands",  # SSE commands, triggers, captures (seed 003)

@@ -31,6 +31,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from camfleet.keys import BadName, object_key, safe_id, sanitize_name
 from camfleet.protocol import triggers as core
+from services.api import bodies
+from services.api.bodies import Text, UtcDatetime
 from services.api.command_hub import CommandHub, CommandSettings, MqttCommandSender
 from services.api.db import queries
 
@@ -147,29 +149,13 @@ async def _authorize_operator(request: Request, device_row: Any | None = None) -
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise _error(400, "bad_request", "Content-Length is not a number")
-        if int(declared) > limit:
-            raise _error(413, "too_large", f"body larger than {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _error(413, "too_large", f"body larger than {limit} bytes")
-    return bytes(body)
+    """The request body under the size cap, idle timeout and deadline (bodies.py)."""
+    return await bodies.read_body(request, limit)
 
 
 def _json_object(body: bytes) -> dict:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _error(400, "bad_json", f"body is not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise _error(400, "bad_json", "body must be a JSON object")
-    return data
+    # Nesting limit, no U+0000: bad JSON is a 400 with its reason, never a 500.
+    return bodies.json_object(body)
 
 
 def _validation_reason(exc: ValidationError) -> str:
@@ -243,9 +229,9 @@ async def command_stream(request: Request, device_id: DeviceId) -> EventSourceRe
 class TriggerRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    label: str | None = Field(None, max_length=MAX_LABEL_LEN)
+    label: Text | None = Field(None, max_length=MAX_LABEL_LEN)
     ttl_seconds: int | None = Field(None, ge=1, le=MAX_TRIGGER_TTL_SECONDS)
-    flow_run_id: str | None = Field(None, max_length=64)
+    flow_run_id: Text | None = Field(None, max_length=64)
 
 
 @router.post("/v1/devices/{device_id}/trigger")
@@ -290,7 +276,9 @@ async def _wait_until_sent(pool, trigger_id: str) -> str:
             status = (await queries().triggers_get(conn, trigger_id=trigger_id))["status"]
         if status != core.PENDING:
             break
-    return status
+    # The seed answers "sent" once the command left; a device fast enough to have
+    # uploaded within the wait was sent it too, so "executed" is still "sent" here.
+    return core.SENT if status == core.EXECUTED else status
 
 
 # --- captures -------------------------------------------------------------------------
@@ -304,15 +292,13 @@ class CaptureUpload(BaseModel):
     device_id: str = Field(min_length=1, max_length=64)
     trigger_id: str | None = Field(None, max_length=128)
     image_base64: str = Field(min_length=4)
-    captured_at: datetime | None = None
-    trigger_label: str | None = Field(None, max_length=MAX_LABEL_LEN)
+    captured_at: UtcDatetime | None = None
+    trigger_label: Text | None = Field(None, max_length=MAX_LABEL_LEN)
     metadata: dict = Field(default_factory=dict)
 
     @field_validator("captured_at")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
         if value is not None and value > datetime.now(UTC) + MAX_CLOCK_SKEW:
             raise ValueError("captured_at is in the future")
         return value
@@ -344,12 +330,36 @@ def _store(request: Request):
     return shared_store(request)
 
 
+async def _token_device(request: Request) -> str | None:
+    """Before any body byte is read: the device a token names (401 when wrong), None in
+    device-id-only mode without a token; 401 when neither is possible."""
+    from services.api.auth import DEVICE_TOKEN_HEADER, current_device
+
+    if request.headers.get(DEVICE_TOKEN_HEADER):
+        return (await current_device(request)).device_id
+    if not _settings(request).allow_device_id_only:
+        raise _error(
+            401,
+            "unauthorized",
+            f"missing {DEVICE_TOKEN_HEADER}; pair the device, or let an operator enable "
+            "device-id-only mode (CAMFLEET_ALLOW_DEVICE_ID_ONLY)",
+        )
+    return None
+
+
 @router.post("/v1/captures", status_code=201)
 async def upload_capture(request: Request) -> dict:
-    """Store a captured image, write `captures`, mark its trigger executed."""
+    """Store a captured image, write `captures`, mark its trigger executed.
+
+    Order matters (issue 13): the token is checked before the body is read; the body is
+    read under the upload slots, size cap and timeouts; the row is claimed before the
+    object is written, so a duplicate never overwrites and a refusal leaves no object."""
     from tasks.images import NotAnImage, inspect_image
 
-    body = await _read_body(request, MAX_CAPTURE_BODY_BYTES)
+    slots = bodies.upload_slots(request.app)
+    token_device = await _token_device(request)
+    with slots.take(token_device):
+        body = await _read_body(request, MAX_CAPTURE_BODY_BYTES)
     try:
         upload = CaptureUpload.model_validate(_json_object(body))
     except ValidationError as exc:
@@ -385,31 +395,43 @@ async def upload_capture(request: Request) -> dict:
     ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[info.format]
     key = object_key("captures", device_id, f"{captured_at:%Y/%m/%d}", f"{name}.{ext}")
     store = _store(request)
-    await anyio.to_thread.run_sync(store.put, key, image, info.content_type)
 
     metadata = dict(upload.metadata)
     metadata.setdefault("width", info.width)
     metadata.setdefault("height", info.height)
-    async with pool.acquire() as conn, conn.transaction():
-        row = await queries().triggers_insert_capture(
-            conn,
-            device_id=device_id,
-            device_capture_id=trigger_id or f"sha256:{sha256[:32]}",
-            captured_at=captured_at,
-            image_bytes=len(image),
-            content_type=info.content_type,
-            storage_path=key,
-            sha256=sha256,
-            trigger_id=trigger_id,
-            trigger_label=upload.trigger_label,
-            metadata=metadata,
-        )
-        trigger_status = None
-        if trigger_id:
-            done = await queries().triggers_execute(
-                conn, trigger_id=trigger_id, device_id=device_id, record_id=row["record_id"]
+    written = False
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            # Claim first: the row (or the existing one, for a retry) decides whether
+            # anything is written at all.
+            row = await queries().triggers_insert_capture(
+                conn,
+                device_id=device_id,
+                device_capture_id=trigger_id or f"sha256:{sha256[:32]}",
+                captured_at=captured_at,
+                image_bytes=len(image),
+                content_type=info.content_type,
+                storage_path=key,
+                sha256=sha256,
+                trigger_id=trigger_id,
+                trigger_label=upload.trigger_label,
+                metadata=metadata,
             )
-            trigger_status = core.EXECUTED if done else trigger["status"]
+            if row["inserted"]:
+                # Then write; a failed write rolls the claim back with it.
+                await anyio.to_thread.run_sync(store.put, key, image, info.content_type)
+                written = True
+            trigger_status = None
+            if trigger_id:
+                done = await queries().triggers_execute(
+                    conn, trigger_id=trigger_id, device_id=device_id, record_id=row["record_id"]
+                )
+                trigger_status = core.EXECUTED if done else trigger["status"]
+    except BaseException:
+        if written:  # the row did not commit: its object must not stay behind
+            with contextlib.suppress(Exception):
+                await anyio.to_thread.run_sync(store.delete, key)
+        raise
     answer = {
         "record_id": row["record_id"],
         "status": "uploaded" if row["inserted"] else "duplicate",

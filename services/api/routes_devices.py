@@ -21,13 +21,16 @@ SELECT of the winner, so concurrent retries get one `queued` and the rest `dupli
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
+import anyio
 import asyncpg
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -37,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from camfleet import tokens
 from camfleet.keys import BadName, key_within, object_key, sanitize_name
 from services.api.auth import DeviceIdentity, UserIdentity, server_secret
+from services.api.bodies import Text, UtcDatetime, limits
 from services.api.db import queries
 from services.api.ratelimit import (
     authorized_device,
@@ -161,7 +165,7 @@ class _Body(BaseModel):
 
 
 class PairRequest(_Body):
-    name: str | None = Field(None, max_length=64)
+    name: Text | None = Field(None, max_length=64)
 
 
 class ActivateRequest(_Body):
@@ -174,12 +178,14 @@ class UploadUrlRequest(_Body):
     seq: int | None = Field(None, ge=0, le=MAX_SEQ)
     # Declared size in bytes (optional): refused up front when over the limit.
     size: int | None = Field(None, ge=0)
+    # When the photo was taken (optional): the key's date folder, as in the seed.
+    captured_at: UtcDatetime | None = None
 
 
 class IngestRequest(_Body):
     object_key: str = Field(min_length=1, max_length=MAX_OBJECT_KEY_LEN)
     seq: int = Field(ge=0, le=MAX_SEQ)
-    captured_at: datetime | None = None
+    captured_at: UtcDatetime | None = None
     content_type: str = Field("image/jpeg", max_length=100)
     ntp_synced: bool | None = None
 
@@ -290,7 +296,8 @@ async def _owned(request: Request, device_id: str, user: UserIdentity) -> None:
 @router.get("")
 async def list_devices(request: Request, user: UserIdentity = Depends(limited_user)):
     async with request.app.state.pool.acquire() as conn:
-        rows = await queries().devices_list(conn, user_id=user.user_id, kind=None)
+        # A many-row aiosql query is an async generator, not an awaitable.
+        rows = [r async for r in queries().devices_list(conn, user_id=user.user_id, kind=None)]
     return [
         {
             k: (v.isoformat() if isinstance(v, datetime) else v)
@@ -319,11 +326,42 @@ async def rotate(request: Request, device_id: str, user: UserIdentity = Depends(
 # --- upload URL ----------------------------------------------------------------------
 
 
-def build_object_key(device_id: str, filename: str, seq: int | None, now: datetime) -> str:
-    """devices/{device_id}/YYYY/MM/DD/{seq}-{filename}; a uuid stands in for no seq."""
+# The seed's file names start with the capture time: 2025-12-26T10-15-30Z_000123.jpg.
+_NAME_DATE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})")
+# A capture date is trusted for the key's date folder back to this year, and up to a day
+# ahead (a device clock a little fast); anything else files under the upload date.
+EARLIEST_CAPTURE_YEAR = 2000
+CAPTURE_DATE_SKEW = timedelta(days=1)
+
+
+def capture_day(filename: str, captured_at: datetime | None, now: datetime) -> datetime:
+    """The date the key is filed under: the capture date, as in the seed's example
+    (`devices/<id>/2025/12/26/123-2025-12-26T10-15-30Z_000123.jpg`), from `captured_at`
+    or the file name's leading date; the upload date when neither is plausible."""
+    day = captured_at
+    if day is None and (m := _NAME_DATE.match(filename)):
+        try:
+            day = datetime(int(m[1]), int(m[2]), int(m[3]), tzinfo=UTC)
+        except ValueError:
+            day = None
+    if day is None or day.year < EARLIEST_CAPTURE_YEAR or day > now + CAPTURE_DATE_SKEW:
+        return now
+    return day
+
+
+def build_object_key(
+    device_id: str,
+    filename: str,
+    seq: int | None,
+    now: datetime,
+    captured_at: datetime | None = None,
+) -> str:
+    """devices/{device_id}/YYYY/MM/DD/{seq}-{filename} (capture date); a uuid stands in
+    for no seq."""
     name = sanitize_name(filename)
     lead = str(seq) if seq is not None else uuid.uuid4().hex
-    return object_key(DEVICE_PREFIX, device_id, now.strftime("%Y/%m/%d"), f"{lead}-{name}")
+    day = capture_day(filename, captured_at, now)
+    return object_key(DEVICE_PREFIX, device_id, day.strftime("%Y/%m/%d"), f"{lead}-{name}")
 
 
 def upload_target(url: str) -> dict:
@@ -349,7 +387,9 @@ async def upload_url(request: Request):
     if body.size is not None and body.size > cfg.max_upload_bytes:
         raise _error(413, "too_large", f"declared size over {cfg.max_upload_bytes} bytes")
     try:
-        key = build_object_key(device.device_id, body.filename, body.seq, datetime.now(UTC))
+        key = build_object_key(
+            device.device_id, body.filename, body.seq, datetime.now(UTC), body.captured_at
+        )
     except BadName as exc:
         raise _error(400, "bad_filename", str(exc)) from None
     signer = _presigner(request) or _store(request)
@@ -384,6 +424,34 @@ async def _head(request: Request, key: str):
     return await run_in_threadpool(store.head, key)  # other backends block
 
 
+# The first bytes of each allowed image type: what was stored must be what is ingested.
+IMAGE_MAGIC = {
+    "image/jpeg": (b"\xff\xd8\xff",),
+    "image/png": (b"\x89PNG\r\n\x1a\n",),
+    "image/webp": (b"RIFF",),  # + "WEBP" at offset 8, checked below
+}
+
+
+def looks_like(head: bytes, content_type: str) -> bool:
+    """True when `head` starts like `content_type` (unknown types are not checked)."""
+    magics = IMAGE_MAGIC.get(content_type)
+    if magics is None:
+        return True
+    if content_type == "image/webp" and head[8:12] != b"WEBP":
+        return False
+    return head.startswith(magics)
+
+
+async def _head_bytes(request: Request, key: str) -> bytes | None:
+    """The object's first bytes when the store can give them cheaply (local files)."""
+    from camfleet.storage.local import LocalStore
+
+    store = _store(request)
+    if _presigner(request) is None and isinstance(store, LocalStore):
+        return store.read_head(key, 16)
+    return None  # S3 checks the signed Content-Type itself
+
+
 @router.post("/ingest", openapi_extra=body_schema(IngestRequest))
 async def ingest(request: Request):
     device = await authorized_device(request)
@@ -415,6 +483,9 @@ async def ingest(request: Request):
         if info.size > cfg.max_upload_bytes:
             raise _error(413, "too_large", f"object over {cfg.max_upload_bytes} bytes")
         size = info.size
+        head = await _head_bytes(request, key)
+        if head is not None and not looks_like(head, content_type):
+            raise _error(415, "not_an_image", f"the stored object is not {content_type}")
     captured_at = body.captured_at
     if captured_at is not None and captured_at.tzinfo is None:
         captured_at = captured_at.replace(tzinfo=UTC)
@@ -460,7 +531,10 @@ async def ingest(request: Request):
 
 
 class JsonBodyLimit:
-    """Pure ASGI middleware: /devices/* bodies over MAX_JSON_BODY_BYTES get a 413 unread."""
+    """Pure ASGI middleware: /devices/* bodies are read here first, whole, under the size
+    cap and the idle timeout (services/api/bodies.py), then replayed to the route. Reading
+    first is what makes an oversized chunked body a 413: raised inside the route, FastAPI's
+    own body parsing would turn it into a 400."""
 
     def __init__(self, app, limit: int = MAX_JSON_BODY_BYTES, prefix: str = "/devices"):
         self.app, self.limit, self.prefix = app, limit, prefix
@@ -472,37 +546,43 @@ class JsonBodyLimit:
             if name == b"content-length":
                 if not value.isdigit() or int(value) > self.limit:
                     return await _too_large(send, self.limit)
-        seen = 0
+        idle = limits(scope["app"]).idle_timeout_s if "app" in scope else 15.0
+        body = bytearray()
+        while True:
+            try:
+                with anyio.fail_after(idle):
+                    message = await receive()
+            except TimeoutError:
+                return await _json_error(send, 408, "body_too_slow", "request body stalled")
+            if message["type"] != "http.request":  # the client went away
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.limit:
+                return await _too_large(send, self.limit)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
-            return message
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: only a disconnect can come
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await _too_large(send, self.limit)
-
-
-class _BodyTooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _too_large(send, limit: int) -> None:
-    body = (
-        b'{"detail":{"error":"body_too_large","reason":"request body over '
-        + str(limit).encode()
-        + b' bytes"}}'
-    )
+    await _json_error(send, 413, "body_too_large", f"request body over {limit} bytes")
+
+
+async def _json_error(send, status: int, error: str, reason: str) -> None:
+    body = json.dumps({"detail": {"error": error, "reason": reason}}).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
