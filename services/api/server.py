@@ -36,10 +36,12 @@ def serve(
 
     from camfleet import resolve
     from services.api.app import create_app
+    from services.api.secret_policy import require_strong_secret
 
-    # Refuse to start without a secret or a database, with the reason, before binding.
+    # Refuse to start without a secret or a database, with the reason, before binding;
+    # a weak secret is refused too (WeakSecret is a RuntimeError: exit 2, no traceback).
     state = {
-        "secret_key": resolve.secret_key(secrets_block),
+        "secret_key": require_strong_secret(resolve.secret_key(secrets_block)),
         "database_url": resolve.database_url(database_block),
     }
     app = create_app(**state)
