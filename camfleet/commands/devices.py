@@ -12,7 +12,7 @@ devices_app = typer.Typer(
     help="Devices: list, revoke, reinstate, assign to a user, and rotate device tokens."
 )
 # What a camfleet agent (the Visant-compatible device client) reads its token from.
-AGENT_TOKEN_SETTING = "CAMFLEET_DEVICE_TOKEN"
+AGENT_TOKEN_SETTING = "CAMFLEET_DEVICE_TOKEN"  # noqa: S105 - a variable name
 users_app = typer.Typer(help="Users of the device API and their API keys.")
 
 _BLOCK = typer.Option(None, "--block", help="camfleet-postgres block name")
