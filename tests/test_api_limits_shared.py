@@ -113,3 +113,12 @@ def test_limits_hold_across_two_instances_on_redis(database_url, storage_dir):
 
         assert redis.Redis(host=redis_server.host, port=redis_server.port).dbsize() > 0
         assert fetch(database_url, "SELECT count(*) FROM rate_limit_counters") == [(0,)]
+
+
+def test_a_mistyped_limit_or_store_is_refused_at_start():
+    from services.api.ratelimit import RateLimits
+
+    for bad in ({"storage": "mongodb://127.0.0.1"}, {"trigger": "lots"}):
+        with pytest.raises(ValueError):
+            RateLimits(**bad)
+    assert RateLimits(storage="redis://127.0.0.1:1/0").storage.startswith("redis")

@@ -93,6 +93,13 @@ class RateLimits:
     def __post_init__(self) -> None:
         for name in LIMIT_NAMES:
             self._items[name] = _parse(getattr(self, name))
+        storage = (self.storage or "").strip()
+        if storage not in ("postgresql", "postgres", "database", "memory") and not (
+            storage.startswith(("redis://", "rediss://", "redis+unix://"))
+        ):
+            raise ValueError(
+                "CAMFLEET_RATE_LIMIT_STORAGE must be postgresql, memory or a redis:// URL"
+            )
 
     @classmethod
     def from_env(cls) -> RateLimits:

@@ -24,6 +24,16 @@ class _NoQueryStrings(logging.Filter):
         return True
 
 
+def _rate_limits():
+    """The configured limits, checked before binding: a typo is a clear exit 2."""
+    from services.api.ratelimit import RateLimits
+
+    try:
+        return RateLimits.from_env()
+    except ValueError as exc:
+        raise RuntimeError(f"rate limits (CAMFLEET_RATE_LIMIT_*): {exc}") from None
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -43,6 +53,7 @@ def serve(
     state = {
         "secret_key": require_strong_secret(resolve.secret_key(secrets_block)),
         "database_url": resolve.database_url(database_block),
+        "rate_limits": _rate_limits(),
     }
     app = create_app(**state)
     config = uvicorn.Config(
