@@ -52,8 +52,11 @@ DEFAULT_ACTIVATE_FAIL_LIMIT = "10/10 minutes;50/day"
 # Manual triggers per user (or per device in device-id-only mode without a key): a
 # person clicking, or an automation triggering a fleet of a few dozen cameras at once.
 DEFAULT_TRIGGER_LIMIT = "20/second;600/minute"
-# POST /v1/captures per device: one image per trigger, a backlog retried after an outage.
-DEFAULT_CAPTURE_LIMIT = "5/second;300/minute"
+# POST /v1/captures per device: one image per trigger. A device reconnecting after an
+# outage gets up to 50 pending commands at once (command_hub.MAX_PENDING_ON_CONNECT) and
+# uploads them back to back: the burst allows that backlog, the minute a sustained
+# 10 per second, far above any camera's real rate.
+DEFAULT_CAPTURE_LIMIT = "60/10 seconds;600/minute"
 # Command-stream connects per device: a device reconnects after a network drop or an
 # API restart; more than one every two seconds on average is a loop, not a device.
 DEFAULT_STREAM_LIMIT = "10/10 seconds;30/minute"
