@@ -1,8 +1,8 @@
 """Run the device API: one uvicorn process (`camfleet api --host --port`).
 
-One process on purpose: rate limits and the ingest window assigner live in memory, and
-one asyncio process already does hundreds of request pairs per second (bench/). Run
-several behind a proxy for more; they share PostgreSQL and Prefect runs per window.
+One process on purpose: one asyncio process already does hundreds of request pairs per
+second (bench/). Run several behind a proxy for more; they share PostgreSQL (rate-limit
+counters included, or Redis: services/api/counters.py) and Prefect runs per window.
 uvloop and httptools are used when installed (uvicorn's "auto").
 
 The access log never shows query strings: signed upload URLs carry their signature
