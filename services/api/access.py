@@ -109,7 +109,8 @@ def may_operate(user: UserIdentity | None, row: Any) -> bool:
 async def operated_device(request: Request, device_id: str) -> Any:
     """Authenticate the operator, charge its trigger limit, then find its device (404)."""
     user = await operator(request)
-    key = user.user_id if user is not None else f"device:{device_id}"
+    # (a space never occurs in a user id, so the two kinds of key cannot meet)
+    key = user.user_id if user is not None else f"id-only {device_id}"
     await limiter(request).hit("trigger", key, "trigger")
     row = await _device_row(request, device_id)
     if row is None or not may_operate(user, row):
