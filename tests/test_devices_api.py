@@ -141,6 +141,12 @@ def test_wrong_missing_and_revoked_tokens_get_401(client):
     other = make_user_key(client.dsn, "mallory")
     r = client.post(f"/devices/{device_id}/rotate", headers={"Authorization": f"Bearer {other}"})
     assert r.status_code == 404
+    # rotating never lifts a revocation (issue 13, item 14): an operator reinstates
+    r = client.post(f"/devices/{device_id}/rotate", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 409 and r.json()["detail"]["error"] == "device_revoked"
+    assert client.post("/devices/upload-url", json=body, headers=ok).status_code == 401
+    with db.transaction(client.dsn) as conn:
+        db.queries.devices_reinstate(conn, device_id=device_id)  # camfleet devices reinstate
     # the owner rotates: a fresh token works again, the old one stays dead
     r = client.post(f"/devices/{device_id}/rotate", headers={"Authorization": f"Bearer {key}"})
     new = r.json()["device_token"]

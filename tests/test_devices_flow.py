@@ -279,6 +279,10 @@ def test_cli_revoke_rotate_and_list(api, env, user_key):
     listing = run_command([CAMFLEET, "devices", "list", "--user", "alice"], env=env).stdout
     assert f"{device_id}  lifelog  revoked" in listing
 
+    # a revoked device gets no token until it is reinstated (issue 13, item 14)
+    refused = run_command([CAMFLEET, "devices", "rotate", device_id], env=env, check=False)
+    assert refused.returncode == 1 and "reinstate" in refused.stderr
+    run_command([CAMFLEET, "devices", "reinstate", device_id], env=env)
     new = run_command([CAMFLEET, "devices", "rotate", device_id], env=env).stdout.strip()
     assert new.startswith("devtok_") and new != token
     assert httpx.post(f"{base}/devices/upload-url", json=body, headers=headers).status_code == 401

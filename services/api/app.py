@@ -51,6 +51,7 @@ ROUTER_MODULES = [
     "services.api.routes_storage",  # signed uploads to local storage
     "services.api.routes_devices",  # pairing, tokens, upload-url, ingest (seed 004)
     "services.api.routes_commands",  # SSE commands, triggers, captures (seed 003)
+    "services.api.credential_watch",  # closes streams whose token died (no routes)
 ]
 
 

@@ -45,8 +45,9 @@ def server_secret(request: Request) -> bytes:
     secret = getattr(request.app.state, "secret_key", None)
     if secret is None:
         from camfleet.resolve import secret_key
+        from services.api.secret_policy import require_strong_secret
 
-        secret = secret_key()
+        secret = require_strong_secret(secret_key())
         request.app.state.secret_key = secret
     return secret.encode() if isinstance(secret, str) else secret
 

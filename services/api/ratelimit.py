@@ -1,16 +1,28 @@
 """Rate limits of the device endpoints: per device, per user and per client address.
 
-Limits use the `limits` package (fixed windows, the cheapest strategy) over a small
-thread-free in-process storage (`LoopMemoryStorage`), so they hold per API process; with
-several API instances each enforces its own share. Every refusal is a 429 with
-`Retry-After` (seconds until the window that refused resets) and a JSON reason.
+Limits are fixed windows in the `limits` notation ("20/second;600/minute"). The
+counters live where every API instance sees them, so N instances enforce one limit,
+not N (issue 13, item 15):
 
-Values come from `RateLimits.from_env()` (CAMFLEET_RATE_LIMIT_* variables, in the
-`limits` notation "20/second;600/minute") or `create_app(rate_limits=RateLimits(...))`.
+* PostgreSQL (default): `rate_limit_counters`, one multi-key upsert per request
+  (services/api/counters.py);
+* Redis, when CAMFLEET_RATE_LIMIT_STORAGE=redis://host:port/db (`limits`' own async
+  Redis storage);
+* `memory`: per process (`LoopMemoryStorage`), for a single instance or a benchmark.
+
+Every refusal is a 429 with `Retry-After` (seconds until the window that refused
+resets) and a JSON reason. A hit is counted and checked in one atomic step, so
+concurrent requests cannot all slip under a limit (failed activations included: an
+attempt is charged to the failure budget before its code is checked, and refunded when
+the code was valid).
+
+Values come from `RateLimits.from_env()` (CAMFLEET_RATE_LIMIT_* variables) or
+`create_app(rate_limits=RateLimits(...))`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -19,9 +31,9 @@ from dataclasses import dataclass, field
 import limits
 from fastapi import Depends, HTTPException, Request
 from limits.storage import Storage
-from limits.strategies import FixedWindowRateLimiter
 
 from services.api.auth import DeviceIdentity, UserIdentity, current_device, current_user
+from services.api.counters import CountersUnavailable, open_counters
 
 # A device shoots one photo every ~30 s and flushes its SD backlog when it finds Wi-Fi:
 # two requests per photo (upload-url + ingest) at a few photos per second is the honest
@@ -37,6 +49,29 @@ DEFAULT_PAIR_LIMIT = "10/minute;100/hour"
 # a pairing code hopeless. A device activates once; a person retyping a code a few times.
 DEFAULT_ACTIVATE_LIMIT = "30/minute"
 DEFAULT_ACTIVATE_FAIL_LIMIT = "10/10 minutes;50/day"
+# Manual triggers per user (or per device in device-id-only mode without a key): a
+# person clicking, or an automation triggering a fleet of a few dozen cameras at once.
+DEFAULT_TRIGGER_LIMIT = "20/second;600/minute"
+# POST /v1/captures per device: one image per trigger. A device reconnecting after an
+# outage gets up to 50 pending commands at once (command_hub.MAX_PENDING_ON_CONNECT) and
+# uploads them back to back: the burst allows that backlog, the minute a sustained
+# 10 per second, far above any camera's real rate.
+DEFAULT_CAPTURE_LIMIT = "60/10 seconds;600/minute"
+# Command-stream connects per device: a device reconnects after a network drop or an
+# API restart; more than one every two seconds on average is a loop, not a device.
+DEFAULT_STREAM_LIMIT = "10/10 seconds;30/minute"
+
+
+LIMIT_NAMES = (
+    "device",
+    "user",
+    "pair",
+    "activate",
+    "activate_fail",
+    "trigger",
+    "capture",
+    "stream",
+)
 
 
 def _parse(spec: str) -> list[limits.RateLimitItem]:
@@ -50,12 +85,24 @@ class RateLimits:
     pair: str = DEFAULT_PAIR_LIMIT
     activate: str = DEFAULT_ACTIVATE_LIMIT
     activate_fail: str = DEFAULT_ACTIVATE_FAIL_LIMIT
+    trigger: str = DEFAULT_TRIGGER_LIMIT
+    capture: str = DEFAULT_CAPTURE_LIMIT
+    stream: str = DEFAULT_STREAM_LIMIT
     enabled: bool = True
+    # "postgresql" (shared by every instance), "memory" (this process) or a redis:// URL.
+    storage: str = "postgresql"
     _items: dict[str, list[limits.RateLimitItem]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("device", "user", "pair", "activate", "activate_fail"):
+        for name in LIMIT_NAMES:
             self._items[name] = _parse(getattr(self, name))
+        storage = (self.storage or "").strip()
+        if storage not in ("postgresql", "postgres", "database", "memory") and not (
+            storage.startswith(("redis://", "rediss://", "redis+unix://"))
+        ):
+            raise ValueError(
+                "CAMFLEET_RATE_LIMIT_STORAGE must be postgresql, memory or a redis:// URL"
+            )
 
     @classmethod
     def from_env(cls) -> RateLimits:
@@ -66,6 +113,10 @@ class RateLimits:
             pair=env("CAMFLEET_RATE_LIMIT_PAIR", DEFAULT_PAIR_LIMIT),
             activate=env("CAMFLEET_RATE_LIMIT_ACTIVATE", DEFAULT_ACTIVATE_LIMIT),
             activate_fail=env("CAMFLEET_RATE_LIMIT_ACTIVATE_FAIL", DEFAULT_ACTIVATE_FAIL_LIMIT),
+            trigger=env("CAMFLEET_RATE_LIMIT_TRIGGER", DEFAULT_TRIGGER_LIMIT),
+            capture=env("CAMFLEET_RATE_LIMIT_CAPTURE", DEFAULT_CAPTURE_LIMIT),
+            stream=env("CAMFLEET_RATE_LIMIT_STREAM", DEFAULT_STREAM_LIMIT),
+            storage=env("CAMFLEET_RATE_LIMIT_STORAGE", "postgresql"),
             enabled=env("CAMFLEET_RATE_LIMITS", "on").lower() not in ("off", "0", "false"),
         )
 
@@ -80,6 +131,8 @@ SWEEP_INTERVAL_S = 10.0
 
 class LoopMemoryStorage(Storage):
     """Fixed-window counters in a dict, for one asyncio process; no threads, no locks.
+
+    Only for CAMFLEET_RATE_LIMIT_STORAGE=memory: its limits hold per process.
 
     `limits`' own MemoryStorage starts a threading.Timer every 10 ms while counters
     change; under a few hundred requests per second those threads and their GIL
@@ -133,41 +186,68 @@ class LoopMemoryStorage(Storage):
         self._counts.pop(key, None)
 
 
+Charge = tuple[str, str | None, str]  # (limit name, caller key, what to call it in a 429)
+
+
 class Limiter:
-    """Hit-and-check against named limits; raises the 429 itself."""
+    """Count-and-check against named limits in one step; raises the 429 itself."""
 
-    def __init__(self, config: RateLimits) -> None:
+    def __init__(self, config: RateLimits, counters) -> None:
         self.config = config
-        self._limiter = FixedWindowRateLimiter(LoopMemoryStorage())
+        self.counters = counters  # services/api/counters.py
 
-    def hit(self, name: str, key: str, what: str) -> None:
+    def _checks(self, charges: tuple[Charge, ...]):
+        return [
+            (item.key_for(name, key), item, what)
+            for name, key, what in charges
+            if key
+            for item in self.config.items(name)
+        ]
+
+    async def hit(self, name: str, key: str | None, what: str) -> None:
+        await self.hit_many((name, key, what))
+
+    async def hit_many(self, *charges: Charge) -> None:
+        """One hit on every limit of every charge, atomically; 429 when one is exceeded."""
         if not self.config.enabled:
             return
-        for item in self.config.items(name):
-            if not self._limiter.hit(item, name, key):
-                reset = self._limiter.get_window_stats(item, name, key).reset_time
-                retry_after = max(1, math.ceil(reset - time.time()))
-                raise HTTPException(
-                    status_code=429,
-                    detail={
-                        "error": "rate_limited",
-                        "reason": f"{what} rate limit of {item} exceeded",
-                        "retry_after": retry_after,
-                    },
-                    headers={"Retry-After": str(retry_after)},
-                )
+        checks = self._checks(charges)
+        if not checks:
+            return
+        try:
+            counts = await self.counters.hit(
+                [k for k, _, _ in checks], [item.get_expiry() for _, item, _ in checks]
+            )
+        except CountersUnavailable:
+            raise HTTPException(
+                503,
+                detail={"error": "rate_limit_store_unavailable", "reason": "retry shortly"},
+                headers={"Retry-After": "2"},
+            ) from None
+        refused = [
+            (expires_at, item, what)
+            for (_, item, what), (hits, expires_at) in zip(checks, counts, strict=True)
+            if hits > item.amount
+        ]
+        if refused:
+            expires_at, item, what = max(refused, key=lambda r: r[0])
+            retry_after = max(1, math.ceil(expires_at - time.time()))
+            raise HTTPException(
+                status_code=429,
+                detail={
+                    "error": "rate_limited",
+                    "reason": f"{what} rate limit of {item} exceeded",
+                    "retry_after": retry_after,
+                },
+                headers={"Retry-After": str(retry_after)},
+            )
 
-    def count(self, name: str, key: str) -> None:
-        """Count a hit without refusing (e.g. a failure, charged after the fact)."""
+    async def refund(self, name: str, key: str) -> None:
+        """Give back one hit counted up front (a valid activation code)."""
         if self.config.enabled:
-            for item in self.config.items(name):
-                self._limiter.hit(item, name, key)
-
-    def would_pass(self, name: str, key: str) -> bool:
-        """True when one more hit of `name` for `key` is allowed (does not count)."""
-        if not self.config.enabled:
-            return True
-        return all(self._limiter.test(item, name, key) for item in self.config.items(name))
+            checks = self._checks(((name, key, name),))
+            with contextlib.suppress(CountersUnavailable):
+                await self.counters.refund([k for k, _, _ in checks])
 
 
 def limiter(request: Request) -> Limiter:
@@ -175,7 +255,7 @@ def limiter(request: Request) -> Limiter:
     found = getattr(app.state, "limiter", None)
     if found is None:
         config = getattr(app.state, "rate_limits", None) or RateLimits.from_env()
-        found = app.state.limiter = Limiter(config)
+        found = app.state.limiter = Limiter(config, open_counters(config.storage, app))
     return found
 
 
@@ -184,19 +264,18 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def charge_device(request: Request, device: DeviceIdentity) -> None:
+async def charge_device(request: Request, device: DeviceIdentity) -> None:
     """Count one request against the device's and its user's limits (or raise 429)."""
-    lim = limiter(request)
-    lim.hit("device", device.device_id, "device")
-    if device.user_id:
-        lim.hit("user", device.user_id, "user")
+    await limiter(request).hit_many(
+        ("device", device.device_id, "device"), ("user", device.user_id, "user")
+    )
 
 
 async def authorized_device(request: Request) -> DeviceIdentity:
     """The authenticated device, counted against its limits: a plain call, for hot paths
     where FastAPI's dependency solving is a measurable share of the request."""
     device = await current_device(request)
-    charge_device(request, device)
+    await charge_device(request, device)
     return device
 
 
@@ -204,24 +283,25 @@ async def limited_device(
     request: Request, device: DeviceIdentity = Depends(current_device)
 ) -> DeviceIdentity:
     """FastAPI dependency: the authenticated device, counted against device and user."""
-    charge_device(request, device)
+    await charge_device(request, device)
     return device
 
 
 async def limited_user(request: Request, user: UserIdentity = Depends(current_user)):
     """FastAPI dependency: the authenticated user, counted against the user limit."""
-    limiter(request).hit("user", user.user_id, "user")
+    await limiter(request).hit("user", user.user_id, "user")
     return user
 
 
-def check_activation(request: Request) -> None:
-    """Before an activation attempt: the per-address attempt and failure budgets."""
-    lim = limiter(request)
+async def check_activation(request: Request) -> None:
+    """Before an activation attempt: charge the per-address attempt budget AND the
+    failure budget in one atomic step, so concurrent wrong codes cannot all be checked
+    while the failure count lags behind; `activation_succeeded` refunds the latter."""
     address = client_address(request)
-    if not lim.would_pass("activate_fail", address):
-        lim.hit("activate_fail", address, "failed activation")  # raises the 429
-    lim.hit("activate", address, "activation")
+    await limiter(request).hit_many(
+        ("activate", address, "activation"), ("activate_fail", address, "failed activation")
+    )
 
 
-def record_failed_activation(request: Request) -> None:
-    limiter(request).count("activate_fail", client_address(request))
+async def activation_succeeded(request: Request) -> None:
+    await limiter(request).refund("activate_fail", client_address(request))

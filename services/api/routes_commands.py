@@ -106,46 +106,18 @@ def _settings(request: Request) -> CommandSettings:
     return request.app.state.command_settings
 
 
-async def _authorize_device(request: Request, device_id: str) -> Any:
-    """The device row for `device_id` when the caller may act as it; else 401/403/404."""
-    from services.api.auth import DEVICE_TOKEN_HEADER, current_device
+async def _authorize_device(request: Request, device_id: str, limit: str = "capture") -> Any:
+    """The device row when the caller may act as it (services/api/access.py decides)."""
+    from services.api.access import device_caller
 
-    if request.headers.get(DEVICE_TOKEN_HEADER):
-        identity = await current_device(request)
-        if identity.device_id != device_id:
-            raise _error(403, "forbidden", "the device token belongs to another device")
-    async with request.app.state.pool.acquire() as conn:
-        row = await queries().triggers_device(conn, device_id=device_id)
-    if row is None:
-        raise _error(404, "unknown_device", f"no device {device_id!r}")
-    if not request.headers.get(DEVICE_TOKEN_HEADER):
-        if row["device_token_hash"] is not None:
-            raise _error(
-                401, "unauthorized", f"this device has a token: send {DEVICE_TOKEN_HEADER}"
-            )
-        if not _settings(request).allow_device_id_only:
-            raise _error(
-                401,
-                "unauthorized",
-                f"missing {DEVICE_TOKEN_HEADER}; pair the device, or let an operator enable "
-                "device-id-only mode (CAMFLEET_ALLOW_DEVICE_ID_ONLY)",
-            )
-    if row["revoked_at"] is not None:
-        raise _error(403, "device_revoked", "the device was revoked")
-    if row["status"] != "active":
-        raise _error(403, "device_not_active", f"device is {row['status']}")
-    return row
+    return await device_caller(request, device_id, limit)
 
 
-async def _authorize_operator(request: Request, device_row: Any | None = None) -> None:
-    """A user API key (owning the device, when it has an owner), or device-id-only mode."""
-    if _settings(request).allow_device_id_only and not request.headers.get("Authorization"):
-        return
-    from services.api.auth import current_user
+async def _authorize_operator(request: Request, device_id: str) -> Any:
+    """The device row when the operator may trigger it (services/api/access.py decides)."""
+    from services.api.access import operated_device
 
-    user = await current_user(request)
-    if device_row is not None and device_row["user_id"] not in (None, user.user_id):
-        raise _error(404, "unknown_device", "no such device for this user")
+    return await operated_device(request, device_id)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -172,23 +144,20 @@ def _validation_reason(exc: ValidationError) -> str:
 @router.get("/v1/devices/connected")
 async def connected_devices(request: Request) -> dict:
     """Devices holding a command stream on any live API instance."""
-    await _authorize_operator(request)
+    from services.api.access import connected_device_ids
     from services.api.command_hub import STALE_SECONDS
 
-    async with request.app.state.pool.acquire() as conn:
-        rows = [
-            r async for r in queries().triggers_connected_devices(conn, stale_seconds=STALE_SECONDS)
-        ]
-    return {"connected_devices": [r["device_id"] for r in rows]}
+    return {"connected_devices": await connected_device_ids(request, STALE_SECONDS)}
 
 
 @router.get("/v1/devices/{device_id}/commands")
 async def command_stream(request: Request, device_id: DeviceId) -> EventSourceResponse:
     """SSE: `connected`, then capture commands as they are due, `ping` every 30 s."""
-    await _authorize_device(request, device_id)
+    await _authorize_device(request, device_id, "stream")
     hub: CommandHub = request.app.state.command_hub
     settings = _settings(request)
     stream = hub.subscribe(device_id)
+    request.app.state.credential_watch.bind(stream, request.state.device_token_hash)
     try:
         await hub.load_pending(stream)
     except BaseException:
@@ -237,6 +206,7 @@ class TriggerRequest(BaseModel):
 @router.post("/v1/devices/{device_id}/trigger")
 async def manual_trigger(request: Request, device_id: DeviceId) -> dict:
     """Create a manual trigger; `sent` when a stream wrote it within 2 s, else `pending`."""
+    device = await _authorize_operator(request, device_id)  # before reading the body
     body = await _read_body(request, MAX_TRIGGER_BODY_BYTES)
     try:
         params = TriggerRequest.model_validate(_json_object(body)) if body.strip() else None
@@ -244,11 +214,6 @@ async def manual_trigger(request: Request, device_id: DeviceId) -> dict:
         raise _error(422, "invalid_request", _validation_reason(exc)) from None
     params = params or TriggerRequest()
     pool = request.app.state.pool
-    async with pool.acquire() as conn:
-        device = await queries().triggers_device(conn, device_id=device_id)
-    if device is None:
-        raise _error(404, "unknown_device", f"no device {device_id!r}")
-    await _authorize_operator(request, device)
     if device["status"] != "active" or device["revoked_at"] is not None:
         raise _error(409, "device_not_active", "device is not active")
     now = datetime.now(UTC)

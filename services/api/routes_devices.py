@@ -43,12 +43,12 @@ from services.api.auth import DeviceIdentity, UserIdentity, server_secret
 from services.api.bodies import Text, UtcDatetime, limits
 from services.api.db import queries
 from services.api.ratelimit import (
+    activation_succeeded,
     authorized_device,
     check_activation,
     limited_device,
     limited_user,
     limiter,
-    record_failed_activation,
 )
 
 log = logging.getLogger("camfleet.api.devices")
@@ -216,7 +216,7 @@ def body_schema(model: type[BaseModel]) -> dict:
 
 @router.post("/pair")
 async def pair(request: Request, body: PairRequest | None = None, user=Depends(limited_user)):
-    limiter(request).hit("pair", user.user_id, "pairing")
+    await limiter(request).hit("pair", user.user_id, "pairing")
     name = body.name if body else None
     device_id = str(uuid.uuid4())
     secret = server_secret(request)
@@ -244,7 +244,7 @@ async def pair(request: Request, body: PairRequest | None = None, user=Depends(l
 
 @router.post("/activate")
 async def activate(request: Request, body: ActivateRequest):
-    check_activation(request)
+    await check_activation(request)  # charges the failure budget up front (atomic)
     secret = server_secret(request)
     code_hash = tokens.hash_pairing_code(secret, body.pairing_code)
     token = tokens.new_device_token()
@@ -252,19 +252,19 @@ async def activate(request: Request, body: ActivateRequest):
         row = await queries().devices_consume_pairing(conn, code_hash=code_hash)
         if row is None:
             state = await queries().devices_pairing_state(conn, code_hash=code_hash)
-        else:
-            await queries().devices_set_token(
-                conn,
-                device_id=row["device_id"],
-                token_hash=tokens.hash_device_token(secret, token),
-            )
+        elif not await queries().devices_set_token(
+            conn,
+            device_id=row["device_id"],
+            token_hash=tokens.hash_device_token(secret, token),
+        ):  # revoked between pairing and activation: the code dies with the device
+            raise _error(403, "device_revoked", "the device was revoked")
     if row is None:
-        record_failed_activation(request)
         if state is None:
             raise _error(400, "invalid_pairing_code", "unknown pairing code")
         if state["used_at"] is not None:
             raise _error(409, "pairing_code_used", "pairing code already used")
         raise _error(410, "pairing_code_expired", "pairing code expired: pair again")
+    await activation_succeeded(request)
     log.info("device %s activated", row["device_id"])
     return _secret_response({"device_id": row["device_id"], "device_token": token})
 
@@ -274,8 +274,8 @@ async def _issue_token(request: Request, device_id: str) -> JSONResponse:
     token_hash = tokens.hash_device_token(server_secret(request), token)
     async with request.app.state.pool.acquire() as conn:
         row = await queries().devices_set_token(conn, device_id=device_id, token_hash=token_hash)
-    if row is None:
-        raise _error(404, "unknown_device", "no such device")
+    if row is None:  # a revoked device stays revoked: `camfleet devices reinstate` first
+        raise _error(409, "device_revoked", "the device is revoked; an operator reinstates it")
     log.info("device %s token rotated", device_id)
     return _secret_response({"device_id": device_id, "device_token": token})
 
@@ -287,10 +287,9 @@ async def rotate_own_token(request: Request, device: DeviceIdentity = Depends(li
 
 
 async def _owned(request: Request, device_id: str, user: UserIdentity) -> None:
-    async with request.app.state.pool.acquire() as conn:
-        row = await queries().devices_get(conn, device_id=device_id)
-    if row is None or row["user_id"] != user.user_id:
-        raise _error(404, "unknown_device", "no such device among yours")
+    from services.api.access import owned_device
+
+    await owned_device(request, device_id, user)
 
 
 @router.get("")

@@ -1,8 +1,8 @@
 """Run the device API: one uvicorn process (`camfleet api --host --port`).
 
-One process on purpose: rate limits and the ingest window assigner live in memory, and
-one asyncio process already does hundreds of request pairs per second (bench/). Run
-several behind a proxy for more; they share PostgreSQL and Prefect runs per window.
+One process on purpose: one asyncio process already does hundreds of request pairs per
+second (bench/). Run several behind a proxy for more; they share PostgreSQL (rate-limit
+counters included, or Redis: services/api/counters.py) and Prefect runs per window.
 uvloop and httptools are used when installed (uvicorn's "auto").
 
 The access log never shows query strings: signed upload URLs carry their signature
@@ -24,6 +24,16 @@ class _NoQueryStrings(logging.Filter):
         return True
 
 
+def _rate_limits():
+    """The configured limits, checked before binding: a typo is a clear exit 2."""
+    from services.api.ratelimit import RateLimits
+
+    try:
+        return RateLimits.from_env()
+    except ValueError as exc:
+        raise RuntimeError(f"rate limits (CAMFLEET_RATE_LIMIT_*): {exc}") from None
+
+
 def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -36,11 +46,14 @@ def serve(
 
     from camfleet import resolve
     from services.api.app import create_app
+    from services.api.secret_policy import require_strong_secret
 
-    # Refuse to start without a secret or a database, with the reason, before binding.
+    # Refuse to start without a secret or a database, with the reason, before binding;
+    # a weak secret is refused too (WeakSecret is a RuntimeError: exit 2, no traceback).
     state = {
-        "secret_key": resolve.secret_key(secrets_block),
+        "secret_key": require_strong_secret(resolve.secret_key(secrets_block)),
         "database_url": resolve.database_url(database_block),
+        "rate_limits": _rate_limits(),
     }
     app = create_app(**state)
     config = uvicorn.Config(

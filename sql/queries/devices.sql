@@ -58,12 +58,31 @@ where code_hash = :code_hash;
 
 -- name: devices_set_token^
 -- Activate or rotate: the new hash replaces the old one, so the old token dies now.
+-- A revoked device gets no token (nothing returned): revocation is lifted only by
+-- devices_reinstate, an operator's explicit act, never as a side effect of a rotation.
 update devices
 set device_token_hash = :token_hash,
     token_issued_at = now(),
-    revoked_at = null,
     activated_at = coalesce(activated_at, now()),
     activated_by_user_id = coalesce(activated_by_user_id, user_id)
+where device_id = :device_id
+  and revoked_at is null
+returning device_id, user_id;
+
+-- name: devices_reinstate^
+-- Lift a revocation. The token is cleared too: the device needs a new one (rotate),
+-- so a token that leaked before the revocation never works again.
+update devices
+set revoked_at = null,
+    device_token_hash = null,
+    token_issued_at = null
+where device_id = :device_id
+returning device_id, revoked_at is null as reinstated;
+
+-- name: devices_assign^
+-- Give a device (made by MQTT, edge or the CLI, without an owner) to a user, or move it.
+update devices
+set user_id = :user_id
 where device_id = :device_id
 returning device_id, user_id;
 
