@@ -116,6 +116,25 @@ class BrokerAuth:
                 os.chown(path, user.pw_uid, user.pw_gid)
 
 
+def broker(directory: Path, port: int = DEFAULT_PORT):
+    """The stack's Mosquitto (not started): accounts, ACL and limits as described above.
+
+    Returns (MosquittoInstance, service password).
+    """
+    from camfleet.localsvc import MosquittoInstance
+
+    auth = BrokerAuth(directory)
+    password = auth.ensure()
+    instance = MosquittoInstance(
+        port=port,
+        workdir=directory,
+        password_file=auth.password_file,
+        acl_file=auth.acl_file,
+        limits=LIMITS,
+    )
+    return instance, password
+
+
 def reload(broker_pid: int | None) -> bool:
     """Ask a running Mosquitto to reread its password file and ACL (SIGHUP)."""
     if not broker_pid:

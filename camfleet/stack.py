@@ -125,17 +125,12 @@ class LocalStack:
                 "apt-get install mosquitto, or set MQTT_HOST"
             )
         from camfleet import localbroker
-        from camfleet.localsvc import MosquittoInstance
 
-        auth = localbroker.BrokerAuth(self.data_dir / "mosquitto")
-        service_password = auth.ensure()
-        broker = MosquittoInstance(
-            port=self.mqtt_port or localbroker.DEFAULT_PORT,
-            workdir=auth.directory,
-            password_file=auth.password_file,
-            acl_file=auth.acl_file,
-            limits=localbroker.LIMITS,
-        ).start()
+        directory = self.data_dir / "mosquitto"
+        broker, service_password = localbroker.broker(
+            directory, self.mqtt_port or localbroker.DEFAULT_PORT
+        )
+        broker.start()
         self.services.append(broker)
         self.broker_pid = broker.pid
         self.env.update(
@@ -148,7 +143,7 @@ class LocalStack:
         self.lines.append(
             (
                 "broker",
-                f"{broker.url} (local Mosquitto, state in {auth.directory}; "
+                f"{broker.url} (local Mosquitto, state in {directory}; "
                 "device accounts: camfleet broker add-device ID)",
             )
         )
