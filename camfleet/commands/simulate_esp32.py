@@ -82,6 +82,12 @@ def simulate_esp32(
         for k, v in summary.items():
             print(f"{k:>14}: {v}")
     if r.images_failed:
+        # Say where they went: the usual cause is a broker nobody ingests from.
+        typer.echo(
+            f"{r.images_failed} image(s) not acknowledged by mqtt://{b.host}:{b.port} "
+            "(is `camfleet up` or `camfleet assembler` running against this broker?)",
+            err=True,
+        )
         raise typer.Exit(1)
 
 
