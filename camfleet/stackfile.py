@@ -5,7 +5,7 @@ everything is up and removes it on stop. Every `camfleet` command reads it as th
 lowest-priority settings source (below the environment and .env), so commands in
 another terminal find the stack's database, broker, device API and Prefect server with
 nothing exported. A file left by a `camfleet up` that died is ignored: it names the
-pid that wrote it, and that process must still be alive.
+pid (and start time) that wrote it, and that process must still be alive.
 
 Keys are the environment variable names of the settings (DATABASE_URL, MQTT_PORT...).
 """
@@ -29,12 +29,23 @@ def path(data_dir: Path | None = None) -> Path:
     return (data_dir if data_dir is not None else default_data_dir()) / FILE_NAME
 
 
-def _alive(pid: object) -> bool:
+def process_identity() -> dict:
+    """This process' pid and start time: together they survive pid reuse."""
+    me = psutil.Process()
+    return {"pid": me.pid, "pid_started": me.create_time()}
+
+
+def _alive(facts: dict) -> bool:
+    pid = facts.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        started = facts.get("pid_started")
+        return started is None or abs(proc.create_time() - float(started)) < 1.0
+    except (psutil.Error, TypeError, ValueError):
         return False
 
 
@@ -44,7 +55,7 @@ def read(data_dir: Path | None = None) -> dict:
         facts = json.loads(path(data_dir).read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(facts, dict) or not _alive(facts.get("pid")):
+    if not isinstance(facts, dict) or not _alive(facts):
         return {}
     return facts
 

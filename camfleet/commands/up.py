@@ -120,7 +120,7 @@ def up(
             stackfile.write(
                 stack.data_dir,
                 {
-                    "pid": os.getpid(),
+                    **stackfile.process_identity(),
                     "broker_pid": stack.broker_pid,
                     "broker": f"mqtt://{env['MQTT_HOST']}:{env['MQTT_PORT']}",
                     "env": {k: env[k] for k in SHARED_SETTINGS if k in env},
