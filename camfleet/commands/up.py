@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -116,7 +117,16 @@ def up(
                 supervisor.start(name, argv, env)
             stack.lines.append(("device API", f"{public_url}  (docs: {public_url}/docs)"))
             stack.lines.append(("logs", str(supervisor.log_dir)))
-            profile_restore.append(prefect_profile.activate(env["PREFECT_API_URL"]))
+            try:
+                profile_restore.append(prefect_profile.activate(env["PREFECT_API_URL"]))
+            except (OSError, ValueError) as exc:  # e.g. a read-only home directory
+                typer.secho(
+                    f"camfleet up: could not activate the `camfleet` Prefect profile "
+                    f"({type(exc).__name__}); in other terminals export "
+                    f"PREFECT_API_URL={env['PREFECT_API_URL']}",
+                    fg="yellow",
+                    err=True,
+                )
             stackfile.write(
                 stack.data_dir,
                 {
@@ -141,7 +151,8 @@ def up(
     finally:
         stackfile.remove(stack.data_dir)
         if profile_restore:
-            prefect_profile.restore(profile_restore[0])
+            with contextlib.suppress(OSError, ValueError):
+                prefect_profile.restore(profile_restore[0])
         supervisor.stop_all()
         stack.stop()
         typer.echo("stopped.")
