@@ -138,3 +138,18 @@ def test_accounts_and_queued_messages_survive_a_restart(broker, broker_dir):
     assert not device.rc.is_failure
     assert _drain(device.messages, 5) == [("ESP32CAM/DEV07/ack", b"while you slept")]
     device.close()
+
+
+def test_add_device_command_prints_credentials_once_and_refuses_bad_ids(broker_dir, run_cli):
+    env = {"CAMFLEET_DATA_DIR": str(broker_dir.parent)}
+    result = run_cli(["camfleet", "broker", "add-device", "ESP32-GARDEN"], env=env)
+    password = result.stdout.split("password:", 1)[1].split()[0]
+    assert "username: ESP32-GARDEN" in result.stdout and len(password) >= 20
+    assert "next `camfleet up`" in result.stdout  # no broker running to reload
+    assert password not in (broker_dir / "passwd").read_text()  # stored hashed
+    bad = run_cli(["camfleet", "broker", "add-device", "ESP32/#"], env=env, check=False)
+    assert bad.returncode == 2 and "device id must be" in bad.stderr
+    # the next start keeps the account and the broker accepts it
+    instance, _ = localbroker.broker(broker_dir, free_port())
+    with instance:
+        assert not Client(instance.port, "ESP32-GARDEN", password).rc.is_failure
