@@ -132,7 +132,10 @@ def up(
                 {
                     **stackfile.process_identity(),
                     "broker_pid": stack.broker_pid,
-                    "broker": f"mqtt://{env['MQTT_HOST']}:{env['MQTT_PORT']}",
+                    "broker": "mqtt://{}:{}".format(
+                        env.get("MQTT_HOST", settings.mqtt_host),  # MQTT_HOST: the user's own
+                        env.get("MQTT_PORT", settings.mqtt_port),
+                    ),
                     "env": {k: env[k] for k in SHARED_SETTINGS if k in env},
                 },
             )
