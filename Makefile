@@ -14,11 +14,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Flags for camfleet up, e.g. `make up ARGS="--prefect-port 4300 --mqtt-port 1884"`.
+ARGS ?=
+
 up: install
-	camfleet up
+	camfleet up $(ARGS)
 
 demo: install
-	camfleet up --demo
+	camfleet up --demo $(ARGS)
 
 lint: install
 	ruff check .

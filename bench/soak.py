@@ -88,6 +88,10 @@ class Stack:
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MQTT_"))},
             "CAMFLEET_DATA_DIR": str(data_dir),
+            # Never the machine's 1883 or the user's Prefect profiles (`up` activates
+            # a `camfleet` profile in PREFECT_HOME).
+            "CAMFLEET_MQTT_PORT": str(free_port()),
+            "PREFECT_HOME": str(data_dir / "prefect-home"),
             # Visant devices of the soak have no tokens: the seed's id-only mode.
             "CAMFLEET_ALLOW_DEVICE_ID_ONLY": "true",
             # One operator key pairs and owns the whole Lifelog fleet here; the per-user
@@ -178,8 +182,9 @@ def pss_mb(procs: list[psutil.Process]) -> float:
 class Esp32Rounds:
     """`camfleet simulate esp32` rounds until stopped; sums their JSON summaries."""
 
-    def __init__(self, broker: str, devices: int, images: int, log: Path):
+    def __init__(self, broker: str, devices: int, images: int, log: Path, env: dict):
         self.broker, self.devices, self.images, self.log = broker, devices, images, log
+        self.env = env  # CAMFLEET_DATA_DIR: the broker's credentials from up's stack.json
         self.totals: dict[str, float] = defaultdict(float)
         self.rounds = 0
         self.stop = threading.Event()
@@ -194,7 +199,7 @@ class Esp32Rounds:
             argv += ["--ack-timeout", "10"]
             with open(self.log, "ab") as err:
                 out = subprocess.run(
-                    argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, check=False
+                    argv, cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=err, check=False
                 )
             try:
                 summary = json.loads(out.stdout.decode().strip().splitlines()[-1])
@@ -363,7 +368,9 @@ def main() -> int:
             cwd=ROOT, env=env, capture_output=True, text=True, check=True,
         ).stdout.strip()  # fmt: skip
 
-        esp32 = Esp32Rounds(stack.broker, args.esp32_devices, args.esp32_images, work / "esp32.log")
+        esp32 = Esp32Rounds(
+            stack.broker, args.esp32_devices, args.esp32_images, work / "esp32.log", stack.env
+        )
         visant = Visant(stack.api_url, stack.dsn, args.visant_devices, args.trigger_rate)
         visant.register()
         lifelog_state = work / "lifelog"

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "blocks",
     "status",
     "up",
+    "broker",
     "assembler",
     "simulate_esp32",
     "uploader",

@@ -5,6 +5,8 @@ against the stack `camfleet up` started:
 
 - ESP32-CAMs sending chunked JPEGs over MQTT (seed 002) to the assembler;
 - an entomologist edge box batch-uploading through the signer (seed 000);
+  (both send real pictures showing device and time, each under a new name, so every
+  round is a new capture and evaluation has real images to decode);
 - Lifelog cameras pairing, uploading and ingesting (seed 004);
 - a Visant camera holding an SSE stream, executing scheduled triggers (seed 003).
 """
@@ -161,6 +163,7 @@ def run(api_url: str, work_dir: Path) -> None:
                         "1",
                         "--id-prefix",
                         "DE0A00",
+                        "--pictures",  # real JPEGs, a new name each round
                         log_path=logs / "esp32.log",
                     )
                 )
@@ -176,6 +179,7 @@ def run(api_url: str, work_dir: Path) -> None:
                         "5",
                         "--workdir",
                         str(work_dir / "edge"),
+                        "--pictures",
                         log_path=logs / "edge.log",
                     )
                 )

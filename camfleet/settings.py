@@ -11,7 +11,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 
 class Settings(BaseSettings):
@@ -74,6 +79,22 @@ class Settings(BaseSettings):
     public_url: str | None = Field(None, validation_alias="CAMFLEET_PUBLIC_URL")
 
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Lowest priority: what a running `camfleet up` wrote (camfleet/stackfile.py), so
+        # commands in another terminal find its database, broker and API unexported.
+        from camfleet import stackfile
+
+        running_stack = InitSettingsSource(settings_cls, stackfile.settings_values())
+        return (init_settings, env_settings, dotenv_settings, running_stack, file_secret_settings)
 
     def resolved_storage_url(self) -> str:
         """STORAGE_URL, or a local directory under the data dir (the default backend)."""

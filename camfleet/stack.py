@@ -1,8 +1,9 @@
 """The local stack behind `camfleet up`: what is configured is used, what is not is started.
 
 - PostgreSQL: DATABASE_URL, or a cluster in <data dir>/postgres (kept across runs).
-- MQTT: MQTT_HOST when set in the environment, or a Mosquitto with persistence in
-  <data dir>/mosquitto when the `mosquitto` package is installed.
+- MQTT: MQTT_HOST when set in the environment, or a Mosquitto on 127.0.0.1:1883
+  (CAMFLEET_MQTT_PORT / --mqtt-port) with its persistence, password file and ACL in
+  <data dir>/mosquitto (camfleet/localbroker.py) when `mosquitto` is installed.
 - Prefect: PREFECT_API_URL, or a Prefect server whose database is a `prefect`
   database in the same PostgreSQL (SQLite turns concurrent writes into 503s).
 - Object storage: STORAGE_URL, or <data dir>/objects.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,8 @@ class StackError(RuntimeError):
 class LocalStack:
     settings: Settings
     prefect_port: int | None = None
+    mqtt_port: int | None = None
+    broker_pid: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     lines: list[tuple[str, str]] = field(default_factory=list)
     services: list = field(default_factory=list)
@@ -42,6 +46,31 @@ class LocalStack:
     @property
     def data_dir(self) -> Path:
         return self.settings.data_dir.resolve()
+
+    def port_problems(self, prefect: bool = True, api_port: int | None = None) -> list[str]:
+        """One line per port this stack would listen on that is taken, naming the fix.
+
+        Checked before anything starts, so a busy port never leaves half a stack.
+        """
+        wanted = []
+        if "MQTT_HOST" not in os.environ:
+            wanted.append(("MQTT broker", self.mqtt_port, "--mqtt-port or CAMFLEET_MQTT_PORT"))
+        if prefect and not os.environ.get("PREFECT_API_URL"):
+            wanted.append(
+                (
+                    "Prefect server",
+                    self.prefect_port,
+                    "--prefect-port or CAMFLEET_PREFECT_PORT, or PREFECT_API_URL="
+                    "http://HOST:PORT/api to use a Prefect server that is already running",
+                )
+            )
+        if api_port is not None:
+            wanted.append(("device API", api_port, "--api-port or CAMFLEET_API_PORT"))
+        return [
+            f"port 127.0.0.1:{port} ({what}) is already in use: set {fix}"
+            for what, port, fix in wanted
+            if port is not None and not _port_free(port)
+        ]
 
     def start(self, prefect: bool = True) -> LocalStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -95,12 +124,29 @@ class LocalStack:
                 "no MQTT broker configured (MQTT_HOST) and Mosquitto is not installed: "
                 "apt-get install mosquitto, or set MQTT_HOST"
             )
-        from camfleet.localsvc import MosquittoInstance
+        from camfleet import localbroker
 
-        broker = MosquittoInstance().start()
+        directory = self.data_dir / "mosquitto"
+        broker, service_password = localbroker.broker(
+            directory, self.mqtt_port or localbroker.DEFAULT_PORT
+        )
+        broker.start()
         self.services.append(broker)
-        self.env.update(MQTT_HOST=broker.host, MQTT_PORT=str(broker.port), MQTT_TLS="false")
-        self.lines.append(("broker", f"mqtt://{broker.host}:{broker.port} (local Mosquitto)"))
+        self.broker_pid = broker.pid
+        self.env.update(
+            MQTT_HOST=broker.host,
+            MQTT_PORT=str(broker.port),
+            MQTT_TLS="false",
+            MQTT_USERNAME=localbroker.SERVICE_USER,
+            MQTT_PASSWORD=service_password,
+        )
+        self.lines.append(
+            (
+                "broker",
+                f"{broker.url} (local Mosquitto, state in {directory}; "
+                "device accounts: camfleet broker add-device ID)",
+            )
+        )
 
     def _storage(self) -> None:
         url = self.settings.resolved_storage_url()
@@ -133,6 +179,17 @@ class LocalStack:
         self.services.append(server)
         self.env["PREFECT_API_URL"] = server.api_url
         self.lines.append(("prefect UI", server.ui_url))
+
+
+def _port_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:port now (as the services bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _ensure_database(admin_dsn: str, name: str) -> None:

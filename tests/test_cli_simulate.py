@@ -50,3 +50,15 @@ def test_esp32_devices_outlive_a_broker_outage_and_account_for_every_image():
         assert done.wait(60), "the simulated devices hung"
     assert fleet.result.images_failed == 2
     assert fleet.result.images_acked == 0
+
+
+def test_simulate_esp32_names_the_broker_when_nothing_acknowledges(mosquitto, run_cli):
+    """Nobody ingests from this broker: the failure says which broker it used."""
+    result = run_cli(
+        ["camfleet", "simulate", "esp32", "--ack-timeout", "0.3", "--id-prefix", "B0B0B0"]
+        + ["--broker", f"{mosquitto.host}:{mosquitto.port}"],
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"mqtt://{mosquitto.host}:{mosquitto.port}" in result.stderr, result.stderr

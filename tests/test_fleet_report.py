@@ -115,3 +115,33 @@ def test_report_cli_prints_tables(fleet, run_cli, tmp_path):
     )
     assert "silent devices" in result.stdout and "CAM3" in result.stdout
     assert (tmp_path / "captures.parquet").exists()
+
+
+def test_report_names_devices_that_have_a_name(database_url):
+    """Lifelog and Visant ids are UUIDs: the report shows the device's name beside the
+    start of its id; a device without a name (or named by its id) keeps its id."""
+    now = datetime.now(UTC)
+    uuid = "3f9c2a1b-0000-4000-8000-000000000001"
+    conn = psycopg2.connect(database_url)
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            """INSERT INTO devices (device_id, kind, friendly_name) VALUES
+               (%s, 'lifelog', 'garden-cam'), ('ESP01', 'esp32', NULL),
+               ('ENTO-1', 'edge', 'ENTO-1')""",
+            [uuid],
+        )
+        for device in (uuid, "ESP01", "ENTO-1"):
+            cur.execute(
+                "INSERT INTO captures (device_id, device_capture_id, ingest_status)"
+                " VALUES (%s, 'a.jpg', 'stored')",
+                [device],
+            )
+        cur.execute(
+            "INSERT INTO device_errors (device_id, error_code, message) VALUES (%s, 2201, 'x')",
+            [uuid],
+        )
+    conn.close()
+    tables = fr.build_report(fr.read_rows(database_url, now - timedelta(days=1)), now)
+    assert set(tables["captures"]["device_id"]) == {"garden-cam (3f9c2a1b)", "ESP01", "ENTO-1"}
+    assert tables["errors"]["device_id"].to_list() == ["garden-cam (3f9c2a1b)"]
+    assert uuid not in str(tables["silent_devices"]["device_id"].to_list())

@@ -74,6 +74,9 @@ def test_demo_flow_runs_of_every_pipeline_show_completed_in_the_ui():
         if not k.startswith(("PREFECT_", "MQTT_", "CAMFLEET_")) and k != "DATABASE_URL"
     }
     env["CAMFLEET_DATA_DIR"] = str(work / "data")
+    # Not the machine's broker port, nor the user's Prefect profiles.
+    env["CAMFLEET_MQTT_PORT"] = str(free_port())
+    env["PREFECT_HOME"] = str(work / "prefect-home")
     up = subprocess.Popen(
         [
             sys.executable,

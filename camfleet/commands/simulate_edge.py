@@ -19,6 +19,9 @@ def simulate_edge(
         help="behave like deployed seed firmware (names only, no checksums)",
     ),
     lanes: int = typer.Option(1, help="batches in flight at once (camfleet device only)"),
+    pictures: bool = typer.Option(
+        False, "--pictures", help="real JPEGs showing serial and time (size is ignored)"
+    ),
 ) -> None:
     """Create images, then upload them through the signer the way a device does."""
     import os
@@ -41,7 +44,12 @@ def simulate_edge(
     cfg.buffer_dir.mkdir(parents=True, exist_ok=True)
     stamp = int(time.time())
     for i in range(files):
-        data = b"\xff\xd8" + os.urandom(max(0, size - 4)) + b"\xff\xd9"
+        if pictures:
+            from camfleet.simulators.pictures import picture
+
+            data = picture(serial, i)
+        else:
+            data = b"\xff\xd8" + os.urandom(max(0, size - 4)) + b"\xff\xd9"
         (cfg.repo_dir / f"sim_{stamp}_{i:04d}.jpg").write_bytes(data)
     t0 = time.perf_counter()
     if seed_firmware:

@@ -25,6 +25,9 @@ def simulate_esp32(
     clients: int = typer.Option(1, help="MQTT connections shared by the devices"),
     seed: int = typer.Option(0, help="random seed (image bytes, drops)"),
     json_out: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    pictures: bool = typer.Option(
+        False, "--pictures", help="real JPEGs showing device and time, uniquely named"
+    ),
 ) -> None:
     """Send images like an ESP32-CAM fleet: status, metadata, base64 chunks, NACK, ACK_OK."""
     from blocks.mqtt import MqttBroker
@@ -51,6 +54,7 @@ def simulate_esp32(
         clients=clients,
         id_prefix=id_prefix,
         seed=seed,
+        pictures=pictures,
     )
     fleet = Esp32Fleet(b, opts)
     r = run_with_progress(
@@ -78,6 +82,12 @@ def simulate_esp32(
         for k, v in summary.items():
             print(f"{k:>14}: {v}")
     if r.images_failed:
+        # Say where they went: the usual cause is a broker nobody ingests from.
+        typer.echo(
+            f"{r.images_failed} image(s) not acknowledged by mqtt://{b.host}:{b.port} "
+            "(is `camfleet up` or `camfleet assembler` running against this broker?)",
+            err=True,
+        )
         raise typer.Exit(1)
 
 

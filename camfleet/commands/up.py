@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
@@ -24,27 +25,68 @@ def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# What other terminals need to reach the stack (camfleet/stackfile.py); the server
+# secret stays in its own file (<data dir>/secret_key), which commands already read.
+SHARED_SETTINGS = (
+    "DATABASE_URL",
+    "STORAGE_URL",
+    "MQTT_HOST",
+    "MQTT_PORT",
+    "MQTT_TLS",
+    "MQTT_USERNAME",
+    "MQTT_PASSWORD",
+    "PREFECT_API_URL",
+    "CAMFLEET_API_HOST",
+    "CAMFLEET_API_PORT",
+    "CAMFLEET_PUBLIC_URL",
+)
+
+
 def up(
     demo: bool = typer.Option(False, help="Also run simulated devices of every kind."),
-    api_port: int = typer.Option(8000, help="Port of the device API."),
-    prefect_port: int = typer.Option(4200, help="Port of the local Prefect server/UI."),
+    api_port: int = typer.Option(
+        None, envvar="CAMFLEET_API_PORT", help="Port of the device API [default: 8000]."
+    ),
+    prefect_port: int = typer.Option(
+        4200, envvar="CAMFLEET_PREFECT_PORT", help="Port of the local Prefect server/UI."
+    ),
+    mqtt_port: int = typer.Option(
+        1883, envvar="CAMFLEET_MQTT_PORT", help="Port of the local MQTT broker."
+    ),
     check: bool = typer.Option(
         False, help="Bring up databases and broker, print the status, and exit."
     ),
 ) -> None:
     """Start everything: Prefect server, migrations, blocks, deployments, services."""
+    from camfleet import prefect_profile, stackfile
     from camfleet.settings import get_settings
     from camfleet.stack import LocalStack, StackError
     from camfleet.supervisor import Supervisor
     from deployments.automations import HEARTBEAT_S
 
     settings = get_settings()
-    stack = LocalStack(settings, prefect_port=prefect_port)
+    api_port = api_port or settings.api_port
+    stack = LocalStack(settings, prefect_port=prefect_port, mqtt_port=mqtt_port)
+    running = stackfile.read(stack.data_dir)
+    if running:
+        typer.secho(
+            f"camfleet up: already running for {stack.data_dir} (pid {running['pid']}); "
+            "stop it first, or set CAMFLEET_DATA_DIR for a second stack",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(2)
+    problems = stack.port_problems(prefect=not check, api_port=None if check else api_port)
+    if problems:
+        for line in problems:
+            typer.secho(f"camfleet up: {line}", fg="red", err=True)
+        raise typer.Exit(2)
     # Ctrl-C (even when started from a shell that ignores SIGINT in the background) and
     # SIGTERM both stop what was started, including while infrastructure starts.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     supervisor = Supervisor(settings.data_dir.resolve() / "logs")
+    profile_restore: list[str | None] = []
     try:
         try:
             stack.start(prefect=not check)
@@ -52,7 +94,12 @@ def up(
             typer.secho(f"camfleet up: {exc}", fg="red", err=True)
             raise typer.Exit(2) from None
         public_url = settings.public_url or f"http://{settings.api_host}:{api_port}"
-        env = {**stack.env, "CAMFLEET_PUBLIC_URL": public_url}
+        env = {
+            **stack.env,
+            "CAMFLEET_PUBLIC_URL": public_url,
+            "CAMFLEET_API_HOST": settings.api_host,
+            "CAMFLEET_API_PORT": str(api_port),
+        }
         # Flow runs send heartbeats, so the zombie automation can crash dead ones.
         if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" not in os.environ:
             env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(HEARTBEAT_S)
@@ -70,10 +117,33 @@ def up(
                 supervisor.start(name, argv, env)
             stack.lines.append(("device API", f"{public_url}  (docs: {public_url}/docs)"))
             stack.lines.append(("logs", str(supervisor.log_dir)))
+            try:
+                profile_restore.append(prefect_profile.activate(env["PREFECT_API_URL"]))
+            except (OSError, ValueError) as exc:  # e.g. a read-only home directory
+                typer.secho(
+                    f"camfleet up: could not activate the `camfleet` Prefect profile "
+                    f"({type(exc).__name__}); in other terminals export "
+                    f"PREFECT_API_URL={env['PREFECT_API_URL']}",
+                    fg="yellow",
+                    err=True,
+                )
+            stackfile.write(
+                stack.data_dir,
+                {
+                    **stackfile.process_identity(),
+                    "broker_pid": stack.broker_pid,
+                    "broker": "mqtt://{}:{}".format(
+                        env.get("MQTT_HOST", settings.mqtt_host),  # MQTT_HOST: the user's own
+                        env.get("MQTT_PORT", settings.mqtt_port),
+                    ),
+                    "env": {k: env[k] for k in SHARED_SETTINGS if k in env},
+                },
+            )
         _banner(stack, supervisor)
         if check:
             _print_status(stack.dsn)
             return
+        _next_steps(stack.data_dir)
         typer.echo("camfleet is up. Ctrl-C stops everything.")
         while True:
             for line in supervisor.poll():
@@ -82,9 +152,24 @@ def up(
     except KeyboardInterrupt:
         typer.echo("\nstopping...")
     finally:
+        stackfile.remove(stack.data_dir)
+        if profile_restore:
+            with contextlib.suppress(OSError, ValueError):
+                prefect_profile.restore(profile_restore[0])
         supervisor.stop_all()
         stack.stop()
         typer.echo("stopped.")
+
+
+def _next_steps(data_dir) -> None:
+    """What to run in another terminal: those commands find this stack unexported."""
+    here = os.path.abspath(".camfleet")
+    prefix = "" if str(data_dir) == here else f"CAMFLEET_DATA_DIR={data_dir} "
+    typer.echo("In another terminal (nothing to export; the `camfleet` Prefect profile is active):")
+    typer.echo("  .venv/bin/prefect deployment run 'fleet-report/fleet-report'")
+    typer.echo("  .venv/bin/prefect flow-run ls")
+    typer.echo(f"  {prefix}.venv/bin/camfleet simulate esp32 --devices 2")
+    typer.echo(f"  {prefix}.venv/bin/camfleet report")
 
 
 def _register_blocks(env: dict[str, str]) -> None:

@@ -10,6 +10,10 @@ defaults (20 in flight, 1000 queued per client). Persistence is on by default an
 every `autosave_interval` seconds and on graceful stop: a restart after stop() keeps
 QoS 1 sessions and their queued messages; after kill() only what the last autosave
 wrote survives.
+
+`camfleet up` passes `workdir=` (kept under its data directory), `password_file=` /
+`acl_file=` (camfleet/localbroker.py owns them) and `limits=` (packet size and queue
+limits that protect the services from a flooding device).
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ from ._tls import make_test_pki
 # One second between persistence saves: a kill() loses at most ~1 s of broker state,
 # which fault-injection tests can wait out; the save of a test-sized queue is cheap.
 DEFAULT_AUTOSAVE_INTERVAL_S = 1
+
+# Lifted for tests and benchmarks (0 = unlimited); `limits=` overrides any of them.
+UNLIMITED = {
+    "max_inflight_messages": "0",
+    "max_queued_messages": "0",
+    "max_queued_bytes": "0",
+}
 
 
 def find_mosquitto() -> str:
@@ -52,8 +63,15 @@ class MosquittoInstance(LocalService):
         persistence: bool = True,
         autosave_interval: int = DEFAULT_AUTOSAVE_INTERVAL_S,
         require_certificate: bool = True,
+        workdir: str | os.PathLike[str] | None = None,
+        password_file: Path | None = None,
+        acl_file: Path | None = None,
+        limits: dict[str, str] | None = None,
     ):
-        super().__init__(port=port)
+        super().__init__(port=port, workdir=workdir)
+        self.password_file = password_file
+        self.acl_file = acl_file
+        self.limits = {**UNLIMITED, **(limits or {})}
         self.binary = find_mosquitto()
         self.tls = tls
         self.persistence = persistence
@@ -91,15 +109,13 @@ class MosquittoInstance(LocalService):
             "log_type information",
             "connection_messages true",
             "log_timestamp true",
-            "max_inflight_messages 0",
-            "max_queued_messages 0",
-            "max_queued_bytes 0",
             "set_tcp_nodelay true",
         ]
+        lines += [f"{key} {value}" for key, value in self.limits.items()]
         if self._run_as is not None:
             lines.append(f"user {self._run_as.pw_name}")
         if self.persistence:
-            self.data_dir.mkdir()
+            self.data_dir.mkdir(exist_ok=True)
             lines += [
                 "persistence true",
                 f"persistence_location {self.data_dir}/",
@@ -107,7 +123,11 @@ class MosquittoInstance(LocalService):
             ]
         else:
             lines.append("persistence false")
-        if self.password is not None:
+        if self.password_file is not None:
+            lines += ["allow_anonymous false", f"password_file {self.password_file}"]
+            if self.acl_file is not None:
+                lines.append(f"acl_file {self.acl_file}")
+        elif self.password is not None:
             pw_file = self.workdir / "passwd"
             run_command(
                 ["mosquitto_passwd", "-b", "-c", pw_file, self.username, self.password],

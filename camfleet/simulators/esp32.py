@@ -30,6 +30,9 @@ class SimOptions:
     devices: int = 1
     images: int = 1
     image_bytes: int = IMAGE_BYTES
+    # Real JPEGs naming the device and time, under names unique across runs (demo);
+    # otherwise image_bytes of random payload named image_N.jpg (tests, benchmarks).
+    pictures: bool = False
     chunk_size: int = CHUNK_SIZE
     drop: float = 0.0
     duplicate: float = 0.0
@@ -122,8 +125,12 @@ class Esp32Fleet:
 
         pub(f"ESP32CAM/{dev}/status", {"device_id": dev, "status": "Alive", "pendingImg": o.images})
         for j in range(o.images):
-            data = fake_jpeg(o.image_bytes, rnd)
-            name = f"image_{j}.jpg"
+            if o.pictures:
+                from camfleet.simulators.pictures import picture, unique_name
+
+                data, name = picture(dev, j), unique_name(j)
+            else:
+                data, name = fake_jpeg(o.image_bytes, rnd), f"image_{j}.jpg"
             with self._lock:
                 self.result.sent[(dev, name)] = data
             total = (len(data) + o.chunk_size - 1) // o.chunk_size

@@ -12,6 +12,7 @@ import logging
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 import camfleet
 
@@ -58,7 +59,8 @@ ROUTER_MODULES = [
 def create_app(**state) -> FastAPI:
     from services.api.db import lifespan
 
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc serve Swagger UI/ReDoc from the package, not a CDN.
+    app = FastAPIOffline(
         lifespan=lifespan,  # the asyncpg pool on app.state.pool (services/api/db.py)
         title="camfleet device API",
         version=camfleet.__version__,
