@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import INPUTS, NO_CACHE, RUN_ID, TASK_SOURCE
 from prefect.runtime import flow_run
 
 from camfleet import db
@@ -42,7 +43,7 @@ def _dsn(database_block: str | None) -> str:
     return resolve.database_url(database_block)
 
 
-@task(name="claim-ingest-items", retries=3, retry_delay_seconds=[2, 10, 30])
+@task(name="claim-ingest-items", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
 def claim_items(run_id: str, database_block: str | None = None) -> list[dict]:
     import psycopg2.extras
 
@@ -62,16 +63,30 @@ def _verify_one(store, item: dict) -> dict:
     key = item["storage_path"]
     info = store.head(key)
     if info is None:
-        return {"record_id": item["record_id"], "ok": False, "reason": "object missing"}
+        return {
+            "record_id": item["record_id"],
+            "device_id": item.get("device_id"),
+            "ok": False,
+            "reason": "object missing",
+        }
     return {
         "record_id": item["record_id"],
+        "device_id": item.get("device_id"),
         "ok": True,
         "size": info.size,
         "sha256": info.sha256 or store.checksum(key),
     }
 
 
-@task(name="verify-objects", retries=3, retry_delay_seconds=[5, 30, 60])
+# Verifying reads storage only and depends on nothing but its items, so a retried run
+# (same run id: the UI's Retry) reuses the hashes it already computed; another run
+# never does, in case an object was replaced since.
+@task(
+    name="verify-objects",
+    retries=3,
+    retry_delay_seconds=[5, 30, 60],
+    cache_policy=INPUTS + TASK_SOURCE + RUN_ID,
+)
 def verify_objects(items: list[dict], storage_url: str | None = None) -> list[dict]:
     from camfleet.storage import open_store
 
@@ -80,7 +95,7 @@ def verify_objects(items: list[dict], storage_url: str | None = None) -> list[di
         return list(pool.map(lambda item: _verify_one(store, item), items))
 
 
-@task(name="record-verification", retries=3, retry_delay_seconds=[2, 10, 30])
+@task(name="record-verification", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
 def record_results(results: list[dict], database_block: str | None = None) -> dict:
     now = datetime.now(UTC).isoformat()
     with db.transaction(_dsn(database_block)) as conn:
@@ -93,11 +108,18 @@ def record_results(results: list[dict], database_block: str | None = None) -> di
                 ingest_status="stored" if r["ok"] else "failed",
                 patch={"processed_at": now, **({} if r["ok"] else {"error": r["reason"]})},
             )
+    from tasks.events import emit_per_device
+
+    for status, ok in (("stored", True), ("failed", False)):
+        pairs = [(r.get("device_id"), r["record_id"]) for r in results if r["ok"] is ok]
+        emit_per_device(f"camfleet.capture.{status}", pairs, {"path": "lifelog"})
     ok = sum(1 for r in results if r["ok"])
     return {"items": len(results), "verified": ok, "failed": len(results) - ok}
 
 
-@flow(name=DEPLOYMENT, log_prints=False)
+# Safe to re-run: its items stay tied to its run id until recorded, and recording is
+# an idempotent UPDATE.
+@flow(name=DEPLOYMENT, log_prints=False, retries=2, retry_delay_seconds=30, timeout_seconds=600)
 def lifelog_ingest_processing(
     window_start: str | None = None,
     storage_url: str | None = None,
