@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, NO_CACHE, RUN_ID, TASK_SOURCE
@@ -50,13 +51,44 @@ def claim_items(run_id: str, database_block: str | None = None) -> list[dict]:
     conn = db.connect(_dsn(database_block), cursor_factory=psycopg2.extras.RealDictCursor)
     try:
         with db.transaction(conn):
+            waiting = db.queries.recovery_lifelog_waiting_runs(
+                conn, flow_run_id=run_id, min_age_s=float(ORPHAN_MIN_AGE_S)
+            )
+        ended = ended_runs([r["flow_run_id"] for r in waiting])
+        with db.transaction(conn):
             db.queries.devices_ingest_adopt_orphans(
                 conn, flow_run_id=run_id, min_age_s=float(ORPHAN_MIN_AGE_S)
             )
+            if ended:
+                db.queries.recovery_lifelog_adopt_from_runs(
+                    conn, flow_run_id=run_id, ended_run_ids=ended
+                )
             rows = db.queries.devices_ingest_items_for_run(conn, flow_run_id=run_id)
         return [dict(r) for r in rows]
     finally:
         conn.close()
+
+
+def ended_runs(run_ids: list[str]) -> list[str]:
+    """The runs among `run_ids` that will never process their items: ended (completed,
+    failed for good, crashed, cancelled) or deleted. Their items are adopted, so a run
+    cancelled by a stop or killed with its machine loses nothing."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    ended = []
+    with get_client(sync_client=True) as client:
+        for run_id in run_ids:
+            try:
+                state = client.read_flow_run(UUID(run_id)).state
+            except ValueError:  # not a Prefect run id: not ours to judge
+                continue
+            except ObjectNotFound:  # deleted (pruned, or by hand)
+                ended.append(run_id)
+                continue
+            if state is None or state.is_final():
+                ended.append(run_id)
+    return ended
 
 
 def _verify_one(store, item: dict) -> dict:
