@@ -133,12 +133,12 @@ def _runner_class():
     return CamfleetRunner
 
 
-async def serve(defs: list[dict]) -> None:
+async def serve(defs: list[dict], deployments: list) -> None:
     from deployments.recovery import recover_interrupted_runs
 
     runner = _runner_class()(limit=runner_limit(defs), pause_on_shutdown=False)
     ids = {}
-    for definition, deployment in zip(defs, build(defs), strict=True):
+    for definition, deployment in zip(defs, deployments, strict=True):
         ids[await runner.aadd_deployment(deployment)] = definition
     summary = await recover_interrupted_runs(ids, resume_tag=RESUME_TAG)
     log.info("recovered after the previous stop: %s", summary)
@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         defs = [d for d in defs if d["name"] in wanted]
         if unknown := wanted - {d["name"] for d in defs}:
             raise SystemExit(f"not in prefect.yaml (or device-side): {', '.join(sorted(unknown))}")
-    asyncio.run(serve(defs))
+    deployments = build(defs)  # outside the loop: to_deployment is sync only there
+    asyncio.run(serve(defs, deployments))
     log.info("stopped")
 
 
