@@ -253,7 +253,7 @@ def build_report(raw: dict[str, pl.DataFrame], now: datetime) -> dict[str, pl.Da
 
 
 # Safe to re-run: it reads the database and rewrites its files and artifacts.
-@flow(name="fleet-report", log_prints=True, retries=1, retry_delay_seconds=30, timeout_seconds=1800)
+@flow(name="fleet-report", log_prints=True, retries=1, retry_delay_seconds=10, timeout_seconds=1800)
 def fleet_report(
     days: int = 7, out_dir: str | None = None, database_block: str | None = None
 ) -> dict[str, int]:
