@@ -205,3 +205,51 @@ def _far_future():
     from datetime import UTC, datetime, timedelta
 
     return datetime.now(UTC) + timedelta(days=1)
+
+
+def test_missed_routine_runs_are_dropped_not_replayed(prefect_api_url):
+    """Fast: the recovery alone, on runs the server's scheduler made for the past hour."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+
+    from deployments.recovery import recover_interrupted_runs
+    from flows.maintenance import prune_flow_runs
+    from flows.triggers import expire_triggers
+
+    every_minute = {"name": "routine", "schedules": [{"interval": 60}]}
+    daily = {"name": "daily", "schedules": [{"cron": "0 * * * *"}]}
+    routine_id = expire_triggers.to_deployment(name="missed-routine", interval=60).apply()
+    daily_id = prune_flow_runs.to_deployment(name="missed-daily", cron="0 * * * *").apply()
+    start = datetime.now(UTC) - timedelta(hours=1)
+
+    async def backfill(client):
+        for deployment_id in (routine_id, daily_id):
+            response = await client._client.post(
+                f"/deployments/{deployment_id}/schedule",
+                json={"start_time": start.isoformat(), "end_time": datetime.now(UTC).isoformat()},
+            )
+            response.raise_for_status()
+        return await recover_interrupted_runs(
+            {routine_id: every_minute, daily_id: daily}, "resume-after-restart", client
+        )
+
+    counts = _client_call(backfill)
+    assert counts["missed_deleted"] >= 55  # an hour of every-minute runs
+
+    async def left(client):
+        runs = await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=[routine_id, daily_id])
+            )
+        )
+        late = datetime.now(UTC) - timedelta(minutes=1)
+        return {
+            deployment_id: sum(
+                1 for r in runs if r.deployment_id == deployment_id and r.expected_start_time < late
+            )
+            for deployment_id in (routine_id, daily_id)
+        }
+
+    remaining = _client_call(left)
+    assert remaining[routine_id] == 0 and remaining[daily_id] >= 1  # the cron one runs
