@@ -90,7 +90,12 @@ def read_rows(dsn: str, since: datetime) -> dict[str, pl.DataFrame]:
 # NO_CACHE on every task here: the rows change between calls, and the others write files
 # and artifacts that a retried run must write again.
 load_rows = task(
-    read_rows, name="load-rows", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE
+    read_rows,
+    name="load-rows",
+    retries=3,
+    retry_delay_seconds=[1, 5, 15],
+    cache_policy=NO_CACHE,
+    persist_result=False,  # raw rows of a week: the report's files keep what matters
 )
 
 

@@ -44,7 +44,13 @@ def _dsn(database_block: str | None) -> str:
     return resolve.database_url(database_block)
 
 
-@task(name="claim-ingest-items", retries=3, retry_delay_seconds=[2, 10, 30], cache_policy=NO_CACHE)
+@task(
+    name="claim-ingest-items",
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    cache_policy=NO_CACHE,
+    persist_result=False,  # the item list is re-read on every attempt anyway
+)
 def claim_items(run_id: str, database_block: str | None = None) -> list[dict]:
     import psycopg2.extras
 

@@ -3,7 +3,8 @@
 The recorder alone can create tens of thousands of flow runs a day; kept for ever they
 slow the UI and the server's queries. `prune-flow-runs` (daily, prefect.yaml) deletes
 runs that ended more than CAMFLEET_FLOW_RUN_RETENTION_DAYS days ago (default 14),
-with their task runs, logs and states (the server cascades). Runs that have not ended
+with their task runs, logs and states (the server cascades), and persisted result
+files as old from the local result directory. Runs that have not ended
 (scheduled, running, paused) are never touched, whatever their age.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from prefect import flow, get_client, get_run_logger
 
@@ -56,6 +58,28 @@ async def prune_before(cutoff: datetime, max_deletes: int = DEFAULT_MAX_DELETES)
     return deleted
 
 
+def prune_local_results(cutoff: datetime, root: Path | None = None) -> int:
+    """Delete persisted result files older than `cutoff` from the local result directory
+    (deployments/results.py); a result storage block keeps its own lifecycle rules."""
+    if root is None:
+        from prefect.settings import get_current_settings
+
+        results = get_current_settings().results
+        if results.default_storage_block:
+            return 0
+        root = Path(results.local_storage_path)
+    if not root.is_dir():
+        return 0
+    deleted = 0
+    limit = cutoff.timestamp()
+    for path in root.rglob("*"):
+        # lstat: a symlink planted in the directory is judged (and removed) itself
+        if path.is_file() and not path.is_symlink() and path.lstat().st_mtime < limit:
+            path.unlink(missing_ok=True)
+            deleted += 1
+    return deleted
+
+
 @flow(name="prune-flow-runs", retries=1, retry_delay_seconds=60, timeout_seconds=3600)
 async def prune_flow_runs(
     retention_days_override: int | None = None, max_deletes: int = DEFAULT_MAX_DELETES
@@ -64,5 +88,13 @@ async def prune_flow_runs(
     days = retention_days(retention_days_override)
     cutoff = datetime.now(UTC) - timedelta(days=days)
     deleted = await prune_before(cutoff, max_deletes)
-    get_run_logger().info("deleted %d flow runs that ended before %s", deleted, cutoff)
-    return {"retention_days": days, "cutoff": cutoff.isoformat(), "deleted": deleted}
+    results = prune_local_results(cutoff)
+    get_run_logger().info(
+        "deleted %d flow runs and %d result files older than %s", deleted, results, cutoff
+    )
+    return {
+        "retention_days": days,
+        "cutoff": cutoff.isoformat(),
+        "deleted": deleted,
+        "result_files_deleted": results,
+    }

@@ -112,7 +112,14 @@ def fail_trigger(dsn: str, trigger_id: str, reason: str) -> None:
 # (same inputs in a retried run) would reuse an old trigger or skip a sweep.
 
 
-@task(name="plan-trigger-window", retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
+# persist_result=False: thousands of planned slots a minute are not worth keeping.
+@task(
+    name="plan-trigger-window",
+    retries=3,
+    retry_delay_seconds=5,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def plan_window_task(dsn: str, start: datetime, end: datetime) -> tuple[list, dict[str, str]]:
     return plan_window(dsn, start, end)
 

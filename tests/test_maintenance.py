@@ -83,3 +83,19 @@ def test_prune_deletes_only_runs_that_ended_before_the_cutoff(prefect_api_url, m
     monkeypatch.setenv(RETENTION_ENV, "7")
     summary = asyncio.run(prune_flow_runs())  # the flow: retention from the environment
     assert summary["retention_days"] == 7 and summary["deleted"] == 0
+
+
+def test_old_result_files_are_deleted(tmp_path):
+    import os
+
+    from flows.maintenance import prune_local_results
+
+    old, new = tmp_path / "old-result", tmp_path / "sub" / "new-result"
+    new.parent.mkdir()
+    for path in (old, new):
+        path.write_bytes(b"{}")
+    ten_days_ago = (datetime.now(UTC) - timedelta(days=10)).timestamp()
+    os.utime(old, (ten_days_ago, ten_days_ago))
+    assert prune_local_results(datetime.now(UTC) - timedelta(days=7), tmp_path) == 1
+    assert not old.exists() and new.exists()
+    assert prune_local_results(datetime.now(UTC), tmp_path / "missing") == 0
