@@ -17,6 +17,7 @@ import json
 from collections import Counter
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from camfleet import db, resolve
 
@@ -31,9 +32,16 @@ MAX_SCORED_BYTES = 32 * 1024 * 1024
 
 
 def evaluate_batch(
-    dsn: str, store, limit: int = DEFAULT_BATCH_SIZE, record_ids: list[str] | None = None
+    dsn: str,
+    store,
+    limit: int = DEFAULT_BATCH_SIZE,
+    record_ids: list[str] | None = None,
+    failed: list[tuple[str, str]] | None = None,
 ) -> Counter:
-    """Score one batch of pending captures; returns counts of verdicts and statuses."""
+    """Score one batch of pending captures; returns counts of verdicts and statuses.
+
+    failed: when given, gets (device_id, record_id) of every capture that failed.
+    """
     from tasks.images import score_image
 
     counts: Counter = Counter()
@@ -43,7 +51,7 @@ def evaluate_batch(
         else:
             rows = list(db.queries.eval_captures_by_ids(conn, record_ids=record_ids))
         ids, statuses, results = [], [], []
-        for record_id, _device_id, storage_path, _content_type in rows:
+        for record_id, device_id, storage_path, _content_type in rows:
             try:
                 info = store.head(storage_path)
                 if info is None:
@@ -58,6 +66,8 @@ def evaluate_batch(
             statuses.append(status)
             results.append(json.dumps(result))
             counts[status] += 1
+            if failed is not None and status == "failed":
+                failed.append((device_id, record_id))
             counts["verdict:" + result["verdict"]] += 1
         if ids:
             db.queries.eval_save_results(conn, record_ids=ids, statuses=statuses, results=results)
@@ -65,16 +75,22 @@ def evaluate_batch(
     return counts
 
 
-@task(name="evaluate-capture-batch", retries=2, retry_delay_seconds=5)
+# NO_CACHE: every call takes the next pending batch; a cached result would skip it.
+@task(name="evaluate-capture-batch", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def evaluate_batch_task(
     dsn: str, storage_url: str | None, limit: int, record_ids: list[str] | None = None
 ) -> dict:
     from camfleet.storage import open_store
+    from tasks.events import emit_per_device
 
-    return dict(evaluate_batch(dsn, open_store(storage_url), limit, record_ids))
+    failed: list[tuple[str, str]] = []
+    counts = evaluate_batch(dsn, open_store(storage_url), limit, record_ids, failed)
+    emit_per_device("camfleet.capture.evaluation-failed", failed)  # after the commit
+    return dict(counts)
 
 
-@flow(name="evaluate-captures")
+# Safe to re-run: it only takes captures still pending, locked while scored.
+@flow(name="evaluate-captures", retries=1, retry_delay_seconds=10, timeout_seconds=900)
 def evaluate_captures(
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_batches: int = DEFAULT_MAX_BATCHES,

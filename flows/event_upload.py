@@ -156,12 +156,23 @@ async def event_upload(
     summary = await publish_summary(ledger, time.monotonic() - started)
 
     failed = summary["counts"].get(phases.FAILED, 0)
+    _emit_upload_events(summary["counts"])
     if failed:
         raise EventsNotUploaded(
             f"{failed} event(s) not uploaded in this run (left in place for the next run); "
             "see the event-upload-events artifact"
         )
     return summary
+
+
+def _emit_upload_events(counts: dict[str, int]) -> None:
+    """camfleet.event-upload.uploaded / .failed for this host, with the run's counts."""
+    from tasks.events import emit_for_host
+
+    if counts.get(phases.UPLOADED, 0):
+        emit_for_host("camfleet.event-upload.uploaded", dict(counts))
+    if counts.get(phases.FAILED, 0):
+        emit_for_host("camfleet.event-upload.failed", dict(counts))
 
 
 async def load_blocks(config: UploaderConfig) -> None:

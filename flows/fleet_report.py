@@ -13,6 +13,7 @@ from pathlib import Path
 import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from camfleet import db, resolve
 
@@ -86,7 +87,16 @@ def read_rows(dsn: str, since: datetime) -> dict[str, pl.DataFrame]:
         }
 
 
-load_rows = task(read_rows, name="load-rows", retries=3, retry_delay_seconds=[1, 5, 15])
+# NO_CACHE on every task here: the rows change between calls, and the others write files
+# and artifacts that a retried run must write again.
+load_rows = task(
+    read_rows,
+    name="load-rows",
+    retries=3,
+    retry_delay_seconds=[1, 5, 15],
+    cache_policy=NO_CACHE,
+    persist_result=False,  # raw rows of a week: the report's files keep what matters
+)
 
 
 def summarise_captures(captures: pl.DataFrame) -> pl.DataFrame:
@@ -162,7 +172,7 @@ def silent_devices(devices: pl.DataFrame, now: datetime) -> pl.DataFrame:
     )
 
 
-@task
+@task(cache_policy=NO_CACHE)
 def captures_per_hour_chart(captures: pl.DataFrame, path: Path) -> Path | None:
     """A PNG line chart of captures per hour, one line per device (busiest 12)."""
     if captures.is_empty():
@@ -196,7 +206,7 @@ def captures_per_hour_chart(captures: pl.DataFrame, path: Path) -> Path | None:
     return path
 
 
-@task
+@task(cache_policy=NO_CACHE)
 def write_files(tables: dict[str, pl.DataFrame], out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -208,7 +218,7 @@ def write_files(tables: dict[str, pl.DataFrame], out_dir: Path) -> list[Path]:
     return written
 
 
-@task
+@task(cache_policy=NO_CACHE)
 def publish_artifacts(tables: dict[str, pl.DataFrame], out_dir: Path, chart: Path | None) -> None:
     for name, frame in tables.items():
         rows = frame.head(500).with_columns(pl.all().cast(pl.Utf8)).to_dicts()
@@ -247,7 +257,8 @@ def build_report(raw: dict[str, pl.DataFrame], now: datetime) -> dict[str, pl.Da
     }
 
 
-@flow(name="fleet-report", log_prints=True)
+# Safe to re-run: it reads the database and rewrites its files and artifacts.
+@flow(name="fleet-report", log_prints=True, retries=1, retry_delay_seconds=10, timeout_seconds=1800)
 def fleet_report(
     days: int = 7, out_dir: str | None = None, database_block: str | None = None
 ) -> dict[str, int]:
@@ -257,12 +268,20 @@ def fleet_report(
     dsn = resolve.database_url(database_block)
     raw = load_rows(dsn, now - timedelta(days=days))
     tables = build_report(raw, now)
+    _emit_silent_devices(tables["silent_devices"])
     target = Path(out_dir) if out_dir else _default_out_dir(now)
     write_files(tables, target)
     chart = captures_per_hour_chart(raw["captures"], target / "captures_per_hour.png")
     publish_artifacts(tables, target, chart)
     logger.info("fleet report written to %s", target)
     return {name: frame.height for name, frame in tables.items()}
+
+
+def _emit_silent_devices(silent: pl.DataFrame) -> None:
+    from tasks.events import emit_per_device
+
+    pairs = [(d, d) for d in silent["device_id"].to_list()]
+    emit_per_device("camfleet.device.silent", pairs, {"source": "fleet-report"})
 
 
 def _default_out_dir(now: datetime) -> Path:

@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from camfleet import resolve
@@ -42,7 +43,14 @@ class TriggerNotExecuted(RuntimeError):
     """The device did not execute the trigger in time (the flow run fails with it)."""
 
 
-@flow(name="trigger-scheduler", log_prints=False)
+# Safe to re-run: slots are unique per device, so a repeated window adds nothing twice.
+@flow(
+    name="trigger-scheduler",
+    log_prints=False,
+    retries=1,
+    retry_delay_seconds=5,
+    timeout_seconds=120,
+)
 def trigger_scheduler(
     window_seconds: int = DEFAULT_WINDOW_SECONDS, database_block: str | None = None
 ) -> dict:
@@ -76,7 +84,7 @@ def trigger_scheduler(
     return summary
 
 
-@task(name="wait-for-trigger-execution")
+@task(name="wait-for-trigger-execution", cache_policy=NO_CACHE)
 def wait_for_execution(dsn: str, trigger_id: str, timeout_seconds: float) -> dict:
     deadline = time.monotonic() + timeout_seconds
     while True:
@@ -86,6 +94,8 @@ def wait_for_execution(dsn: str, trigger_id: str, timeout_seconds: float) -> dic
         time.sleep(MANUAL_POLL_SECONDS)
 
 
+# No flow retries: a retry would be a second capture at another time, which the user
+# asks for with a new run (the UI's Retry of a failed run does make a new trigger).
 @flow(name="manual-trigger")
 def manual_trigger(
     device_id: str,
@@ -108,7 +118,7 @@ def manual_trigger(
     return {"trigger_id": trigger_id, "status": state["status"], "capture_id": state["capture_id"]}
 
 
-@flow(name="expire-triggers")
+@flow(name="expire-triggers", retries=1, retry_delay_seconds=5, timeout_seconds=120)
 def expire_triggers(
     execution_timeout_seconds: float = core.EXECUTION_TIMEOUT_SECONDS,
     database_block: str | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from camfleet import db
 from camfleet.protocol import triggers as core
@@ -70,8 +71,8 @@ def create_manual(
         return row[0]
 
 
-def sweep(dsn: str, execution_timeout: float = core.EXECUTION_TIMEOUT_SECONDS) -> dict:
-    """End open triggers whose time is up: pending -> expired, sent -> failed."""
+def sweep_rows(dsn: str, execution_timeout: float = core.EXECUTION_TIMEOUT_SECONDS) -> dict:
+    """End open triggers whose time is up; (trigger_id, device_id) pairs per outcome."""
     reason = f"not executed within {int(execution_timeout)} s of being sent"
     with db.transaction(dsn) as conn:
         expired = list(db.queries.triggers_expire_due(conn))
@@ -80,7 +81,13 @@ def sweep(dsn: str, execution_timeout: float = core.EXECUTION_TIMEOUT_SECONDS) -
                 conn, reason=reason, timeout_seconds=execution_timeout
             )
         )
-    return {"expired": [r[0] for r in expired], "failed": [r[0] for r in failed]}
+    return {"expired": [(r[0], r[1]) for r in expired], "failed": [(r[0], r[1]) for r in failed]}
+
+
+def sweep(dsn: str, execution_timeout: float = core.EXECUTION_TIMEOUT_SECONDS) -> dict:
+    """End open triggers whose time is up: pending -> expired, sent -> failed."""
+    rows = sweep_rows(dsn, execution_timeout)
+    return {outcome: [trigger for trigger, _ in pairs] for outcome, pairs in rows.items()}
 
 
 def trigger_state(dsn: str, trigger_id: str) -> dict | None:
@@ -101,25 +108,39 @@ def fail_trigger(dsn: str, trigger_id: str, reason: str) -> None:
 
 
 # --- Prefect tasks --------------------------------------------------------------------
+# NO_CACHE on all: each call reads or writes the current trigger rows; a cached result
+# (same inputs in a retried run) would reuse an old trigger or skip a sweep.
 
 
-@task(name="plan-trigger-window", retries=3, retry_delay_seconds=5)
+# persist_result=False: thousands of planned slots a minute are not worth keeping.
+@task(
+    name="plan-trigger-window",
+    retries=3,
+    retry_delay_seconds=5,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 def plan_window_task(dsn: str, start: datetime, end: datetime) -> tuple[list, dict[str, str]]:
     return plan_window(dsn, start, end)
 
 
-@task(name="dispatch-trigger-batch", retries=3, retry_delay_seconds=5)
+@task(name="dispatch-trigger-batch", retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def dispatch_batch_task(dsn: str, planned: list, flow_run_id: str | None = None) -> int:
     return insert_planned(dsn, planned, flow_run_id)
 
 
-@task(name="create-manual-trigger", retries=3, retry_delay_seconds=2)
+@task(name="create-manual-trigger", retries=3, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def create_manual_task(
     dsn: str, device_id: str, ttl_seconds: float, label: str, flow_run_id: str | None
 ) -> str:
     return create_manual(dsn, device_id, ttl_seconds, label, flow_run_id)
 
 
-@task(name="sweep-expired-triggers", retries=3, retry_delay_seconds=5)
+@task(name="sweep-expired-triggers", retries=3, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def sweep_task(dsn: str, execution_timeout: float = core.EXECUTION_TIMEOUT_SECONDS) -> dict:
-    return sweep(dsn, execution_timeout)
+    from tasks.events import emit_per_device
+
+    rows = sweep_rows(dsn, execution_timeout)
+    for outcome, pairs in rows.items():  # one event per device: automations in the UI
+        emit_per_device(f"camfleet.trigger.{outcome}", ((d, t) for t, d in pairs))
+    return {outcome: [trigger for trigger, _ in pairs] for outcome, pairs in rows.items()}
