@@ -24,8 +24,8 @@ from camfleet.uploader.config import UploaderConfig
 from camfleet.uploader.jobs import Job, ScanResult
 from camfleet.uploader.phases import Ledger, Phase
 from camfleet.uploader.scan import finish_reconcile, scan_pending
-from tasks.database import EventSession
-from tasks.sftp import SftpConnection
+from camfleet.uploader.session import EventSession
+from camfleet.uploader.sftp import SftpConnection
 
 log = logging.getLogger("camfleet.uploader")
 
