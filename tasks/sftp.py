@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from camfleet.uploader import phases
-from camfleet.uploader.sftp import SftpConnection
+from camfleet.uploader.sftp import REFUSALS, SftpConnection
 
 __all__ = ["SftpConnection", "upload_lane"]
 
@@ -24,10 +24,17 @@ SFTP_RETRIES = 3
 SFTP_RETRY_DELAYS = exponential_backoff(backoff_factor=2)
 
 
+def retry_unless_refused(task, task_run, state) -> bool:
+    """No retry after a refused host key or client key: the connection remembers the
+    refusal and would only raise it again, after 14 s of backoff."""
+    return not isinstance(getattr(state, "data", None), REFUSALS)
+
+
 @task(
     name="upload over sftp",
     retries=SFTP_RETRIES,
     retry_delay_seconds=SFTP_RETRY_DELAYS,
+    retry_condition_fn=retry_unless_refused,
     cache_policy=NO_CACHE,
 )
 def upload_lane(connection: SftpConnection, jobs, pending_dir, ledger, holds=None):

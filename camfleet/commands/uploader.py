@@ -145,12 +145,17 @@ def save_blocks(
     overwrite: bool = typer.Option(True, help="Replace blocks of the same name."),
 ) -> None:
     """Save the config's `sftp` and `database` sections as Prefect blocks."""
+    from blocks.postgres import PostgresDatabase
+    from blocks.sftp import SftpServer
+
     cfg = _config(config, None, None)
+    # The config's sections are plain models (camfleet.targets); the blocks have the
+    # same fields, so each section becomes its block as it is.
     if cfg.sftp is not None:
-        cfg.sftp.save(name, overwrite=overwrite)
+        SftpServer(**dict(cfg.sftp)).save(name, overwrite=overwrite)
         typer.echo(f"saved camfleet-sftp-server/{name} ({cfg.sftp.describe()})")
     if cfg.database is not None:
-        cfg.database.save(name, overwrite=overwrite)
+        PostgresDatabase(**dict(cfg.database)).save(name, overwrite=overwrite)
         typer.echo(f"saved camfleet-postgres/{name} ({cfg.database.describe()})")
     typer.echo(f"use them with --sftp-block {name} --database-block {name}")
 

@@ -85,6 +85,20 @@ class HostKeyRejected(paramiko.SSHException):
     """The server presented a host key we were not told to trust."""
 
 
+# Answers no retry within a run can change: the server's host key is not the one we
+# trust, or it does not accept our key. A connection remembers the first one and raises
+# it again without dialling, so a run with 20 pending events makes one attempt, not 20.
+REFUSALS = (HostKeyRejected, paramiko.AuthenticationException)
+
+
+def _again(refusal: Exception) -> Exception:
+    """A fresh copy of a remembered refusal (same type and message)."""
+    try:
+        return type(refusal)(*refusal.args)
+    except Exception:
+        return HostKeyRejected(str(refusal))
+
+
 class RemoteSizeMismatch(OSError):
     """The remote file does not have the size we sent: never renamed into place."""
 
@@ -174,6 +188,8 @@ class SftpConnection:
         self._transport: paramiko.Transport | None = None
         self._lock = threading.Lock()
         self._dirs_checked: set[str] = set()
+        # The first refusal (REFUSALS) of this run; forget_refusal() before the next run.
+        self.refused: Exception | None = None
 
     def describe(self) -> str:
         return f"sftp://{self.target.username}@{self.target.host}:{self.target.port}"
@@ -187,10 +203,21 @@ class SftpConnection:
         with self._lock:
             if self.alive:
                 return self
+            if self.refused is not None:
+                raise _again(self.refused)
             self._close_transport()
-            self._transport = self._open_transport()
+            try:
+                self._transport = self._open_transport()
+            except REFUSALS as exc:
+                self.refused = exc
+                raise
             self._dirs_checked.clear()
             return self
+
+    def forget_refusal(self) -> None:
+        """A new run dials again: the operator may have fixed known_hosts meanwhile."""
+        with self._lock:
+            self.refused = None
 
     def _open_transport(self) -> paramiko.Transport:
         t = self.target
