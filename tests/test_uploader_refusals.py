@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
@@ -116,3 +117,40 @@ def test_an_event_without_an_id_in_its_json_is_uploaded_by_its_file_name(sshd, d
     remote = Path(cfg["sftp"]["remote_json_dir"]) / f"{name}.json"
     assert json.loads(remote.read_text()) == {"species": "fox", "score": 0.9}  # as written
     assert (Path(cfg["uploaded_dir"]) / f"{name}.mp4").exists()
+
+
+def test_the_flow_does_not_retry_a_refused_host_key(
+    prefect_api_url, sshd, database_url, base, dials
+):
+    """The flow's SFTP lanes retry a lost connection with backoff, but not a refusal:
+    one attempt for the whole run, however many lanes and retries."""
+    from flows.event_upload import event_upload
+
+    config = local_config(sshd, database_url, base, concurrency=2)
+    (base / "empty_known_hosts").write_text("")
+    config["uploader"]["sftp"]["known_hosts_path"] = str(base / "empty_known_hosts")
+    path = base / "config.json"
+    path.write_text(json.dumps(config))
+    ids = write_events(config["uploader"]["pending_dir"], 6, video_bytes=1_000, prefix="fl-")
+
+    state = asyncio.run(
+        event_upload(str(path), task_retries=3, retry_delay_seconds=30, return_state=True)
+    )
+
+    assert not state.is_completed()  # events failed: the run says so
+    assert len(dials) == 1
+    # Each lane's task ran once: no retry (and none of its 30 s delays) after the refusal.
+    lanes = asyncio.run(task_runs(state.state_details.flow_run_id, "upload over sftp"))
+    assert [(r.run_count, r.state.name) for r in lanes] == [(1, "Failed")] * 2
+    assert len(list(Path(config["uploader"]["pending_dir"]).iterdir())) == 2 * len(ids)
+
+
+async def task_runs(flow_run_id, name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return [r for r in runs if r.name.startswith(name)]
