@@ -247,3 +247,40 @@ def test_edge_run_reports_to_the_configured_server(
     (flow_run,) = asyncio.run(runs_of_this_device())
     assert flow_run.state.is_completed()
     assert processes_with(marker) == []
+
+
+@pytest.mark.slow  # waits for the 1-minute load average to climb to 8 (a minute or two)
+def test_edge_run_with_no_server_works_on_a_machine_loaded_to_8(
+    tmp_path,
+    signer,  # noqa: F811
+    mosquitto,
+    database_url,
+):
+    """What timed out with the temporary server on a busy machine: the same run under a
+    load average of at least 8 (busy loops at the lowest priority beside the test)."""
+    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
+    conf = seed_conf(tmp_path, serial, mosquitto, PORT=mosquitto.port, TLS=False)
+    shas = write_images(tmp_path / "cameraImageRepo", 6)
+    spin = "import os\nos.nice(19)\nwhile True: pass"
+    busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(8)]
+    try:
+        deadline = time.monotonic() + 600
+        while os.getloadavg()[0] < 8:
+            assert time.monotonic() < deadline, f"load stayed at {os.getloadavg()[0]:.1f}"
+            time.sleep(1)
+        marker = uuid.uuid4().hex
+        out = run(
+            CLI + ["edge", "run", "--config", conf, "--min-age", "0"],
+            no_server_env(tmp_path, marker),
+            tmp_path,
+            timeout=600,
+        )
+        load = os.getloadavg()[0]
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "6/6 files verified and deleted" in out.stdout, f"load {load:.1f}"
+    assert set(captures(database_url, serial)) == set(shas)
+    assert processes_with(marker) == []
