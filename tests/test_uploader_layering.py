@@ -73,7 +73,6 @@ def test_building_an_uploader_from_a_seed_config_loads_no_prefect(tmp_path):
         "from camfleet.uploader import DataUploader, UploaderConfig\n"
         f"up = DataUploader(UploaderConfig.from_file({str(config)!r}))\n"
         "assert up.config.database.dsn().startswith('postgresql://')\n"
-        "up.run_once.__name__\n"
     )
     assert loaded_upper_layers(code) == []
 

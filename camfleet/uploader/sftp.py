@@ -8,10 +8,12 @@
   and only then renamed into place (`posix-rename@openssh.com`, atomic, replaces an
   older copy). A reader never sees a half-written file under the final name; a
   crashed attempt leaves only the hidden temporary name, which the next attempt
-  overwrites (one writer per event at a time: camfleet/uploader/session.py holds its lock, and
-  an uploader asks whether it still holds it right before each rename, since a run
-  whose database session died mid-transfer may share the temporary name with the
-  event's next owner).
+  overwrites (one writer per event at a time: camfleet/uploader/session.py holds its
+  lock, and an uploader asks whether it still holds it right before each rename, since
+  a run whose database session died mid-transfer may share the temporary name with
+  the event's next owner).
+- **Refusals**: a refused host key or client key is remembered for the run (REFUSALS)
+  and raised again without dialling; the next run tries once more.
 - **Throughput**: one SSH connection per run, shared by every lane (one SFTP channel
   per lane); TCP_NODELAY; AES-GCM first; pipelined writes in large requests.
 
