@@ -81,7 +81,7 @@ def openssh_put(sshd: SshdInstance, local: Path, remote: str) -> float:
 
 def camfleet_put(sshd: SshdInstance, local: Path, remote: str, chunk: int | None = None) -> float:
     """Seconds for camfleet's SFTP path (connection setup included, like `sftp`)."""
-    from tasks.sftp import WRITE_CHUNK, SftpConnection, upload_file
+    from camfleet.uploader.sftp import WRITE_CHUNK, SftpConnection, upload_file
 
     start = time.perf_counter()
     with SftpConnection(target(sshd)) as conn:

@@ -29,10 +29,10 @@ from pathlib import Path
 import psutil
 import psycopg2
 
+from camfleet.uploader.session import LOCK_NAMESPACE
+from camfleet.uploader.sftp import TEMP_PREFIX, TEMP_SUFFIX
 from camfleet.uploader.simulate import write_event
 from deployments.automations import CRASH_MESSAGE, HEARTBEAT_S, ZOMBIE_AFTER_S  # noqa: F401
-from tasks.database import LOCK_NAMESPACE
-from tasks.sftp import TEMP_PREFIX, TEMP_SUFFIX
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -439,8 +439,8 @@ RACE_VIDEO_BYTES = 4 * 1024 * 1024
 
 def test_an_uploader_that_lost_its_lock_never_renames_a_partial_file_into_place(sshd, tmp_path):
     from blocks.sftp import SftpServer
-    from tasks.database import LockLost
-    from tasks.sftp import SftpConnection, ensure_remote_dir, temp_path, upload_file
+    from camfleet.uploader.session import LockLost
+    from camfleet.uploader.sftp import SftpConnection, ensure_remote_dir, temp_path, upload_file
 
     local = tmp_path / "ev.mp4"
     data = os.urandom(RACE_VIDEO_BYTES)

@@ -57,7 +57,6 @@ def event_row(dsn: str, event_id: str):
     "name, json_bytes, video, reason",
     [
         ("garbled", b'{"eventId": "garbled", ', b"v" * 100, "JSON does not parse"),
-        ("noid", b'{"species": "fox"}', b"v" * 100, "lacks the event id"),
         ("liar", b'{"eventId": "../../etc/passwd"}', b"v" * 100, "does not match the file name"),
         ("listjson", b"[]", b"v" * 100, "must be an object"),
         ("emptyvideo", b'{"eventId": "emptyvideo"}', b"", "video file is empty"),

@@ -20,9 +20,9 @@ import pytest
 from camfleet import db
 from camfleet.localsvc import PostgresInstance, SshdInstance
 from camfleet.uploader import DataUploader
+from camfleet.uploader.session import EventSession
+from camfleet.uploader.sftp import temp_path
 from camfleet.uploader.simulate import local_config, write_event, write_events
-from tasks.database import EventSession
-from tasks.sftp import temp_path
 
 
 @pytest.fixture
@@ -267,11 +267,11 @@ def test_a_run_whose_session_died_mid_upload_renames_nothing_into_place(
 ):
     """Its advisory lock died with the session, so the event may be another run's now
     (which writes the same temporary name): the first run must not rename its copy."""
-    import tasks.sftp
+    import camfleet.uploader.sftp
 
     cfg = local_config(sshd, database_url, base, concurrency=1)["uploader"]
     ids = write_events(cfg["pending_dir"], 1, video_bytes=200_000)
-    real_upload = tasks.sftp.upload_file
+    real_upload = camfleet.uploader.sftp.upload_file
 
     def session_dies_during_transfer(client, local, final, **kw):
         def progress(sent):

@@ -66,7 +66,7 @@ def test_flow_uploads_every_event_and_publishes_artifacts(
 ):
     config_path, cfg = write_config(base, sshd, database_url)
     ids = write_events(cfg["pending_dir"], 12, video_bytes=30_000)
-    write_event(cfg["pending_dir"], "broken", metadata={"no": "id"})
+    write_event(cfg["pending_dir"], "broken", metadata={"eventId": "not-broken"})
 
     state = run_flow(config_path)
 
@@ -87,7 +87,7 @@ def test_flow_uploads_every_event_and_publishes_artifacts(
         ("completed", str(videos / f"{i}.mp4"), str(jsons / f"{i}.json"), 1) for i in ids
     } and len(table) == 13
     reason = (Path(cfg["failed_dir"]) / "broken.json.reason.txt").read_text()
-    assert "lacks the event id" in reason
+    assert "does not match the file name" in reason
 
     found = artifacts(state.state_details.flow_run_id)
     assert {"event-upload-summary", "event-upload-events", "event-upload-progress"} <= set(found)

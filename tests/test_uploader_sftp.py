@@ -15,7 +15,7 @@ import paramiko
 import pytest
 
 from camfleet.localsvc import SshdInstance
-from tasks.sftp import (
+from camfleet.uploader.sftp import (
     HostKeyRejected,
     SftpConnection,
     confirm_writes,

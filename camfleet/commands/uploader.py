@@ -64,18 +64,29 @@ def once(
     config: str = CONFIG,
     sftp_block: str = SFTP_BLOCK,
     database_block: str = DB_BLOCK,
-    flow: bool = typer.Option(False, help="Run it as the Prefect flow (artifacts, retries)."),
+    flow: bool = typer.Option(
+        False,
+        help="Run it as the Prefect flow (artifacts, retries); needs a Prefect server "
+        "(PREFECT_API_URL), never starts a temporary one.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """One scan-and-upload pass; exit code 1 if any event failed (it is left in place)."""
+    from camfleet.commands import prefect_mode
+
     _logging()
     cfg = _config(config, sftp_block, database_block)
-    if flow:
+    try:
+        url = prefect_mode.use_prefect(flow or False, "camfleet uploader once --flow")
+    except prefect_mode.NoPrefectApi as exc:
+        raise prefect_mode.refuse(exc) from None
+    if url:
         import asyncio
 
         from flows.event_upload import event_upload
 
-        state = asyncio.run(event_upload(config, sftp_block, database_block, return_state=True))
+        with prefect_mode.reporting_to(url):
+            state = asyncio.run(event_upload(config, sftp_block, database_block, return_state=True))
         summary = state.result(raise_on_failure=False)
         counts = summary.get("counts", {}) if isinstance(summary, dict) else {}
         rows: list = []
@@ -109,15 +120,22 @@ def serve(
     interval: int = typer.Option(None, help="Seconds between runs (default: the config's)."),
 ) -> None:
     """Serve the event-upload deployment every scan_interval_seconds (Prefect server needed)."""
-    from deployments.event_upload import serve as serve_deployment
+    from camfleet.commands import prefect_mode
 
     _config(config, sftp_block, database_block)  # refuse a bad config before serving
-    serve_deployment(
-        str(Path(config).resolve()),
-        sftp_block=sftp_block,
-        database_block=database_block,
-        interval=interval,
-    )
+    try:
+        url = prefect_mode.require_api("camfleet uploader serve")
+    except prefect_mode.NoPrefectApi as exc:
+        raise prefect_mode.refuse(exc) from None
+    with prefect_mode.reporting_to(url):
+        from deployments.event_upload import serve as serve_deployment
+
+        serve_deployment(
+            str(Path(config).resolve()),
+            sftp_block=sftp_block,
+            database_block=database_block,
+            interval=interval,
+        )
 
 
 @uploader_app.command("save-blocks")
@@ -127,12 +145,17 @@ def save_blocks(
     overwrite: bool = typer.Option(True, help="Replace blocks of the same name."),
 ) -> None:
     """Save the config's `sftp` and `database` sections as Prefect blocks."""
+    from blocks.postgres import PostgresDatabase
+    from blocks.sftp import SftpServer
+
     cfg = _config(config, None, None)
+    # The config's sections are plain models (camfleet.targets); the blocks have the
+    # same fields, so each section becomes its block as it is.
     if cfg.sftp is not None:
-        cfg.sftp.save(name, overwrite=overwrite)
+        SftpServer(**dict(cfg.sftp)).save(name, overwrite=overwrite)
         typer.echo(f"saved camfleet-sftp-server/{name} ({cfg.sftp.describe()})")
     if cfg.database is not None:
-        cfg.database.save(name, overwrite=overwrite)
+        PostgresDatabase(**dict(cfg.database)).save(name, overwrite=overwrite)
         typer.echo(f"saved camfleet-postgres/{name} ({cfg.database.describe()})")
     typer.echo(f"use them with --sftp-block {name} --database-block {name}")
 

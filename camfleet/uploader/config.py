@@ -12,7 +12,8 @@
         "database": {"host": ..., "port": 5432, "dbname": ..., "user": ..., "password": ...}}}
 
 The `sftp` and `database` sections are the `SftpServer` and `PostgresDatabase` blocks'
-own fields, so the same settings can come from saved blocks instead (`sftp_block`,
+own fields (camfleet.targets, which the blocks subclass; reading a config file imports
+no Prefect), so the same settings can come from saved blocks instead (`sftp_block`,
 `database_block`), and with neither a `database` section nor a block the database is
 `DATABASE_URL`. Passwords and private keys are `SecretStr`: never printed.
 """
@@ -25,8 +26,7 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from blocks.postgres import PostgresDatabase
-from blocks.sftp import SftpServer
+from camfleet.targets import PostgresSettings, SftpSettings
 from camfleet.uploader.jobs import DEFAULT_ORPHAN_SECONDS, DEFAULT_SETTLE_SECONDS
 
 # Two SFTP channels keep the link busy while one waits for a reply; measured on
@@ -58,20 +58,20 @@ class UploaderConfig(BaseModel):
     orphan_seconds: float = Field(DEFAULT_ORPHAN_SECONDS, ge=0)
     concurrency: int = Field(DEFAULT_CONCURRENCY, ge=1, le=MAX_CONCURRENCY)
     max_jobs_per_run: int = Field(DEFAULT_MAX_JOBS_PER_RUN, ge=1)
-    sftp: SftpServer | None = None
-    database: PostgresDatabase | None = None
+    sftp: SftpSettings | None = None
+    database: PostgresSettings | None = None
     sftp_block: str | None = None
     database_block: str | None = None
 
     @field_validator("sftp", mode="before")
     @classmethod
     def _sftp_section(cls, value: Any) -> Any:
-        return SftpServer(**value) if isinstance(value, dict) else value
+        return SftpSettings(**value) if isinstance(value, dict) else value
 
     @field_validator("database", mode="before")
     @classmethod
     def _database_section(cls, value: Any) -> Any:
-        return PostgresDatabase(**value) if isinstance(value, dict) else value
+        return PostgresSettings(**value) if isinstance(value, dict) else value
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> UploaderConfig:
@@ -96,11 +96,13 @@ class UploaderConfig(BaseModel):
                 setattr(config, name, base / value)
         return config
 
-    def sftp_server(self) -> SftpServer:
+    def sftp_server(self) -> SftpSettings:
         """The SFTP target: the `sftp` section, or the saved block it names."""
         if self.sftp is not None:
             return self.sftp
         if self.sftp_block:
+            from blocks.sftp import SftpServer  # a saved block: Prefect's business
+
             return SftpServer.load(self.sftp_block)
         raise ValueError("no SFTP server configured: add an `sftp` section or `sftp_block`")
 

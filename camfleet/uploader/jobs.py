@@ -40,7 +40,8 @@ DEFAULT_SETTLE_SECONDS = 5.0
 # A JSON whose video has not appeared after an hour will not get one: the writer
 # crashed or wrote it elsewhere. The package is moved aside instead of waiting forever.
 DEFAULT_ORPHAN_SECONDS = 3600.0
-# Keys the analyzer uses for the event id inside the JSON (seed 001 calls it eventId).
+# Keys the analyzer may use for the event id inside the JSON (seed 001 calls it eventId);
+# without either, the file name is the event id.
 EVENT_ID_KEYS = ("eventId", "event_id")
 
 
@@ -185,10 +186,10 @@ def parse_metadata(event_id: str, raw: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BadInput(f"JSON must be an object, not {type(data).__name__}")
     _check_json_value(data, depth=0)
-    found = [data[k] for k in EVENT_ID_KEYS if k in data]
-    if not found:
-        raise BadInput(f"JSON lacks the event id ({' or '.join(EVENT_ID_KEYS)})")
-    for value in found:
+    # Seed 001 identifies an event by its file name; the id inside the JSON is optional
+    # (an analyzer that omits it is uploaded under the file name), but one that is
+    # there must agree with the name, or the package is not what it claims to be.
+    for value in (data[k] for k in EVENT_ID_KEYS if k in data):
         if value != event_id:
             raise BadInput(f"JSON event id does not match the file name {event_id + JSON_SUFFIX!r}")
     return data

@@ -37,8 +37,8 @@ import paramiko
 import psycopg2
 
 from camfleet.uploader.jobs import Job, Reject
-from tasks.database import CONNECTION_ERRORS, EventSession, LockLost
-from tasks.sftp import (
+from camfleet.uploader.session import CONNECTION_ERRORS, EventSession, LockLost
+from camfleet.uploader.sftp import (
     LocalFileChanged,
     SftpConnection,
     remove_quietly,

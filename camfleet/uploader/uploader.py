@@ -24,8 +24,8 @@ from camfleet.uploader.config import UploaderConfig
 from camfleet.uploader.jobs import Job, ScanResult
 from camfleet.uploader.phases import Ledger, Phase
 from camfleet.uploader.scan import finish_reconcile, scan_pending
-from tasks.database import EventSession
-from tasks.sftp import SftpConnection
+from camfleet.uploader.session import EventSession
+from camfleet.uploader.sftp import REFUSALS, SftpConnection
 
 log = logging.getLogger("camfleet.uploader")
 
@@ -112,6 +112,7 @@ class DataUploader:
     def run_once(self) -> RunReport:
         started = time.monotonic()
         ledger = Ledger()
+        self._connection.forget_refusal()
         result = scan(self.config, self._remote_dirs(), ledger)
         session = EventSession(self._dsn)  # connects only when there is something to write
         try:
@@ -136,6 +137,8 @@ class DataUploader:
                 phases.describe_error(exc),
             )
             return
+        if claimed and self._refused_before_any_insert(claimed, ledger):
+            return
         lanes = phases.split_lanes(claimed, self.config.concurrency)
         if len(lanes) <= 1:
             for lane in lanes:
@@ -148,10 +151,35 @@ class DataUploader:
             if reject.json_name in claimed_names:  # found by a phase, not by the scan
                 phases.set_aside(reject, self.config.pending_dir, self.config.failed_dir)
 
+    def _refused_before_any_insert(self, jobs: list[Job], ledger: Ledger) -> bool:
+        """Dial the SFTP server once before the first INSERT. A refusal (host key, our
+        key) ends the run here: every job fails with the reason and stays for the next
+        run. Any other error is left to the jobs, which retry per job as before."""
+        try:
+            self._connection.connect()
+        except REFUSALS as exc:
+            reason = phases.describe_error(exc)
+            ledger.fail_open(jobs, Phase.UPLOAD, reason)
+            log.error(
+                "%s refused the connection; run stopped, %d events left: %s",
+                self._connection.describe(),
+                len(jobs),
+                reason,
+            )
+            return True
+        except Exception:  # noqa: S110 - transient: the lanes retry per job
+            pass
+        return False
+
     def _run_lane(self, jobs: list[Job], session: EventSession, ledger: Ledger) -> None:
         lane = _Lane(self._connection)
         try:
             for job in jobs:
+                if self._connection.refused is not None:
+                    # Refused mid-run (a reconnect met another key): stop, don't redial.
+                    reason = phases.describe_error(self._connection.refused)
+                    ledger.fail_open([job], Phase.UPLOAD, reason)
+                    continue
                 self._process_job(job, session, ledger, lane)
         finally:
             lane.close()
