@@ -50,6 +50,8 @@ ROUTER_MODULES = [
     "services.api.routes_storage",  # signed uploads to local storage
     "services.api.routes_devices",  # pairing, tokens, upload-url, ingest (seed 004)
     "services.api.routes_commands",  # SSE commands, triggers, captures (seed 003)
+    "services.api.console",  # the web console at /console (docs/console.md)
+    "services.api.routes_metrics",  # GET /metrics for Prometheus (camfleet/metrics.py)
 ]
 
 

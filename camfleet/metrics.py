@@ -1,0 +1,83 @@
+"""Prometheus metrics of camfleet's long-running services (prometheus-client).
+
+One module declares every metric, so names and labels stay consistent across the API,
+the assembler and the signer and the Grafana dashboard (docs/grafana-camfleet.json)
+can rely on them. Each service exposes the default registry, which also carries the
+client library's process metrics (resident memory, CPU, open files):
+
+- the device API serves it at `GET /metrics` (services/api/routes_metrics.py);
+- the assembler and the signer call `start_metrics_server(port)` once at start, which
+  serves the same registry on its own loopback port in a daemon thread.
+
+Label values are bounded sets (route templates, status codes, error codes, device
+kinds), never device ids or URLs: a metric per device would grow without limit.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+
+# --- device API ---------------------------------------------------------------------
+API_REQUESTS = Counter(
+    "camfleet_api_requests_total", "HTTP requests answered", ["method", "route", "status"]
+)
+API_LATENCY = Histogram(
+    "camfleet_api_request_seconds",
+    "HTTP request handling time",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RATE_LIMIT_REFUSALS = Counter(
+    "camfleet_api_rate_limited_total", "Requests refused by a rate limit (429)", ["route"]
+)
+SSE_CONNECTIONS = Gauge("camfleet_api_sse_connections", "Open SSE command streams")
+TRIGGER_LAG = Histogram(
+    "camfleet_trigger_lag_seconds",
+    "Delay between a trigger's scheduled time and its delivery to the device",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+)
+CONSOLE_THUMBNAILS = Counter(
+    "camfleet_console_thumbnails_total", "Thumbnails made by the console", ["outcome"]
+)
+
+# --- MQTT assembler --------------------------------------------------------------------
+MQTT_MESSAGES = Counter("camfleet_mqtt_messages_total", "MQTT messages received", ["topic_kind"])
+IMAGES = Counter("camfleet_images_total", "Images finished", ["source", "outcome"])
+ACK_LATENCY = Histogram(
+    "camfleet_ack_latency_seconds",
+    "Last chunk received to ACK_OK published",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+)
+NACK_ROUNDS = Counter("camfleet_nack_rounds_total", "NACKs listing missing chunks sent")
+DEVICE_ERRORS = Counter(
+    "camfleet_device_errors_total", "device_errors rows written, by seed error code", ["code"]
+)
+QUEUE_DEPTH = Gauge("camfleet_queue_depth", "Items waiting in a service's queue", ["queue"])
+
+# --- fleet health (flows/fleet_health.py) ------------------------------------------------
+FLEET_DEVICES = Gauge("camfleet_fleet_devices", "Devices by health", ["health"])
+
+
+def route_label(scope) -> str:
+    """The matched route template ('/v1/devices/{device_id}'), never the raw path."""
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+def exposition() -> tuple[bytes, str]:
+    """The default registry in the text format, with its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1"):
+    """Serve /metrics for a service without an HTTP server of its own (daemon thread)."""
+    server, thread = start_http_server(port, addr=host)
+    return server, thread
