@@ -95,6 +95,11 @@ def prefect_run_url(flow_run_id: str | None) -> str | None:
     return f"{ui.rstrip('/')}/runs/flow-run/{run}" if ui else None
 
 
+async def _all(rows) -> list:
+    """aiosql's asyncpg select: an async generator of records, as a list."""
+    return [r async for r in rows]
+
+
 def _today() -> datetime:
     return datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 
@@ -136,7 +141,9 @@ def _filtered(devices: list[dict], kind: str, state: str, sort: str) -> list[dic
 async def _fleet(request: Request, user: ConsoleUser, kind: str, state: str, sort: str):
     now = datetime.now(UTC)
     async with request.app.state.pool.acquire() as conn:
-        rows = await queries().console_fleet(conn, user_id=user.user_id, since=_today())
+        rows = [
+            r async for r in queries().console_fleet(conn, user_id=user.user_id, since=_today())
+        ]
     return _filtered(fleet_rows(rows, now), kind, state, sort), now
 
 
@@ -198,17 +205,19 @@ async def device_page(
         device = await q.console_device(conn, device_id=device_id, user_id=uid)
         if device is None:
             raise _not_found()
-        captures = await q.console_device_captures(
-            conn, device_id=device_id, user_id=uid, before=cursor, limit=CAPTURES_PER_PAGE
+        captures = await _all(
+            q.console_device_captures(
+                conn, device_id=device_id, user_id=uid, before=cursor, limit=CAPTURES_PER_PAGE
+            )
         )
-        errors = await q.console_device_errors(
-            conn, device_id=device_id, user_id=uid, limit=LIST_LIMIT
+        errors = await _all(
+            q.console_device_errors(conn, device_id=device_id, user_id=uid, limit=LIST_LIMIT)
         )
-        triggers = await q.console_device_triggers(
-            conn, device_id=device_id, user_id=uid, limit=LIST_LIMIT
+        triggers = await _all(
+            q.console_device_triggers(conn, device_id=device_id, user_id=uid, limit=LIST_LIMIT)
         )
-        readings = await q.console_device_readings(
-            conn, device_id=device_id, user_id=uid, limit=READINGS_LIMIT
+        readings = await _all(
+            q.console_device_readings(conn, device_id=device_id, user_id=uid, limit=READINGS_LIMIT)
         )
     captures = [dict(c) | {"run_url": prefect_run_url(c["flow_run_id"])} for c in captures]
     triggers = [dict(t) | {"run_url": prefect_run_url(t["flow_run_id"])} for t in triggers]
