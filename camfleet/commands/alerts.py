@@ -45,7 +45,10 @@ def webhook(
     if not name.startswith(ALERT_BLOCK_PREFIX):
         raise typer.BadParameter(f"the name must start with {ALERT_BLOCK_PREFIX}")
     block = CustomWebhookNotificationBlock(
-        url=url, method="POST", json_data={"subject": "{{subject}}", "body": "{{body}}"}
+        name="camfleet alerts",
+        url=url,
+        method="POST",
+        json_data={"subject": "{{subject}}", "body": "{{body}}"},
     )
     block.save(name, overwrite=True)
     typer.echo(f"saved webhook block {name}; automations changed: {_setup() or 'none'}")
