@@ -23,3 +23,5 @@ CREATE INDEX captures_device_stored_idx
 CREATE INDEX devices_user_idx ON devices (user_id);
 -- The device page's sensor chart: one device's readings, newest first.
 CREATE INDEX sensor_readings_device_idx ON sensor_readings (device_id, created_at DESC);
+-- The fleet page's trigger success rate per device (scheduled and manual alike).
+CREATE INDEX scheduled_triggers_device_idx ON scheduled_triggers (device_id, scheduled_at DESC);
