@@ -255,3 +255,16 @@ def test_config_patch_and_health_helpers():
     (out,) = fleet_rows([row], now)
     assert out["health"] == "silent" and out["success_rate"] == 0.75
     assert sensor_charts([]) == []
+
+
+def test_images_revalidate_so_a_shared_browser_never_shows_them_to_another_user(console):
+    sign_in(console, console.alice_key)
+    r = console.get("/console/captures/cap_ALICE-CAM_0/thumb")
+    assert r.headers["cache-control"] == "private, no-cache"
+    etag = r.headers["etag"]
+    again = console.get("/console/captures/cap_ALICE-CAM_0/thumb", headers={"If-None-Match": etag})
+    assert again.status_code == 304
+    console.cookies.clear()
+    sign_in(console, console.bob_key)
+    other = console.get("/console/captures/cap_ALICE-CAM_0/thumb", headers={"If-None-Match": etag})
+    assert other.status_code == 404

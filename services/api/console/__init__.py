@@ -362,16 +362,32 @@ async def capture_thumbnail(
     request: Request, record_id: str, user: ConsoleUser = Depends(console_user)
 ):
     row = await _owned_capture(request, record_id, user)
+    etag = _etag(row, "thumb")
+    if request.headers.get("if-none-match") == etag:  # after the ownership check
+        return Response(status_code=304, headers=_image_headers(etag))
     store = _store(request)
     try:
         data = await anyio.to_thread.run_sync(ensure_thumbnail, store, row["storage_path"])
     except NoThumbnail:
         raise _not_found() from None
-    return Response(
-        data,
-        media_type="image/jpeg",
-        headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"},
-    )
+    return Response(data, media_type="image/jpeg", headers=_image_headers(etag))
+
+
+def _etag(row, variant: str) -> str:
+    # A capture's object never changes once stored: its id (and key) identify the bytes.
+    return f'"{row["record_id"]}-{variant}"'
+
+
+def _image_headers(etag: str) -> dict:
+    # no-cache, not max-age: a browser shared by two users (sign out, sign in as another)
+    # must ask us each time, and we check ownership before answering 304 Not Modified.
+    # Found by tests/test_console_browser.py: with max-age the second user saw the
+    # first user's cached image.
+    return {
+        "Cache-Control": "private, no-cache",
+        "ETag": etag,
+        "X-Content-Type-Options": "nosniff",
+    }
 
 
 @router.get("/captures/{record_id}/image")
@@ -379,6 +395,9 @@ async def capture_image(
     request: Request, record_id: str, user: ConsoleUser = Depends(console_user)
 ):
     row = await _owned_capture(request, record_id, user)
+    etag = _etag(row, "full")
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=_image_headers(etag))
     store = _store(request)
     exists = await anyio.to_thread.run_sync(store.head, row["storage_path"])
     if exists is None:
@@ -389,11 +408,7 @@ async def capture_image(
     return Response(
         data,
         media_type=media,
-        headers={
-            "Cache-Control": "private, max-age=300",
-            "X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": "default-src 'none'; sandbox",
-        },
+        headers=_image_headers(etag) | {"Content-Security-Policy": "default-src 'none'; sandbox"},
     )
 
 
