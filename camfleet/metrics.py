@@ -81,3 +81,77 @@ def start_metrics_server(port: int, host: str = "127.0.0.1"):
     """Serve /metrics for a service without an HTTP server of its own (daemon thread)."""
     server, thread = start_http_server(port, addr=host)
     return server, thread
+
+
+class ServiceStatsCollector:
+    """Exposes a running service's own `stats` (a dict or a dataclass of counts) as
+    Prometheus counters, read at scrape time: no change to the service's hot path.
+
+    `camfleet_<service>_<name>_total` for every numeric stat; `gauges` maps extra gauge
+    names to callables (queue depths, backlog bytes); `latencies` maps a name to a
+    callable returning recent durations in seconds, exposed as p50/p99 gauges.
+    """
+
+    def __init__(self, service: str, stats, gauges=None, latencies=None) -> None:
+        self.service, self.stats = service, stats
+        self.gauges, self.latencies = gauges or {}, latencies or {}
+
+    def _values(self) -> dict:
+        stats = self.stats() if callable(self.stats) else self.stats
+        items = stats.items() if isinstance(stats, dict) else vars(stats).items()
+        return {k: v for k, v in items if isinstance(v, int | float) and not isinstance(v, bool)}
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for name, value in sorted(self._values().items()):
+            yield CounterMetricFamily(
+                f"camfleet_{self.service}_{name}", f"{self.service} {name}", value=value
+            )
+        for name, read in self.gauges.items():
+            yield GaugeMetricFamily(
+                f"camfleet_{self.service}_{name}", f"{self.service} {name}", value=read()
+            )
+        for name, read in self.latencies.items():
+            recent = sorted(read())
+            family = GaugeMetricFamily(
+                f"camfleet_{self.service}_{name}_seconds",
+                f"{self.service} {name}, recent quantiles",
+                labels=["quantile"],
+            )
+            for q in (0.5, 0.99):
+                value = recent[min(len(recent) - 1, int(q * len(recent)))] if recent else 0.0
+                family.add_metric([str(q)], value)
+            yield family
+
+
+def expose_service(service: str, port: int, stats, gauges=None, latencies=None, host="127.0.0.1"):
+    """Register a service's stats and serve /metrics on `port` (0 picks a free one)."""
+    REGISTRY.register(ServiceStatsCollector(service, stats, gauges, latencies))
+    return start_metrics_server(port, host)
+
+
+def expose_assembler(service, port: int):
+    """`camfleet assembler --metrics-port`: messages, batches, ACKs, NACKs, db errors,
+    inbox depth, backlog bytes and last-chunk-to-ACK latency."""
+    return expose_service(
+        "assembler",
+        port,
+        lambda: dict(service.stats),
+        gauges={
+            "inbox_depth": service.inbox.qsize,
+            "backlog_bytes": lambda: service._backlog_bytes,  # noqa: SLF001
+        },
+        latencies={"ack_latency": lambda: list(service._finalize_to_ack)[-1000:]},  # noqa: SLF001
+    )
+
+
+def expose_signer(signer, port: int):
+    """`camfleet signer --metrics-port`: requests, refused, granted, verified, failed,
+    published, handed off, and its request queue depth."""
+    return expose_service(
+        "signer",
+        port,
+        signer.stats,
+        gauges={"queue_depth": signer._inbox.qsize},  # noqa: SLF001
+    )

@@ -40,6 +40,7 @@ def assembler(
         help="where recording flow runs execute: inline (this process) or process "
         "(a child with its own Prefect client: off this GIL, ~120 MB more memory)",
     ),
+    metrics_port: int = typer.Option(0, help="serve Prometheus /metrics on this port (0: off)"),
 ) -> None:
     """Assemble chunked images from ESP32CAM/+/data, store them, write rows, ACK_OK."""
     import logging
@@ -83,7 +84,12 @@ def assembler(
         recorder=recorder,
         topics=(s.topic_pattern_status, s.topic_pattern_data, s.topic_pattern_ack),
     )
-    AssemblerService(broker, cfg).run_forever()
+    service = AssemblerService(broker, cfg)
+    if metrics_port:
+        from camfleet.metrics import expose_assembler
+
+        expose_assembler(service, metrics_port)
+    service.run_forever()
 
 
 def register(app: typer.Typer, simulate: typer.Typer) -> None:

@@ -16,6 +16,7 @@ def signer(
         help="post-processing of verified uploads: 'flow' (a flow run per batch), "
         "'deployment:<flow>/<name>' (run that deployment per batch) or 'none'",
     ),
+    metrics_port: int = typer.Option(0, help="serve Prometheus /metrics on this port (0: off)"),
 ) -> None:
     """Answer edge devices' URL requests and verify their uploads (runs until stopped)."""
     import logging
@@ -45,14 +46,19 @@ def signer(
     store = open_store(storage_url)
     broker = resolve.mqtt_broker(mqtt_block)
     typer.echo(f"signer: storage {store.describe()}, broker {broker.describe()}")
-    Signer(
+    service = Signer(
         store,
         resolve.database_url(database_block),
         broker,
         client_id=client_id,
         expires_in=expires_in,
         handoff=run,
-    ).run_forever()
+    )
+    if metrics_port:
+        from camfleet.metrics import expose_signer
+
+        expose_signer(service, metrics_port)
+    service.run_forever()
 
 
 def register(app: typer.Typer, simulate: typer.Typer) -> None:

@@ -2,7 +2,7 @@
 
 The cookie holds the key's id and a CSRF token, signed with itsdangerous under the
 server secret (never the key itself). Every request re-checks that the key is still
-live, so revoking a key (`camfleet devices revoke-key`) ends its console sessions too.
+live, so revoking a key (`camfleet users revoke-keys`) ends its console sessions too.
 
 CSRF: the cookies are SameSite=Strict and HttpOnly, and every POST must also carry
 the session's CSRF token as a form field (the login form, before any session, carries
