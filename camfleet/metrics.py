@@ -39,28 +39,11 @@ RATE_LIMIT_REFUSALS = Counter(
     "camfleet_api_rate_limited_total", "Requests refused by a rate limit (429)", ["route"]
 )
 SSE_CONNECTIONS = Gauge("camfleet_api_sse_connections", "Open SSE command streams")
-TRIGGER_LAG = Histogram(
-    "camfleet_trigger_lag_seconds",
-    "Delay between a trigger's scheduled time and its delivery to the device",
-    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
-)
 CONSOLE_THUMBNAILS = Counter(
     "camfleet_console_thumbnails_total", "Thumbnails made by the console", ["outcome"]
 )
 
-# --- MQTT assembler --------------------------------------------------------------------
-MQTT_MESSAGES = Counter("camfleet_mqtt_messages_total", "MQTT messages received", ["topic_kind"])
-IMAGES = Counter("camfleet_images_total", "Images finished", ["source", "outcome"])
-ACK_LATENCY = Histogram(
-    "camfleet_ack_latency_seconds",
-    "Last chunk received to ACK_OK published",
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
-)
-NACK_ROUNDS = Counter("camfleet_nack_rounds_total", "NACKs listing missing chunks sent")
-DEVICE_ERRORS = Counter(
-    "camfleet_device_errors_total", "device_errors rows written, by seed error code", ["code"]
-)
-QUEUE_DEPTH = Gauge("camfleet_queue_depth", "Items waiting in a service's queue", ["queue"])
+# --- MQTT assembler and edge signer: their own `stats`, see ServiceStatsCollector -------
 
 # --- fleet health (flows/fleet_health.py) ------------------------------------------------
 FLEET_DEVICES = Gauge("camfleet_fleet_devices", "Devices by health", ["health"])
