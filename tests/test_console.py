@@ -22,6 +22,7 @@ from services.api.console import config_patch, fleet_rows, sensor_charts
 from services.api.console.thumbnails import THUMB_SIZE, thumbnail_key
 
 SECRET = b"test-console-secret-0123456789abcdef"
+UI = "http://127.0.0.1:4200"
 RUN_ID = "0b6f7c1e-2a1f-4c59-9a43-111122223333"
 
 
@@ -84,11 +85,14 @@ def add_device(dsn, store, device_id, user_id, kind="esp32", captures=1, interva
 
 
 @pytest.fixture
-def console(database_url, tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_UI_URL", "http://127.0.0.1:4200")
+def console(database_url, tmp_path):
     store = LocalStore(tmp_path / "objects", public_url="http://testserver", secret=SECRET)
     app = create_app(
-        database_url=database_url, secret_key=SECRET, processing_runs=None, store=store
+        database_url=database_url,
+        secret_key=SECRET,
+        processing_runs=None,
+        store=store,
+        prefect_ui_url=UI,
     )
     with TestClient(app) as c:
         c.store, c.dsn = store, database_url
@@ -268,3 +272,16 @@ def test_images_revalidate_so_a_shared_browser_never_shows_them_to_another_user(
     sign_in(console, console.bob_key)
     other = console.get("/console/captures/cap_ALICE-CAM_0/thumb", headers={"If-None-Match": etag})
     assert other.status_code == 404
+
+
+def test_hostile_query_parameters(console):
+    sign_in(console, console.alice_key)
+    assert (
+        console.get("/console/devices/ALICE-CAM", params={"before": "x'; drop"}).status_code == 400
+    )
+    page = console.get("/console/devices/ALICE-CAM", params={"before": "2000-01-01T00:00:00"})
+    assert page.status_code == 200 and "No captures yet" in page.text
+    for params in ({"sort": "device_id; --"}, {"kind": "<b>"}, {"health_state": "../"}):
+        r = console.get("/console/", params=params)
+        assert r.status_code == 200 and "ALICE-CAM" in r.text and "<b>" not in r.text
+    assert console.get("/console/captures/" + "x" * 300 + "/thumb").status_code == 404

@@ -29,15 +29,18 @@ UI = "http://127.0.0.1:4200"
 
 
 @pytest.fixture
-def server(database_url, tmp_path, monkeypatch):
-    monkeypatch.setenv("PREFECT_UI_URL", UI)
+def server(database_url, tmp_path):
     store = LocalStore(tmp_path / "objects", secret=SECRET)
     keys = {"alice": make_user(database_url, "alice"), "bob": make_user(database_url, "bob")}
     for i, kind in enumerate(("esp32", "edge", "visant", "lifelog", "sftp")):
         add_device(database_url, store, f"ALICE-{kind.upper()}", "alice", kind=kind, captures=2 + i)
     add_device(database_url, store, "BOB-CAM", "bob", captures=1)
     app = create_app(
-        database_url=database_url, secret_key=SECRET, processing_runs=None, store=store
+        database_url=database_url,
+        secret_key=SECRET,
+        processing_runs=None,
+        store=store,
+        prefect_ui_url=UI,
     )
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -88,18 +88,26 @@ def _record_id(value: str) -> str:
         raise _not_found() from None
 
 
-def prefect_run_url(flow_run_id: str | None) -> str | None:
+def prefect_ui_url(request: Request) -> str | None:
+    """`create_app(prefect_ui_url=...)`, else Prefect's PREFECT_UI_URL setting (derived
+    from PREFECT_API_URL when unset)."""
+    ui = getattr(request.app.state, "prefect_ui_url", None)
+    if ui is None:
+        from prefect.settings import PREFECT_UI_URL
+
+        ui = PREFECT_UI_URL.value()
+    return ui.rstrip("/") if ui else None
+
+
+def prefect_run_url(ui: str | None, flow_run_id: str | None) -> str | None:
     """The Prefect UI page of a flow run, when the id is a UUID and a UI is known."""
-    if not flow_run_id:
+    if not (ui and flow_run_id):
         return None
     try:
         run = uuid.UUID(str(flow_run_id))
     except ValueError:
         return None
-    from prefect.settings import PREFECT_UI_URL
-
-    ui = PREFECT_UI_URL.value()
-    return f"{ui.rstrip('/')}/runs/flow-run/{run}" if ui else None
+    return f"{ui}/runs/flow-run/{run}"
 
 
 async def _all(rows) -> list:
@@ -228,8 +236,9 @@ async def device_page(
         readings = await _all(
             q.console_device_readings(conn, device_id=device_id, user_id=uid, limit=READINGS_LIMIT)
         )
-    captures = [dict(c) | {"run_url": prefect_run_url(c["flow_run_id"])} for c in captures]
-    triggers = [dict(t) | {"run_url": prefect_run_url(t["flow_run_id"])} for t in triggers]
+    ui = prefect_ui_url(request)
+    captures = [dict(c) | {"run_url": prefect_run_url(ui, c["flow_run_id"])} for c in captures]
+    triggers = [dict(t) | {"run_url": prefect_run_url(ui, t["flow_run_id"])} for t in triggers]
     next_before = (
         captures[-1]["created_at"].isoformat() if len(captures) == CAPTURES_PER_PAGE else None
     )
