@@ -26,9 +26,20 @@ UI = "http://127.0.0.1:4200"
 RUN_ID = "0b6f7c1e-2a1f-4c59-9a43-111122223333"
 
 
-def jpeg(width=1280, height=960, color=(200, 80, 40)) -> bytes:
+def jpeg(width=1280, height=960, seed=0) -> bytes:
+    """A small landscape (sky gradient, sun, ground), different for every seed."""
+    from PIL import ImageDraw, ImageOps
+
+    sky = ((40 + seed * 37) % 200, 90, 160 + seed * 11 % 90)
+    img = ImageOps.colorize(
+        Image.linear_gradient("L").resize((width, height)), black=sky, white=(235, 225, 200)
+    )
+    draw = ImageDraw.Draw(img)
+    x = 200 + (seed * 173) % (width - 400)
+    draw.ellipse((x, 150, x + 160, 310), fill=(250, 200, 60))
+    draw.rectangle((0, height * 2 // 3, width, height), fill=(60, 110 + seed * 23 % 80, 50))
     out = io.BytesIO()
-    Image.new("RGB", (width, height), color).save(out, "JPEG")
+    img.save(out, "JPEG")
     return out.getvalue()
 
 
@@ -59,7 +70,7 @@ def add_device(dsn, store, device_id, user_id, kind="esp32", captures=1, interva
         )
         for i in range(captures):
             key = f"{device_id}/cap{i}.jpg"
-            store.put(key, jpeg(), content_type="image/jpeg")
+            store.put(key, jpeg(seed=sum(map(ord, device_id)) + i), content_type="image/jpeg")
             cur.execute(
                 "insert into captures (record_id, device_id, device_capture_id, ingest_status,"
                 " storage_path, content_type, flow_run_id, created_at)"
