@@ -52,3 +52,28 @@ def test_assembler_metrics_move_with_the_fleet(mosquitto, database_url, tmp_path
         for c in list(metrics.REGISTRY._collector_to_names):  # noqa: SLF001
             if isinstance(c, metrics.ServiceStatsCollector):
                 metrics.REGISTRY.unregister(c)
+
+
+def test_api_counts_rate_limit_refusals_by_route(database_url, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from camfleet.storage.local import LocalStore
+    from services.api.app import create_app
+    from services.api.ratelimit import RateLimits
+
+    app = create_app(
+        database_url=database_url,
+        secret_key=b"metrics-secret-0123456789abcdef0123",
+        processing_runs=None,
+        store=LocalStore(tmp_path),
+        rate_limits=RateLimits(activate_fail="2/minute"),
+    )
+    name = 'camfleet_api_rate_limited_total{route="/devices/activate"}'
+    with TestClient(app) as c:
+        before = value(c.get("/metrics").text, name)
+        codes = [
+            c.post("/devices/activate", json={"pairing_code": "ZZZZZZZZ"}).status_code
+            for _ in range(4)
+        ]
+        assert codes.count(429) == 2
+        assert value(c.get("/metrics").text, name) == before + 2
