@@ -38,6 +38,7 @@ COMMAND_MODULES = [
     "simulate_lifelog",
     "report",
     "faults",
+    "alerts",
 ]
 
 for _name in COMMAND_MODULES:

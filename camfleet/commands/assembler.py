@@ -53,6 +53,7 @@ def assembler(
     health_port: int = typer.Option(
         None, help="serve GET /healthz on 127.0.0.1:PORT (200 ready, 503 not)"
     ),
+    metrics_port: int = typer.Option(0, help="serve Prometheus /metrics on this port (0: off)"),
 ) -> None:
     """Assemble chunked images from ESP32CAM/+/data, store them, write rows, ACK_OK."""
     import logging
@@ -102,7 +103,12 @@ def assembler(
         new_device_per_min=new_device_per_min,
         health_port=health_port,
     )
-    AssemblerService(broker, cfg).run_forever()
+    service = AssemblerService(broker, cfg)
+    if metrics_port:
+        from camfleet.metrics import expose_assembler
+
+        expose_assembler(service, metrics_port)
+    service.run_forever()
 
 
 def register(app: typer.Typer, simulate: typer.Typer) -> None:

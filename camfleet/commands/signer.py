@@ -41,6 +41,7 @@ def signer(
         50.0, help="per-device requests per second (burst 100); 0: no limit"
     ),
     max_open_per_device: int = typer.Option(100, help="open grants one device may hold"),
+    metrics_port: int = typer.Option(0, help="serve Prometheus /metrics on this port (0: off)"),
 ) -> None:
     """Answer edge devices' URL requests and verify their uploads (runs until stopped)."""
     import logging
@@ -95,6 +96,10 @@ def signer(
     if health_port is not None:
         health = HealthServer(health_port, service.live, service.ready, service.health).start()
         typer.echo(f"signer: health on http://127.0.0.1:{health.port}/ready and /live")
+    if metrics_port:
+        from camfleet.metrics import expose_signer
+
+        expose_signer(service, metrics_port)
     try:
         service.run_forever()
     except WorkerDied as exc:

@@ -53,6 +53,8 @@ ROUTER_MODULES = [
     "services.api.routes_devices",  # pairing, tokens, upload-url, ingest (seed 004)
     "services.api.routes_commands",  # SSE commands, triggers, captures (seed 003)
     "services.api.credential_watch",  # closes streams whose token died (no routes)
+    "services.api.console",  # the web console at /console (docs/console.md)
+    "services.api.routes_metrics",  # GET /metrics for Prometheus (camfleet/metrics.py)
 ]
 
 
