@@ -2,18 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
-
-
-def _prefect_api_configured() -> bool:
-    """A Prefect API URL is set (environment or the active Prefect profile)."""
-    if os.environ.get("PREFECT_API_URL"):
-        return True
-    from prefect.settings import PREFECT_API_URL
-
-    return bool(PREFECT_API_URL.value())
 
 
 def signer(
@@ -47,6 +36,7 @@ def signer(
     import logging
 
     from camfleet import resolve
+    from camfleet.commands import prefect_mode
     from camfleet.settings import get_settings
     from camfleet.storage import open_store
     from services.signer import Signer, WorkerDied
@@ -57,7 +47,7 @@ def signer(
     run = None
     if handoff not in ("flow", "none") and not handoff.startswith("deployment:"):
         raise typer.BadParameter("handoff is 'flow', 'deployment:<flow>/<name>' or 'none'")
-    if handoff != "none" and not _prefect_api_configured():
+    if handoff != "none" and prefect_mode.api_url() is None:
         # Never start a temporary Prefect server inside a long-running service: its
         # start can take longer than a device waits, and it outlives a killed signer.
         typer.echo("signer: no Prefect API configured (PREFECT_API_URL): no hand-off")

@@ -116,6 +116,7 @@ def up(
                     argv = [sys.executable, "-m", "camfleet.cli", *[a.format(**fmt) for a in args]]
                 supervisor.start(name, argv, env)
             stack.lines.append(("device API", f"{public_url}  (docs: {public_url}/docs)"))
+            stack.lines.append(("console", f"{public_url}/console  (docs/console.md)"))
             stack.lines.append(("logs", str(supervisor.log_dir)))
             try:
                 profile_restore.append(prefect_profile.activate(env["PREFECT_API_URL"]))
@@ -191,15 +192,18 @@ def _register_blocks(env: dict[str, str]) -> None:
 
 
 def _ensure_automations() -> None:
-    """Crash detection for runs whose process died (deployments/automations.py)."""
+    """Crash detection for runs whose process died (deployments/automations.py), and
+    the fleet alerts once an alert block exists (deployments/alerts.py, docs/alerts.md)."""
     import anyio
     from prefect.client.orchestration import get_client
 
+    from deployments.alerts import ensure_alert_automations
     from deployments.automations import ensure_automations
 
     async def run() -> None:
         async with get_client() as client:
             await ensure_automations(client)
+            await ensure_alert_automations(client)
 
     anyio.run(run)
 

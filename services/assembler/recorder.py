@@ -25,6 +25,7 @@ import threading
 from collections import deque
 
 from camfleet import db
+from camfleet.commands import prefect_mode
 
 log = logging.getLogger("camfleet.assembler")
 
@@ -38,12 +39,7 @@ RECORD_DROP_LOG_EVERY = 1000
 def prefect_api_configured() -> str | None:
     """The configured Prefect API URL, or None (then no flow run may be started: it
     would start a temporary server inside this process)."""
-    try:
-        from prefect.settings import PREFECT_API_URL
-
-        return PREFECT_API_URL.value() or None
-    except Exception:
-        return None
+    return prefect_mode.api_url()
 
 
 class Recorder:
