@@ -131,7 +131,7 @@ def test_local_storage_uploads_through_the_device_api(tmp_path, mosquitto, datab
     from camfleet.storage.local import LocalStore
     from services.signer import Signer
 
-    secret, port, root = "edge-test-secret-key-0123456789", free_port(), tmp_path / "objects"
+    secret, port, root = "edge-test-secret-key-0123456789abcdef", free_port(), tmp_path / "objects"
     public = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
