@@ -25,7 +25,7 @@ from prefect.tasks import exponential_backoff
 
 from camfleet import db
 from camfleet.keys import BadName, object_key, sanitize_name
-from camfleet.protocol.assembler import FinalizeImage, encode_ack
+from camfleet.protocol.assembler import FinalizeImage, encode_ack, sensor_reading
 
 # Retries of the storage and database tasks: 3 retries 0.5/1/2 s apart ride out a
 # store or database restart of a few seconds while the device (which resends after its
@@ -278,17 +278,12 @@ def _record(pool: db.Pool, items: list[Item], flow_run_id: str | None) -> None:
             if record_id is None:
                 raise RuntimeError("capture row neither written nor found")
             if not dup:
-                m = img.metadata
                 q.ingest_upsert_sensor_reading(
                     conn,
                     device_id=img.device_id,
                     capture_id=record_id,
-                    temperature_c=m.get("temperature"),
-                    humidity_pct=m.get("humidity"),
-                    pressure_hpa=m.get("pressure"),
-                    gas_resistance_ohm=m.get("gas_resistance"),
-                    location=m.get("location"),
                     recorded_at=params["captured_at"],
+                    **sensor_reading(img.metadata),
                 )
             results.append((item, capture_id, record_id, dup))
         configs = {

@@ -24,7 +24,9 @@ NO_NETWORK = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
 def api(database_url, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(DATABASE_URL=database_url, CAMFLEET_SECRET_KEY="docs-test-secret-0123456789abcdefghij")
+    env.update(
+        DATABASE_URL=database_url, CAMFLEET_SECRET_KEY="docs-test-secret-0123456789abcdefghij"
+    )
     log_path = tmp_path / "api.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

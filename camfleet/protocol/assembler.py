@@ -389,6 +389,18 @@ class ProtocolError(Exception):
 TOPIC_PREFIX = "ESP32CAM"
 
 
+def sensor_reading(metadata: dict) -> dict[str, Any]:
+    """The `sensor_readings` columns of an image's metadata (one mapping for the fast
+    path and the flow, so both store the same reading)."""
+    return {
+        "temperature_c": metadata.get("temperature"),
+        "humidity_pct": metadata.get("humidity"),
+        "pressure_hpa": metadata.get("pressure"),
+        "gas_resistance_ohm": metadata.get("gas_resistance"),
+        "location": metadata.get("location"),
+    }
+
+
 def ack_topic(device_id: str) -> str:
     return f"{TOPIC_PREFIX}/{device_id}/ack"
 

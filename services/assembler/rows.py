@@ -284,17 +284,12 @@ def _write_device_failures(conn, rows: list[core.RecordDeviceFailure]) -> list:
         )
         record_id = row[0] if row else None
         if record_id is not None:
-            m = f.metadata
             q.ingest_upsert_sensor_reading(
                 conn,
                 device_id=f.device_id,
                 capture_id=record_id,
-                temperature_c=m.get("temperature"),
-                humidity_pct=m.get("humidity"),
-                pressure_hpa=m.get("pressure"),
-                gas_resistance_ohm=m.get("gas_resistance"),
-                location=m.get("location"),
                 recorded_at=captured_at,
+                **core.sensor_reading(f.metadata),
             )
         q.ingest_insert_error(
             conn,
