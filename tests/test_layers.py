@@ -11,12 +11,15 @@ Static AST scan of every module's top-level statements (including module-level
 ``try``/``if`` blocks, excluding ``if TYPE_CHECKING:``), so it sees imports that a
 runtime check would only see for the modules it happens to import. The runtime check
 for the device library (``import camfleet.uploader`` loads no prefect module) is in
-tests/test_uploader_layering.py.
+tests/test_uploader_layering.py; the runtime check below covers all of camfleet/.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +80,23 @@ def test_camfleet_imports_no_upper_layer_at_module_level():
             continue
         offenders += [f"{rel}: {name}" for name in upper_layer_imports(path)]
     assert offenders == [], "camfleet/ must not import these at module level"
+
+
+def test_importing_all_of_camfleet_loads_no_upper_layer():
+    """Runtime twin of the scan, in a fresh interpreter (this one has Prefect loaded):
+    also catches an upper layer pulled in through a third-party package."""
+    modules = []
+    for path in sorted((ROOT / "camfleet").rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    loaded = "{n.split('.')[0] for n in sys.modules}"
+    probe = "\n".join(f"import {m}" for m in modules) + (
+        f"\nimport json, sys\nprint(json.dumps(sorted({loaded} & {set(UPPER_LAYERS)!r})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
 def test_exceptions_are_still_needed():
