@@ -15,16 +15,28 @@ from camfleet.protocol.assembler import (
     CaptureFailed,
     FinalizeImage,
     Limits,
+    ProtocolError,
     RecordError,
     RecordStatus,
     SendNack,
     Timing,
     encode_ack,
     encode_nack,
+    parse_message,
     sanitize_image_name,
 )
 
 TIMING = Timing(capture_timeout=10.0, retransmit_delay=1.0, retransmit_max=3)
+
+
+def receive_raw(asm, topic, payload, now):
+    """A raw MQTT message through the public path the assembler service takes:
+    parse_message, its coded error as the only action, else Assembler.receive."""
+    try:
+        msg = parse_message(topic, payload, asm.limits)
+    except ProtocolError as exc:
+        return [exc.record]
+    return asm.receive(msg, now)
 
 
 def jpeg(n: int, seed: int = 0) -> bytes:
@@ -68,7 +80,7 @@ def chunks(dev, name, data, chunk):
 def feed(asm, msgs, now=0.0):
     out = []
     for topic, payload in msgs:
-        out += asm.receive_raw(topic, payload, now)
+        out += receive_raw(asm, topic, payload, now)
     return out
 
 
@@ -259,7 +271,7 @@ def test_metadata_never_arrives_is_2201():
 )
 def test_bad_input_gets_coded_error(payload, code, reason):
     asm = Assembler(timing=TIMING)
-    out = asm.receive_raw("ESP32CAM/AABBCCDDEEFF/data", payload, 0.0)
+    out = receive_raw(asm, "ESP32CAM/AABBCCDDEEFF/data", payload, 0.0)
     (err,) = out
     assert isinstance(err, RecordError) and err.code == code
     assert err.severity == SEVERITY[code] and err.message == DESCRIPTION[code]
@@ -270,11 +282,11 @@ def test_bad_input_gets_coded_error(payload, code, reason):
 
 def test_bad_topic_device_id_and_huge_message():
     asm = Assembler(timing=TIMING)
-    (err,) = asm.receive_raw("ESP32CAM/AA:BB:CC:DD:EE:FF/data", b"{}", 0)
+    (err,) = receive_raw(asm, "ESP32CAM/AA:BB:CC:DD:EE:FF/data", b"{}", 0)
     assert err.code == 2101 and err.details["reason"] == "device_id_format"
-    (err,) = asm.receive_raw("ESP32CAM/AABBCCDDEEFF/data", b"x" * 100_000, 0)
+    (err,) = receive_raw(asm, "ESP32CAM/AABBCCDDEEFF/data", b"x" * 100_000, 0)
     assert err.code == 2101 and err.details["reason"] == "message_too_large"
-    (err,) = asm.receive_raw("ESP32CAM/AABBCCDDEEFF/other", b"{}", 0)
+    (err,) = receive_raw(asm, "ESP32CAM/AABBCCDDEEFF/other", b"{}", 0)
     assert err.details["reason"] == "unknown_topic"
 
 
@@ -286,7 +298,7 @@ def test_chunk_too_large():
         "chunk_id": 0,
         "payload": base64.b64encode(b"x" * 2000).decode(),
     }
-    (err,) = asm.receive_raw("ESP32CAM/AABBCCDDEEFF/data", json.dumps(body).encode(), 0)
+    (err,) = receive_raw(asm, "ESP32CAM/AABBCCDDEEFF/data", json.dumps(body).encode(), 0)
     assert err.code == 2101 and err.details["reason"] == "chunk_too_large"
 
 
@@ -368,7 +380,8 @@ def test_late_duplicates_after_finalize_are_ignored_then_resend_works():
 
 def test_status_message():
     asm = Assembler(timing=TIMING)
-    out = asm.receive_raw(
+    out = receive_raw(
+        asm,
         "ESP32CAM/AABBCCDDEEFF/status",
         b'{"device_id":"AABBCCDDEEFF","status":"Alive","pendingImg":3}',
         0,
@@ -490,7 +503,7 @@ def test_fleet_property(fleet, seed, drop_p, dup_p, lost_forever, answer_nacks, 
         while queue:
             topic, payload = queue.pop(0)
             now += 0.001
-            queue += handle(asm.receive_raw(topic, payload, now))
+            queue += handle(receive_raw(asm, topic, payload, now))
             check_bounds()
         nd = asm.next_deadline()
         if nd is None:

@@ -4,8 +4,8 @@ Each parser must answer arbitrary and adversarial input with the error type its 
 documents, never anything else, and keep memory bounded:
 
 - MQTT ingest (camfleet/protocol/assembler.py): `parse_message` -> Message or
-  ProtocolError carrying a 2101/2102/2103 RecordError; `Assembler.receive_raw` never
-  raises.
+  ProtocolError carrying a 2101/2102/2103 RecordError; the service's path (parse_message,
+  then `Assembler.receive`) never raises.
 - Edge batch (camfleet/protocol/edge_batch.py): `parse_url_request` -> UrlRequest or
   RequestRefused; `DeviceBatch.on_answer/on_verification` ignore what is not theirs.
 - ento.conf (camfleet/edge/config.py): EdgeConfig or ConfigError.
@@ -56,6 +56,16 @@ DEEP_NESTING = 5000
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 DEV = "abcd1234"
+
+
+def receive_raw(core, topic, payload, now):
+    """A raw MQTT message the way the assembler service feeds it to the core."""
+    try:
+        msg = asm.parse_message(topic, payload, core.limits)
+    except asm.ProtocolError as exc:
+        return [exc.record]
+    return core.receive(msg, now)
+
 
 hostile_text = st.one_of(
     st.text(max_size=200),
@@ -284,7 +294,7 @@ def test_mqtt_device_id_spoofing_between_topic_and_payload_is_refused(other):
 def test_mqtt_oversized_declarations_are_refused_before_any_buffer(body, reason):
     body = {"device_id": DEV, "image_name": "a.jpg", **body}
     core = asm.Assembler()
-    actions = core.receive_raw(f"ESP32CAM/{DEV}/data", json.dumps(body).encode(), 0.0)
+    actions = receive_raw(core, f"ESP32CAM/{DEV}/data", json.dumps(body).encode(), 0.0)
     assert [(a.code, a.details["reason"]) for a in actions] == [(2101, reason)]
     assert core.active() == 0 and core.reserved_bytes == 0
 
@@ -342,7 +352,7 @@ def test_assembler_never_raises_on_a_hostile_stream(stream):
     core = asm.Assembler()
     t = 0.0
     for topic, payload in stream:
-        for action in core.receive_raw(topic, payload, t):
+        for action in receive_raw(core, topic, payload, t):
             if isinstance(action, asm.FinalizeImage):
                 assert SAFE_NAME.match(action.safe_name) and not action.safe_name.startswith(".")
         t += 1.0
@@ -365,7 +375,7 @@ def test_assembler_memory_stays_bounded_under_a_flood_of_declarations_and_chunks
             yield _chunk(dev, f"early{i}.jpg", 3, chunk)
 
     def feed(item):
-        core.receive_raw(item[0], item[1], 0.0)
+        receive_raw(core, item[0], item[1], 0.0)
 
     peak = peak_bytes(feed, stream())
     print(f"assembler flood: peak traced {peak / 2**20:.1f} MiB")

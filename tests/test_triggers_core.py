@@ -1,4 +1,8 @@
-"""The sans-IO trigger core: lifecycle transitions, the clock's sweep rule, schedules."""
+"""The sans-IO trigger core: wire format, trigger ids, schedules.
+
+The lifecycle (claim, execute, expire, fail) is SQL only (sql/queries/triggers.sql) and
+is tested against PostgreSQL in tests/test_api_commands.py and tests/test_triggers_sql.py.
+"""
 
 from __future__ import annotations
 
@@ -11,46 +15,6 @@ from hypothesis import strategies as st
 from camfleet.protocol import triggers as core
 
 T0 = datetime(2025, 11, 9, 14, 5, 30, tzinfo=UTC)
-
-
-def test_lifecycle_transitions_and_final_states():
-    assert core.transition("pending", "send") == "sent"
-    assert core.transition("sent", "execute") == "executed"
-    assert core.transition("pending", "execute") == "executed"  # MQTT device, no "sent" yet
-    assert core.transition("pending", "expire") == "expired"
-    assert core.transition("sent", "fail") == "failed"
-    for final in core.FINAL_STATES:
-        for event in ("send", "execute", "fail", "expire"):
-            with pytest.raises(core.InvalidTransition):
-                core.transition(final, event)
-    with pytest.raises(core.InvalidTransition):
-        core.transition("sent", "expire")  # a sent trigger fails, it does not expire
-
-
-@given(
-    status=st.sampled_from(["pending", "sent"]),
-    age=st.floats(min_value=0, max_value=10_000),
-    ttl=st.floats(min_value=0.001, max_value=5_000),
-)
-def test_every_open_trigger_ends_final_once_its_time_is_up(status, age, ttl):
-    trigger = core.OpenTrigger(
-        status=status,
-        expires_at=T0 + timedelta(seconds=ttl),
-        sent_at=T0 if status == "sent" else None,
-    )
-    now = T0 + timedelta(seconds=age)
-    decision = core.sweep_decision(trigger, now, execution_timeout=90)
-    if status == "pending":
-        assert (decision is not None) == (age >= ttl)
-        assert core.deliverable(trigger, now) == (decision is None)
-    else:
-        assert (decision is not None) == (age >= 90)
-        assert not core.deliverable(trigger, now)
-    if decision:
-        assert decision[0] in core.FINAL_STATES and decision[1]
-    # far enough in the future, nothing stays open
-    late = T0 + timedelta(seconds=10_000 + 5_000 + 91)
-    assert core.sweep_decision(trigger, late, execution_timeout=90) is not None
 
 
 def test_command_wire_format_is_the_seeds():

@@ -732,9 +732,10 @@ class _Assembly:
 
 
 class Assembler:
-    """Chunk assembly for a whole fleet.  Feed messages with :meth:`receive` (or raw
-    MQTT payloads with :meth:`receive_raw`) and call :meth:`tick` at
-    :meth:`next_deadline`; both return a list of actions.  ``now`` is monotonic seconds.
+    """Chunk assembly for a whole fleet.  Feed messages from :func:`parse_message` with
+    :meth:`receive` (a ProtocolError's record is the caller's to apply) and call
+    :meth:`tick` at :meth:`next_deadline`; both return a list of actions.  ``now`` is
+    monotonic seconds.
     """
 
     def __init__(self, limits: Limits = Limits(), timing: Timing = Timing()):
@@ -790,14 +791,6 @@ class Assembler:
         return not self._asm and not self._early
 
     # -- input -------------------------------------------------------------------------
-    def receive_raw(self, topic: str, payload: bytes, now: float) -> list[Action]:
-        try:
-            msg = parse_message(topic, payload, self.limits)
-        except ProtocolError as exc:
-            self.stats["errors"] += 1
-            return [exc.record]
-        return self.receive(msg, now)
-
     def receive(self, msg: Message, now: float) -> list[Action]:
         if isinstance(msg, ChunkMessage):
             return self._on_chunk(msg, now)

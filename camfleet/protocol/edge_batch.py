@@ -138,7 +138,6 @@ E_NAME = 3002  # one file name refused (path components, duplicates, declared si
 E_SIZE = 3003  # stored object's size outside the grant or unequal to the declared size
 E_CHECKSUM = 3004  # stored object's SHA-256 differs from the declared one
 E_NEVER_UPLOADED = 3005  # the grant expired without an object
-E_STORE = 3006  # the object store failed while verifying (retried later)
 E_RATE = 3007  # the device sent requests faster than its rate limit: answered, not granted
 E_CAPACITY = 3008  # the device (or the signer) has too many open grants: ask again later
 E_BUCKET = 3009  # bucket-name not in the signer's allow-list
@@ -766,9 +765,6 @@ class DeviceBatch:
 
     def waiting_for_verification(self) -> bool:
         return any(s is FileState.UPLOADED for s in self.states.values())
-
-    def verify_timed_out(self, now: float) -> bool:
-        return self.verify_deadline is not None and now >= self.verify_deadline
 
     def give_up_verification(self) -> None:
         for name, state in self.states.items():

@@ -1,13 +1,16 @@
 """Sans-IO core of capture triggers (seed 003, "Visant Cloud-Triggered Camera System").
 
-Two things live here, both free of sockets, SQL and Prefect:
+What lives here is free of sockets, SQL and Prefect:
 
-* the **lifecycle** of one trigger, ``pending -> sent -> executed | failed | expired``,
-  as a transition table plus :func:`sweep_decision`, which says what a clock does to
-  an open trigger (the expiry sweep and the API use the same rule);
 * the **schedule**: which slots a device's ``config`` asks for in a time window
   (``{"trigger": {"enabled", "interval_seconds"}}`` and an optional ``"cron"``), with
-  deterministic trigger ids so a re-run scheduler cannot double a slot.
+  deterministic trigger ids so a re-run scheduler cannot double a slot;
+* the names of the lifecycle states and its time limits (TTLs, execution timeout).
+
+The **lifecycle** itself, ``pending -> sent -> executed | failed | expired``, has one
+home: the guarded ``UPDATE`` statements in ``sql/queries/triggers.sql`` (claim, execute,
+expire, fail), which every API instance, flow and CLI command runs. There is no Python
+copy of those rules to keep in step.
 
 Wire format of a command (fixed by DESIGN.md, pipeline 4, so deployed Visant clients
 work unchanged): ``{"cmd": "capture", "trigger_id": ..., "type": "scheduled"|"manual"}``.
@@ -52,59 +55,9 @@ FINAL_STATES = frozenset({EXECUTED, FAILED, EXPIRED})
 SCHEDULED, MANUAL = "scheduled", "manual"
 TRIGGER_TYPES = (SCHEDULED, MANUAL)
 
-# event -> {from state: to state}
-_TRANSITIONS: dict[str, dict[str, str]] = {
-    "send": {PENDING: SENT},
-    # A device may capture on a command it got over MQTT before the row says "sent".
-    "execute": {PENDING: EXECUTED, SENT: EXECUTED},
-    "fail": {PENDING: FAILED, SENT: FAILED},
-    "expire": {PENDING: EXPIRED},
-}
-
-
-class InvalidTransition(ValueError):
-    """An event that the trigger's current state does not allow."""
-
 
 class BadTriggerConfig(ValueError):
     """A device config whose "trigger" section cannot be scheduled; says why."""
-
-
-def transition(state: str, event: str) -> str:
-    """The state after `event`, or InvalidTransition (final states never change)."""
-    try:
-        return _TRANSITIONS[event][state]
-    except KeyError:
-        raise InvalidTransition(f"cannot {event} a trigger that is {state}") from None
-
-
-@dataclass(frozen=True)
-class OpenTrigger:
-    """What the clock needs to know about a trigger that is not final yet."""
-
-    status: str
-    expires_at: datetime | None
-    sent_at: datetime | None = None
-
-
-def sweep_decision(
-    trigger: OpenTrigger, now: datetime, execution_timeout: float = EXECUTION_TIMEOUT_SECONDS
-) -> tuple[str, str] | None:
-    """``(new_state, reason)`` when time has ended this trigger, else None."""
-    if trigger.status == PENDING and trigger.expires_at is not None and now >= trigger.expires_at:
-        return EXPIRED, "not delivered before it expired"
-    if (
-        trigger.status == SENT
-        and trigger.sent_at is not None
-        and now - trigger.sent_at >= timedelta(seconds=execution_timeout)
-    ):
-        return FAILED, f"not executed within {int(execution_timeout)} s of being sent"
-    return None
-
-
-def deliverable(trigger: OpenTrigger, now: datetime) -> bool:
-    """A pending trigger that has not expired may be written to a device."""
-    return trigger.status == PENDING and (trigger.expires_at is None or now < trigger.expires_at)
 
 
 def command(trigger_id: str, trigger_type: str) -> dict:

@@ -70,12 +70,6 @@ class ObjectStore(ABC):
         """Store `data` durably under `key` (overwriting); returns size and sha256."""
 
     @abstractmethod
-    def put_file(
-        self, key: str, path: str, content_type: str = "application/octet-stream"
-    ) -> ObjectInfo:
-        """Stream a local file to `key` without reading it whole into memory."""
-
-    @abstractmethod
     def get(self, key: str) -> bytes: ...
 
     @abstractmethod

@@ -144,21 +144,6 @@ class LocalStore(ObjectStore):
         self._write_atomically(key, lambda out: out.write(data))
         return ObjectInfo(key, len(data), sha256_hex(data), content_type)
 
-    def put_file(self, key, path, content_type="application/octet-stream"):
-        digest = hashlib.sha256()
-        size = 0
-
-        def copy(out):
-            nonlocal size
-            with open(path, "rb") as src:
-                while chunk := src.read(STREAM_CHUNK_BYTES):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    out.write(chunk)
-
-        self._write_atomically(key, copy)
-        return ObjectInfo(key, size, digest.hexdigest(), content_type)
-
     def put_stream(self, key, stream, max_bytes: int, exclusive: bool = False) -> ObjectInfo:
         """Copy a stream (an upload body) to `key`, refusing more than `max_bytes`;
         `exclusive`: KeyUnavailable when an object is already stored there."""

@@ -23,7 +23,6 @@ from camfleet.storage.base import (
     PresignedPost,
     PresignedPut,
     StorageError,
-    sha256_stream,
 )
 
 # boto3's "standard" retry mode with a few attempts rides out a restarting server
@@ -92,21 +91,6 @@ class S3Store(ObjectStore):
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"S3 put {key!r} failed: {exc}") from exc
         return ObjectInfo(key, len(data), digest.hex(), content_type)
-
-    def put_file(self, key, path, content_type="application/octet-stream"):
-        with open(path, "rb") as f:
-            sha, size = sha256_stream(f)
-        try:
-            # upload_file streams and switches to multipart for large files.
-            self.client.upload_file(
-                path,
-                self.bucket,
-                self._key(key),
-                ExtraArgs={"ContentType": content_type, "Metadata": {"sha256": sha}},
-            )
-        except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"S3 upload {key!r} failed: {exc}") from exc
-        return ObjectInfo(key, size, sha, content_type)
 
     def get(self, key):
         try:

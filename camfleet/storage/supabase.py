@@ -15,7 +15,6 @@ from camfleet.storage.base import (
     PresignedPut,
     StorageError,
     sha256_hex,
-    sha256_stream,
 )
 
 # Supabase signed upload URLs are valid for two hours; the server decides, not us.
@@ -48,13 +47,6 @@ class SupabaseStore(ObjectStore):
         sha = sha256_hex(data)
         self._upload(key, data, content_type, sha)
         return ObjectInfo(key, len(data), sha, content_type)
-
-    def put_file(self, key, path, content_type="application/octet-stream"):
-        with open(path, "rb") as f:
-            sha, size = sha256_stream(f)
-        with open(path, "rb") as f:
-            self._upload(key, f, content_type, sha)
-        return ObjectInfo(key, size, sha, content_type)
 
     def get(self, key):
         from storage3.exceptions import StorageApiError

@@ -238,9 +238,6 @@ class CommandHub:
             self._removed.add(stream.device_id)
             self._dirty.set()
 
-    def connected_here(self) -> list[str]:
-        return sorted(self._streams)
-
     async def load_pending(self, stream: Stream) -> int:
         async with self.pool.acquire() as conn:
             rows = [
