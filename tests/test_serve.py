@@ -332,7 +332,10 @@ def test_three_sigints_mid_submission_leave_no_run_stuck_and_no_item_unverified(
             _stuck_runs(),
             server.log.read_text()[-3000:],
         )
-        assert {_state(i).type.value for i in run_ids} == {"COMPLETED"}
+        # a run the stop cancelled (or whose process the Ctrl-C reached first) ended;
+        # its items were adopted by a later window's run, counted below
+        ended = {_state(i).type.value for i in run_ids}
+        assert "COMPLETED" in ended and ended <= {"COMPLETED", "CANCELLED", "CRASHED"}, ended
         with db.transaction(database_url) as conn, conn.cursor() as cur:
             cur.execute(
                 "select count(*), count(sha256) from captures where ingest_status = 'stored'"
