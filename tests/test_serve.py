@@ -4,7 +4,9 @@ The fast tests read prefect.yaml and build the served deployments without a serv
 restart test serves two deployments against a real Prefect server, kills the serve
 process (and its flow runs) with SIGKILL mid-run, starts it again, and checks that the
 interrupted runs end Crashed or run again; then it stops it with SIGINT (Ctrl-C) and
-checks it exits cleanly with no run left Pending or Running.
+checks it exits cleanly with no run left Pending or Running. The slow test stops it
+with Ctrl-C three times while Lifelog windows are being submitted and checks that,
+after the next start, no run is stuck and every item is verified.
 """
 
 from __future__ import annotations
@@ -145,14 +147,7 @@ def test_restart_leaves_no_run_stuck_and_sigint_stops_cleanly(
     from prefect.states import Pending
 
     add_device(database_url, "SLOW")  # never executes its trigger: the run waits
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_API_URL=prefect_api_url,
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        DATABASE_URL=database_url,
-        STORAGE_URL=(tmp_path / "objects").as_uri(),
-        CAMFLEET_DATA_DIR=str(tmp_path / "data"),
-    )
+    env = _serve_env(prefect_api_url, database_url, tmp_path)
     server = Serve(env, tmp_path / "serve.log", "manual-trigger,lifelog-ingest-processing")
     try:
         server.start()
