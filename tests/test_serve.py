@@ -4,7 +4,9 @@ The fast tests read prefect.yaml and build the served deployments without a serv
 restart test serves two deployments against a real Prefect server, kills the serve
 process (and its flow runs) with SIGKILL mid-run, starts it again, and checks that the
 interrupted runs end Crashed or run again; then it stops it with SIGINT (Ctrl-C) and
-checks it exits cleanly with no run left Pending or Running.
+checks it exits cleanly with no run left Pending or Running. The slow test stops it
+with Ctrl-C three times while Lifelog windows are being submitted and checks that,
+after the next start, no run is stuck and every item is verified.
 """
 
 from __future__ import annotations
@@ -145,14 +147,7 @@ def test_restart_leaves_no_run_stuck_and_sigint_stops_cleanly(
     from prefect.states import Pending
 
     add_device(database_url, "SLOW")  # never executes its trigger: the run waits
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_API_URL=prefect_api_url,
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        DATABASE_URL=database_url,
-        STORAGE_URL=(tmp_path / "objects").as_uri(),
-        CAMFLEET_DATA_DIR=str(tmp_path / "data"),
-    )
+    env = _serve_env(prefect_api_url, database_url, tmp_path)
     server = Serve(env, tmp_path / "serve.log", "manual-trigger,lifelog-ingest-processing")
     try:
         server.start()
@@ -253,3 +248,129 @@ def test_missed_routine_runs_are_dropped_not_replayed(prefect_api_url):
 
     remaining = _client_call(left)
     assert remaining[routine_id] == 0 and remaining[daily_id] >= 1  # the cron one runs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_three_sigints_mid_submission_leave_no_run_stuck_and_no_item_unverified(
+    prefect_api_url, database_url, tmp_path
+):
+    """Ctrl-C three times while Lifelog windows are being submitted, then start again:
+    every window run ends, none is left Pending/Running or overdue, every item verified.
+
+    Slow (three stops and starts of a serve process); the single Ctrl-C is covered by
+    test_restart_leaves_no_run_stuck_and_sigint_stops_cleanly."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from camfleet import db
+    from camfleet.storage.local import LocalStore
+    from services.api.app import create_app
+    from services.api.ingest_batches import PrefectRuns
+    from services.api.ratelimit import RateLimits
+    from tests.test_devices_api import SECRET, ingest, make_user_key, pair_and_activate, upload
+
+    env = _serve_env(prefect_api_url, database_url, tmp_path)
+    server = Serve(env, tmp_path / "serve.log", "lifelog-ingest-processing")
+    store = LocalStore(tmp_path / "objects", public_url="http://testserver", secret=SECRET)
+    # Windows an hour in the past: each one's run is due as soon as it is created.
+    window_s, now = 7, [time.time() - 3600]
+    runs = PrefectRuns(window_s=window_s).window_runs(lambda: now[0], create_timeout_s=120)
+    app = create_app(
+        database_url=database_url,
+        secret_key=SECRET,
+        store=store,
+        processing_runs=runs,
+        rate_limits=RateLimits(),
+    )
+    run_ids: set[str] = set()
+    seq = 0
+    try:
+        server.start()  # creates the deployment the API's windows run
+        with TestClient(app) as client:
+            _, token = pair_and_activate(client, make_user_key(database_url))
+            for stop in range(3):
+                submitted = []
+                for _ in range(3):  # three windows: more than the deployment's limit of 2
+                    seq += 1
+                    now[0] += window_s
+                    target = upload(client, token, seq, filename=f"stop{stop}_{seq:06d}.jpg")
+                    r = ingest(client, token, target["object_key"], seq)
+                    assert r.status_code == 200 and r.json()["status"] == "queued", r.text
+                    submitted.append(r.json()["task_id"])
+                run_ids.update(submitted)
+
+                def taken():
+                    states = {_state(i).type.value for i in submitted}
+                    return states & {"PENDING", "RUNNING", "COMPLETED"}
+
+                assert wait_until(taken, 120, 0.05), "the serve process took no window run"
+                server.signal_group(signal.SIGINT)  # Ctrl-C while it submits and runs
+                assert server.p.wait(60) == 0, server.log.read_text()[-3000:]
+                server.start()
+        log = server.log.read_text()
+        assert "was never awaited" not in log and "CancelledError" not in log
+
+        def caught_up():
+            states = [_state(i) for i in run_ids]
+            if not all(s.is_final() for s in states):
+                return None
+            with db.transaction(database_url) as conn, conn.cursor() as cur:
+                cur.execute("select count(*) from captures where sha256 is null")
+                if cur.fetchone()[0]:
+                    return None
+            return _stuck_runs() == []
+
+        assert wait_until(caught_up, 240, 0.5), (
+            {i: _state(i).type.value for i in run_ids},
+            _stuck_runs(),
+            server.log.read_text()[-3000:],
+        )
+        # a run the stop cancelled (or whose process the Ctrl-C reached first) ended;
+        # its items were adopted by a later window's run, counted below
+        ended = {_state(i).type.value for i in run_ids}
+        assert "COMPLETED" in ended and ended <= {"COMPLETED", "CANCELLED", "CRASHED"}, ended
+        with db.transaction(database_url) as conn, conn.cursor() as cur:
+            cur.execute(
+                "select count(*), count(sha256) from captures where ingest_status = 'stored'"
+            )
+            assert cur.fetchone() == (seq, seq)
+    finally:
+        server.stop()
+
+
+def _serve_env(prefect_api_url: str, database_url: str, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_API_URL=prefect_api_url,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        DATABASE_URL=database_url,
+        STORAGE_URL=(tmp_path / "objects").as_uri(),
+        CAMFLEET_DATA_DIR=str(tmp_path / "data"),
+    )
+    return env
+
+
+def _stuck_runs() -> list[str]:
+    """Runs of the Lifelog deployment Pending, Running or Cancelling, or Scheduled and
+    more than a minute overdue: what a stop must not leave behind."""
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    async def read(client):
+        return await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["lifelog-ingest-processing"])
+            ),
+            limit=200,
+        )
+
+    overdue = datetime.now(UTC) - timedelta(minutes=1)
+    return [
+        f"{r.id} {r.state.type.value}"
+        for r in _client_call(read)
+        if r.state.type.value in {"PENDING", "RUNNING", "CANCELLING"}
+        or (r.state.type.value == "SCHEDULED" and r.expected_start_time < overdue)
+    ]
