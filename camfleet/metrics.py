@@ -156,5 +156,6 @@ def expose_signer(signer, port: int):
         "signer",
         port,
         signer.stats,
-        gauges={"queue_depth": signer._inbox.qsize},  # noqa: SLF001
+        # FairInbox (services/signer_limits.py): its length is the queued requests
+        gauges={"queue_depth": lambda: len(signer._inbox)},  # noqa: SLF001
     )

@@ -148,3 +148,25 @@ def test_up_passes_free_metrics_ports_to_assembler_and_signer():
         for port in ports.values():
             with socket.socket() as probe:
                 probe.bind(("127.0.0.1", port))  # free for the service to bind
+
+
+def test_signer_metrics_serve_its_counts_and_queue_depth(mosquitto, database_url, tmp_path):
+    """`camfleet signer --metrics-port` (as `camfleet up` now runs it) answers a scrape;
+    its queue is a FairInbox, whose depth is its length."""
+    from camfleet.storage.local import LocalStore
+    from services.signer import Signer
+
+    signer = Signer(
+        LocalStore(tmp_path), database_url, broker_block(mosquitto), client_id="s-metrics"
+    )
+    port = free_port()
+    server, _thread = metrics.expose_signer(signer, port)
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert "camfleet_signer_requests_total 0.0" in text
+        assert "camfleet_signer_queue_depth 0.0" in text
+    finally:
+        server.shutdown()
+        for c in list(metrics.REGISTRY._collector_to_names):  # noqa: SLF001
+            if isinstance(c, metrics.ServiceStatsCollector):
+                metrics.REGISTRY.unregister(c)
