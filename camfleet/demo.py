@@ -30,6 +30,10 @@ ESP32_EVERY_S = 20
 EDGE_EVERY_S = 30
 VISANT_TRIGGER_INTERVAL_S = 15
 LIFELOG_INTERVAL_S = 10
+DEMO_USER = "demo-operator"
+ESP32_PREFIX = "DE0A00"
+ESP32_DEVICES = 3
+EDGE_SERIAL = "ENTO-DEMO-0001"
 
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -95,6 +99,35 @@ def _pair_device(api_url: str, user_key: str, name: str) -> tuple[str, str]:
     return body["device_id"], body["device_token"]
 
 
+def demo_device_ids() -> list[str]:
+    """The ids the demo's ESP32 and edge simulators register under (by MQTT / the signer)."""
+    from camfleet.simulators.esp32 import device_id
+
+    return [device_id(ESP32_PREFIX, i) for i in range(ESP32_DEVICES)] + [EDGE_SERIAL]
+
+
+def claim_demo_devices(dsn: str, user_id: str, device_ids: list[str]) -> set[str]:
+    """Give the demo's ownerless devices to the demo user, so they show in its console.
+
+    MQTT and edge ingest register devices without an owner (`camfleet devices assign`
+    gives them one); the demo does the same for its own ids once they exist. Returns
+    the listed ids that have an owner now (devices already owned are never moved), so
+    the caller stops asking about them.
+    """
+    from camfleet import db
+
+    with db.transaction(dsn) as conn:
+        rows = db.queries.devices_claim_unowned(conn, user_id=user_id, device_ids=device_ids)
+        return {row[0] for row in rows}  # a lazy cursor: read before the connection closes
+
+
+def _database_url() -> str | None:
+    from camfleet.settings import get_settings
+
+    url = get_settings().database_url
+    return url.get_secret_value() if url is not None else None
+
+
 def run(api_url: str, work_dir: Path) -> None:
     work_dir.mkdir(parents=True, exist_ok=True)
     logs = work_dir / "logs"
@@ -103,9 +136,7 @@ def run(api_url: str, work_dir: Path) -> None:
     state_path = work_dir / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if "user_key" not in state:
-        state["user_key"] = _cli(
-            "users", "create-key", "demo-operator", "--label", "demo"
-        ).stdout.strip()
+        state["user_key"] = _cli("users", "create-key", DEMO_USER, "--label", "demo").stdout.strip()
     if "visant" not in state:
         state["visant"] = _pair_device(api_url, state["user_key"], "demo-visant-cam")
     fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -149,20 +180,26 @@ def run(api_url: str, work_dir: Path) -> None:
         ),
     ]
     next_esp32 = next_edge = 0.0
+    dsn, unclaimed = _database_url(), set(demo_device_ids())
     try:
         while True:
             now = time.monotonic()
+            if unclaimed and dsn:
+                try:
+                    unclaimed -= claim_demo_devices(dsn, DEMO_USER, sorted(unclaimed))
+                except Exception as exc:  # noqa: BLE001 - the demo keeps running; retried
+                    log.warning("could not assign demo devices yet: %s", type(exc).__name__)
             if now >= next_esp32:
                 children.append(
                     _spawn(
                         "simulate",
                         "esp32",
                         "--devices",
-                        "3",
+                        str(ESP32_DEVICES),
                         "--images",
                         "1",
                         "--id-prefix",
-                        "DE0A00",
+                        ESP32_PREFIX,
                         "--pictures",  # real JPEGs, a new name each round
                         log_path=logs / "esp32.log",
                     )
@@ -174,7 +211,7 @@ def run(api_url: str, work_dir: Path) -> None:
                         "simulate",
                         "edge",
                         "--serial",
-                        "ENTO-DEMO-0001",
+                        EDGE_SERIAL,
                         "--files",
                         "5",
                         "--workdir",

@@ -39,11 +39,31 @@ RATE_LIMIT_REFUSALS = Counter(
     "camfleet_api_rate_limited_total", "Requests refused by a rate limit (429)", ["route"]
 )
 SSE_CONNECTIONS = Gauge("camfleet_api_sse_connections", "Open SSE command streams")
+TRIGGER_DISPATCH_LAG = Histogram(
+    "camfleet_api_trigger_dispatch_lag_seconds",
+    "From a trigger's scheduled time to its hand-off to the device (SSE stream or MQTT)",
+    ["transport"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 15, 60, 300, 3600),
+)
 CONSOLE_THUMBNAILS = Counter(
     "camfleet_console_thumbnails_total", "Thumbnails made by the console", ["outcome"]
 )
 
 # --- MQTT assembler and edge signer: their own `stats`, see ServiceStatsCollector -------
+ASSEMBLER_ERRORS = Counter(
+    "camfleet_assembler_errors_total",
+    "Errors the assembler recorded, by protocol error code (2101-2205)",
+    ["code"],
+)
+
+
+def count_assembler_error(code: object) -> None:
+    """One recorded error. Codes outside the assembler's own table (a hostile or
+    device-made number) count as 'other', so the label set stays bounded."""
+    from camfleet.protocol.assembler import DESCRIPTION
+
+    ASSEMBLER_ERRORS.labels(str(code) if code in DESCRIPTION else "other").inc()
+
 
 # --- fleet health (flows/fleet_health.py) ------------------------------------------------
 FLEET_DEVICES = Gauge("camfleet_fleet_devices", "Devices by health", ["health"])
@@ -136,5 +156,6 @@ def expose_signer(signer, port: int):
         "signer",
         port,
         signer.stats,
-        gauges={"queue_depth": signer._inbox.qsize},  # noqa: SLF001
+        # FairInbox (services/signer_limits.py): its length is the queued requests
+        gauges={"queue_depth": lambda: len(signer._inbox)},  # noqa: SLF001
     )

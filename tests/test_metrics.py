@@ -12,7 +12,7 @@ from camfleet import metrics
 from camfleet.localsvc import free_port
 from camfleet.simulators.esp32 import SimOptions, simulate
 from services.assembler import AssemblerService, ServiceConfig
-from tests.test_mqtt_ingest import FAST, broker_block
+from tests.test_mqtt_ingest import FAST, Device, broker_block, wait_for
 
 
 def value(text: str, name: str) -> float:
@@ -46,6 +46,25 @@ def test_assembler_metrics_move_with_the_fleet(mosquitto, database_url, tmp_path
         assert 'camfleet_assembler_ack_latency_seconds{quantile="0.99"}' in after
         assert "camfleet_assembler_inbox_depth" in after
         assert "process_resident_memory_bytes" in after
+        # errors by code: a hostile JSON (2101) and a bad base64 chunk (2103)
+        bad_json = 'camfleet_assembler_errors_total{code="2101"}'
+        bad_b64 = 'camfleet_assembler_errors_total{code="2103"}'
+        d = Device(broker, "0E0E00FFFFFF")
+        try:
+            d.pub(None, raw="{not json")
+            d.meta("x.jpg", b"\xff" * 1500)
+            d.chunk("x.jpg", b"\xff" * 1500, 0, payload="!!notbase64!!")
+
+            def counted():
+                text = httpx.get(url, timeout=10).text
+                return text if value(text, bad_b64) > value(before, bad_b64) else None
+
+            scraped = wait_for(counted)
+            assert scraped, "the 2103 error was never counted"
+        finally:
+            d.close()
+        assert value(scraped, bad_json) >= value(before, bad_json) + 1
+        assert value(scraped, bad_b64) >= value(before, bad_b64) + 1
     finally:
         svc.stop(timeout=30)
         server.shutdown()
@@ -77,3 +96,77 @@ def test_api_counts_rate_limit_refusals_by_route(database_url, tmp_path):
         ]
         assert codes.count(429) == 2
         assert value(c.get("/metrics").text, name) == before + 2
+
+
+def test_api_exposes_trigger_dispatch_lag_by_transport():
+    """A trigger handed to a device's SSE stream 5 s after it was due shows that wait."""
+    import asyncio
+    import time
+
+    from services.api.command_hub import CommandHub
+
+    count = "camfleet_api_trigger_dispatch_lag_seconds_count"
+    total = "camfleet_api_trigger_dispatch_lag_seconds_sum"
+
+    def scrape() -> tuple[float, float]:
+        text = metrics.exposition()[0].decode()  # what GET /metrics serves
+        return value(text, count + '{transport="sse"}'), value(text, total + '{transport="sse"}')
+
+    async def deliver_late() -> tuple[str, str]:
+        hub = CommandHub("", None)  # no database needed: the stream is local
+        stream = hub.subscribe("LAGDEVICE01")
+        hub._schedule("LAGDEVICE01", "trig-1", "capture", time.time() - 5)  # noqa: SLF001
+        return await asyncio.wait_for(stream.queue.get(), 10)
+
+    n0, s0 = scrape()
+    assert asyncio.run(deliver_late()) == ("trig-1", "capture")
+    n1, s1 = scrape()
+    assert n1 == n0 + 1
+    assert s1 - s0 >= 5
+
+
+def test_up_passes_free_metrics_ports_to_assembler_and_signer():
+    """`camfleet up` gives the assembler and the signer a --metrics-port: the API's port
+    + 1 / + 2 when free, another free port when that one is taken."""
+    import socket
+
+    from camfleet.commands.up import SERVICES, metrics_ports
+
+    argv = {name: args for name, _module, args in SERVICES}
+    assert argv["assembler"][-2:] == ["--metrics-port", "{m_assembler}"]
+    assert argv["signer"][-2:] == ["--metrics-port", "{m_signer}"]
+    api_port = free_port()
+    with socket.socket() as held:  # another program on API port + 1
+        try:
+            held.bind(("127.0.0.1", api_port + 1))
+            held.listen()
+        except OSError:
+            pass  # already taken by someone else: just as good
+        ports = metrics_ports(api_port)
+        assert ports["assembler"] != api_port + 1
+        assert len({api_port, *ports.values()}) == 3
+        for port in ports.values():
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", port))  # free for the service to bind
+
+
+def test_signer_metrics_serve_its_counts_and_queue_depth(mosquitto, database_url, tmp_path):
+    """`camfleet signer --metrics-port` (as `camfleet up` now runs it) answers a scrape;
+    its queue is a FairInbox, whose depth is its length."""
+    from camfleet.storage.local import LocalStore
+    from services.signer import Signer
+
+    signer = Signer(
+        LocalStore(tmp_path), database_url, broker_block(mosquitto), client_id="s-metrics"
+    )
+    port = free_port()
+    server, _thread = metrics.expose_signer(signer, port)
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert "camfleet_signer_requests_total 0.0" in text
+        assert "camfleet_signer_queue_depth 0.0" in text
+    finally:
+        server.shutdown()
+        for c in list(metrics.REGISTRY._collector_to_names):  # noqa: SLF001
+            if isinstance(c, metrics.ServiceStatsCollector):
+                metrics.REGISTRY.unregister(c)

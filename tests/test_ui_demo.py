@@ -3,7 +3,9 @@ listed in the Prefect UI rendered by headless Chromium (Debian's chromium packag
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -63,6 +65,55 @@ def _completed_flows(api_url: str) -> set[str]:
     return _runs_in(api_url, ["COMPLETED"])
 
 
+# A counter per service that the demo keeps moving (docs/metrics.md).
+MOVING = {
+    "api": "camfleet_api_requests_total",
+    "assembler": "camfleet_assembler_messages_total",
+    "signer": "camfleet_signer_requests_total",
+}
+
+
+def _counter(url: str, name: str) -> float:
+    """The sum of a counter's series at one scrape of `url`."""
+    text = httpx.get(url, timeout=10).text
+    return sum(float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def _assert_metrics_move(up_log: Path) -> None:
+    """Each service's /metrics, at the URL the banner names, has its counter moving."""
+    banner = up_log.read_text()
+    urls = dict(re.findall(r"\b(api|assembler|signer) (http://\S+/metrics)", banner))
+    assert set(urls) == set(MOVING), banner[-3000:]
+    first = {svc: _counter(urls[svc], name) for svc, name in MOVING.items()}
+    deadline = time.monotonic() + 180
+    moved: set[str] = set()
+    while time.monotonic() < deadline and moved != set(MOVING):
+        time.sleep(2)
+        moved = {svc for svc, name in MOVING.items() if _counter(urls[svc], name) > first[svc]}
+    assert moved == set(MOVING), (first, moved)
+
+
+def _assert_demo_fleet_owned(data_dir: Path) -> None:
+    """Every simulated device (all kinds) belongs to the demo user, so its console shows it."""
+    import psycopg2
+
+    from camfleet import demo
+
+    dsn = json.loads((data_dir / "stack.json").read_text())["env"]["DATABASE_URL"]
+    wanted = set(demo.demo_device_ids())
+    deadline = time.monotonic() + 120
+    while True:
+        with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+            cur.execute("select device_id, kind, user_id from devices")
+            rows = cur.fetchall()
+        owned = {d for d, _kind, user in rows if user == demo.DEMO_USER}
+        if wanted <= owned or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert wanted <= owned, rows
+    assert all(user == demo.DEMO_USER for _d, _kind, user in rows), rows
+
+
 @pytest.mark.timeout(600)
 def test_demo_flow_runs_of_every_pipeline_show_completed_in_the_ui():
     work = Path(tempfile.mkdtemp(prefix="camfleet-ui-"))
@@ -105,6 +156,8 @@ def test_demo_flow_runs_of_every_pipeline_show_completed_in_the_ui():
                 continue
         assert PIPELINE_FLOWS <= seen, (seen, (work / "up.log").read_text()[-3000:])
         assert not _runs_in(f"{ui}/api", ["FAILED", "CRASHED"])
+        _assert_metrics_move(work / "up.log")
+        _assert_demo_fleet_owned(work / "data")
 
         dom = subprocess.run(
             [

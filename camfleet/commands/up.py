@@ -13,12 +13,27 @@ import typer
 
 # (name, CLI module that must exist, argv after `camfleet`)
 SERVICES = [
-    ("assembler", "camfleet.commands.assembler", ["assembler"]),
+    ("assembler", "camfleet.commands.assembler", ["assembler", "--metrics-port", "{m_assembler}"]),
     ("api", "camfleet.commands.api", ["api", "--host", "{api_host}", "--port", "{api_port}"]),
-    ("signer", "camfleet.commands.signer", ["signer"]),
+    ("signer", "camfleet.commands.signer", ["signer", "--metrics-port", "{m_signer}"]),
 ]
 DEPLOYMENTS = ("deployments", "deployments.serve", None)
 DEMO = [("demo", "camfleet.demo", None)]
+
+
+def metrics_ports(api_port: int) -> dict[str, int]:
+    """Prometheus ports of the assembler and the signer: the API's port + 1 and + 2 when
+    free (predictable for a scrape config), else ones the OS picks; the API serves its
+    own /metrics. Services bind loopback only."""
+    from camfleet.localsvc import free_port
+    from camfleet.stack import _port_free
+
+    ports: dict[str, int] = {}
+    for offset, name in enumerate(("assembler", "signer"), start=1):
+        wanted = api_port + offset
+        free = wanted <= 65535 and wanted not in ports.values() and _port_free(wanted)
+        ports[name] = wanted if free else free_port()
+    return ports
 
 
 def _available(module: str) -> bool:
@@ -105,7 +120,9 @@ def up(
             env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(HEARTBEAT_S)
         if not check:
             _register_blocks(env)
+            metrics = metrics_ports(api_port)
             fmt = {"api_host": settings.api_host, "api_port": str(api_port)}
+            fmt |= {f"m_{name}": str(port) for name, port in metrics.items()}
             planned = SERVICES + [DEPLOYMENTS] + (DEMO if demo else [])
             for name, module, args in planned:
                 if not _available(module):
@@ -118,6 +135,9 @@ def up(
             stack.lines.append(("device API", f"{public_url}  (docs: {public_url}/docs)"))
             stack.lines.append(("console", f"{public_url}/console  (docs/console.md)"))
             stack.lines.append(("logs", str(supervisor.log_dir)))
+            scrape = [f"api {public_url}/metrics"]
+            scrape += [f"{n} http://127.0.0.1:{p}/metrics" for n, p in metrics.items()]
+            stack.lines.append(("metrics", ", ".join(scrape) + "  (docs/metrics.md)"))
             try:
                 profile_restore.append(prefect_profile.activate(env["PREFECT_API_URL"]))
             except (OSError, ValueError) as exc:  # e.g. a read-only home directory

@@ -33,6 +33,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from camfleet import db as camfleet_db
+from camfleet import metrics
 
 log = logging.getLogger("camfleet.api.commands")
 
@@ -303,31 +304,43 @@ class CommandHub:
     ) -> None:
         delay = due - time.time()
         if delay <= 0:
-            self._deliver(device_id, trigger_id, trigger_type, via_mqtt)
+            self._deliver(device_id, trigger_id, trigger_type, via_mqtt, due)
             return
         loop = asyncio.get_running_loop()
         handle: asyncio.TimerHandle | None = None
 
         def fire() -> None:
             self._timers.discard(handle)
-            self._deliver(device_id, trigger_id, trigger_type, via_mqtt)
+            self._deliver(device_id, trigger_id, trigger_type, via_mqtt, due)
 
         handle = loop.call_later(delay, fire)
         self._timers.add(handle)
 
-    def _deliver(self, device_id: str, trigger_id: str, trigger_type: str, via_mqtt: bool) -> None:
+    def _deliver(
+        self, device_id: str, trigger_id: str, trigger_type: str, via_mqtt: bool, due: float
+    ) -> None:
         stream = self._streams.get(device_id)
         if stream is not None:
             stream.offer((trigger_id, trigger_type))
+            _observe_lag("sse", due)
         elif via_mqtt and self.mqtt_sender is not None:
             asyncio.get_running_loop().create_task(
-                self._deliver_mqtt(device_id, trigger_id, trigger_type)
+                self._deliver_mqtt(device_id, trigger_id, trigger_type, due)
             )
         # else: the device left; the trigger stays pending and is loaded on reconnect.
 
-    async def _deliver_mqtt(self, device_id: str, trigger_id: str, trigger_type: str) -> None:
+    async def _deliver_mqtt(
+        self, device_id: str, trigger_id: str, trigger_type: str, due: float
+    ) -> None:
         if await self.claim(device_id, trigger_id):
             await self.mqtt_sender.send(device_id, trigger_id, trigger_type)
+            _observe_lag("mqtt", due)
+
+
+def _observe_lag(transport: str, due: float) -> None:
+    """Trigger dispatch lag: due time to hand-off. A trigger loaded late (the device was
+    away, or no API was listening) shows its whole wait, which is what a user feels."""
+    metrics.TRIGGER_DISPATCH_LAG.labels(transport).observe(max(0.0, time.time() - due))
 
 
 class MqttCommandSender:

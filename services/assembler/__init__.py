@@ -79,7 +79,7 @@ from typing import Any
 
 import psycopg2
 
-from camfleet import db
+from camfleet import db, metrics
 from camfleet.protocol import assembler as core
 from services.assembler.admission import (
     KNOWN_REFRESH_S,
@@ -407,6 +407,7 @@ class AssemblerService:
                 self.stats["nacks"] += 1
                 self.on_outbound(a.device_id, a.topic, payload)
             elif isinstance(a, core.RecordError):
+                metrics.count_assembler_error(a.code)  # counted even when not stored
                 if self._within_quota("error", a.device_id):
                     self.rows.queue("error", self._error_row(a))
             elif isinstance(a, core.RecordStatus):
@@ -441,6 +442,7 @@ class AssemblerService:
         )
 
     def on_error(self, code: int, item, message: str, details: dict | None = None) -> None:
+        metrics.count_assembler_error(code)
         img = item.image
         self.rows.queue(
             "error",

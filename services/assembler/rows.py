@@ -29,7 +29,7 @@ from typing import Any
 
 import psycopg2.extras
 
-from camfleet import db
+from camfleet import db, metrics
 from camfleet.protocol import assembler as core
 
 log = logging.getLogger("camfleet.assembler")
@@ -183,6 +183,7 @@ class RowWriter:
             kind,
             type(exc).__name__,
         )
+        metrics.count_assembler_error(2205)
         details = {
             "reason": "row_rejected",
             "table": _TABLES[kind],

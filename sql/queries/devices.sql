@@ -147,3 +147,17 @@ set sha256 = :sha256,
     metadata = metadata || :patch,
     updated_at = now()
 where record_id = :record_id;
+
+-- name: devices_claim_unowned
+-- Give the listed devices that have no owner yet to a user (the demo's MQTT and edge
+-- devices, registered ownerless by ingest); owned devices are left alone. Returns every
+-- listed device that has an owner now, so the caller stops asking about it.
+with claimed as (
+    update devices
+    set user_id = :user_id
+    where device_id = any(:device_ids) and user_id is null
+    returning device_id
+)
+select device_id from claimed
+union
+select device_id from devices where device_id = any(:device_ids) and user_id is not null;
