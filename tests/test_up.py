@@ -18,6 +18,19 @@ import pytest
 from camfleet.localsvc import free_port
 
 
+@pytest.fixture
+def run_cli(run_cli):
+    """The shared run_cli adds `env` to os.environ, where the session's Prefect fixture
+    has exported PREFECT_API_URL; `camfleet up` must see exactly what _clean_env gives."""
+    from unittest import mock
+
+    def run(args, *, env=None, **kwargs):
+        with mock.patch.dict(os.environ, env or {}, clear=env is not None):
+            return run_cli(args, env=env, **kwargs)
+
+    return run
+
+
 def _stack_processes(data_dir) -> list[psutil.Process]:
     """Every process whose command line or working directory points into data_dir."""
     found = []
