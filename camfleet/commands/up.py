@@ -36,6 +36,23 @@ def metrics_ports(api_port: int) -> dict[str, int]:
     return ports
 
 
+def signer_replicas(services: list, n: int) -> list:
+    """`services` with the signer as `n` replicas of one share group, each with its own
+    MQTT client id (docs/edge-upload.md, replicas); only the first serves metrics."""
+    if n <= 1:
+        return services
+    out = []
+    for name, module, args in services:
+        if name != "signer":
+            out.append((name, module, args))
+            continue
+        for i in range(1, n + 1):
+            own = args if i == 1 else ["signer", "--metrics-port", "0"]
+            own = [*own, "--share-group", "camfleet-signer", "--client-id", f"camfleet-signer-{i}"]
+            out.append((f"signer-{i}", module, own))
+    return out
+
+
 def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -70,6 +87,9 @@ def up(
     ),
     check: bool = typer.Option(
         False, help="Bring up databases and broker, print the status, and exit."
+    ),
+    signers: int = typer.Option(
+        1, min=1, help="`camfleet signer` replicas sharing the edge devices' requests."
     ),
 ) -> None:
     """Start everything: Prefect server, migrations, blocks, deployments, services."""
@@ -123,7 +143,7 @@ def up(
             metrics = metrics_ports(api_port)
             fmt = {"api_host": settings.api_host, "api_port": str(api_port)}
             fmt |= {f"m_{name}": str(port) for name, port in metrics.items()}
-            planned = SERVICES + [DEPLOYMENTS] + (DEMO if demo else [])
+            planned = signer_replicas(SERVICES, signers) + [DEPLOYMENTS] + (DEMO if demo else [])
             for name, module, args in planned:
                 if not _available(module):
                     continue
