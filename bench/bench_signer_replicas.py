@@ -50,7 +50,8 @@ from camfleet.localsvc import (  # noqa: E402
     free_port,
 )
 
-READY_WAIT_S = 60.0
+# Three signers importing at once on a loaded 2-core machine take a while.
+READY_WAIT_S = 180.0
 
 
 def start_signers(n: int, env: dict, logs: Path) -> list[subprocess.Popen]:

@@ -36,6 +36,7 @@ import psycopg2
 import pytest
 
 from camfleet import db
+from camfleet.localsvc import MosquittoInstance
 from services.signer_leases import Leases
 from services.signer_limits import SharedRateLimiter
 from tests.faults_common import ChildProcess, wait_until
@@ -94,8 +95,19 @@ def replica(env: dict, log: Path, client_id: str) -> ChildProcess:
 
 
 @contextmanager
-def replicas_stack(tmp_path, mq, dsn, s3, bucket_name):
-    """3 signer replicas, 20 devices (one child process), camera, watcher, listener."""
+def replicas_stack(tmp_path, dsn, s3, bucket_name):
+    """3 signer replicas, 20 devices (one child process), camera, watcher, listener,
+    on a private broker (its log is copied to tmp_path/mosquitto.log)."""
+    with MosquittoInstance() as mq:
+        try:
+            with _stack(tmp_path, mq, dsn, s3, bucket_name) as stack:
+                yield stack
+        finally:
+            (tmp_path / "mosquitto.log").write_bytes(mq.log_path.read_bytes())
+
+
+@contextmanager
+def _stack(tmp_path, mq, dsn, s3, bucket_name):
     bucket = Bucket(s3.client(), bucket_name)
     bucket.enable_versioning()  # a second upload of one file shows as a second version
     root = tmp_path / "devices"
@@ -167,9 +179,9 @@ def assert_each_image_verified_once(dsn, bucket, camera, watcher, counter, logs)
 
 
 def test_three_replicas_verify_every_file_of_twenty_devices_once(
-    tmp_path, mosquitto, database_url, s3, bucket
+    tmp_path, database_url, s3, bucket
 ):
-    with replicas_stack(tmp_path, mosquitto, database_url, s3, bucket) as stack:
+    with replicas_stack(tmp_path, database_url, s3, bucket) as stack:
         signers, devices, camera, watcher, counter, store = stack
         for _ in range(3):  # 60 images waiting before the devices start
             camera.shoot()
@@ -189,9 +201,9 @@ def test_three_replicas_verify_every_file_of_twenty_devices_once(
 
 @pytest.mark.slow
 def test_a_replica_killed_mid_batch_loses_nothing_and_verifies_nothing_twice(
-    tmp_path, mosquitto, database_url, s3, bucket
+    tmp_path, database_url, s3, bucket
 ):
-    with replicas_stack(tmp_path, mosquitto, database_url, s3, bucket) as stack:
+    with replicas_stack(tmp_path, database_url, s3, bucket) as stack:
         signers, devices, camera, watcher, counter, store = stack
         devices.start()
         camera.start()
@@ -209,6 +221,7 @@ def test_a_replica_killed_mid_batch_loses_nothing_and_verifies_nothing_twice(
         held = wait_until(victim_open, 60, 0.02)
         assert held, "the victim never held an open grant"
         signers[victim].kill()
+        print(f"{time.strftime('%H:%M:%S')} SIGKILLed {victim} holding {len(held)} grants")
         held |= victim_open()  # granted before it died, committed after our look
         # The survivors claim them once the lease expires and verify the uploads.
         assert wait_until(lambda: not victim_open(), 60, 0.2), logs()
