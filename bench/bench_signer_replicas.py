@@ -133,10 +133,13 @@ def one_run(n: int, args, services: dict, env: dict, work: Path, source: Path) -
             }
 
         deleted = [0] * len(configs)
+        reasons: list = []
 
         def device(i: int) -> None:
             up = EdgeUploader(configs[i], services["mqtt_block"], lanes=args.lanes, min_age_s=0)
-            deleted[i] = sum(s["deleted"] for s in up.drain())
+            summaries = up.drain()
+            deleted[i] = sum(s["deleted"] for s in summaries)
+            reasons.extend(s["reasons"] for s in summaries if s["left_for_next_run"])
 
         before = used()
         t0 = time.perf_counter()
@@ -153,6 +156,8 @@ def one_run(n: int, args, services: dict, env: dict, work: Path, source: Path) -
     files = sum(deleted)
     left = sum(len(os.listdir(c.repo_dir)) + len(os.listdir(c.buffer_dir)) for c in configs)
     shutil.rmtree(round_dir, ignore_errors=True)
+    if left:
+        print(f"  left on devices: {reasons[:5]}; logs kept in {work}", flush=True)
     return {"files": files, "seconds": took, "cpu": cpu, "left": left}
 
 
@@ -184,7 +189,7 @@ def main() -> None:
             "AWS_SECRET_ACCESS_KEY": s3.secret_key,
             "MQTT_HOST": mqtt_svc.host,
             "MQTT_PORT": str(mqtt_svc.port),
-            "LOG_LEVEL": "WARNING",
+            "LOG_LEVEL": "INFO",
         }
         for key in ("CAMFLEET_MQTT_BLOCK", "CAMFLEET_DATABASE_BLOCK", "CAMFLEET_SIGNER_GROUP"):
             env.pop(key, None)
@@ -206,7 +211,8 @@ def main() -> None:
                     f"left {run['left']}",
                     flush=True,
                 )
-    shutil.rmtree(work, ignore_errors=True)
+    if not any(r["left"] for runs in totals.values() for r in runs):
+        shutil.rmtree(work, ignore_errors=True)
 
     def summary(runs: list[dict]) -> dict:
         files = sum(r["files"] for r in runs)

@@ -459,6 +459,8 @@ class Signer:
         if self._handoff:
             self._handoff.stop()
         if self._client is not None:
+            if self.share_group:
+                self._client.unsubscribe(self._subscription())
             self._client.disconnect()
             self._client.loop_stop()
         for reader in self._readers.values():

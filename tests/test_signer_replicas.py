@@ -104,6 +104,16 @@ def replicas_stack(tmp_path, dsn, s3, bucket_name):
                 yield stack
         finally:
             (tmp_path / "mosquitto.log").write_bytes(mq.log_path.read_bytes())
+            _dump(dsn, tmp_path / "tables.txt")
+
+
+def _dump(dsn: str, path: Path) -> None:
+    """Grants and error rows as the test left them, beside the logs (for a post-mortem)."""
+    with closing(psycopg2.connect(dsn)) as conn, conn, conn.cursor() as cur, open(path, "w") as f:
+        for table, order in (("edge_upload_grants", "granted_at"), ("device_errors", "1")):
+            cur.execute(f"select * from {table} order by {order}")  # noqa: S608 - constants
+            f.write(f"== {table}: {[d[0] for d in cur.description]}\n")
+            f.writelines(f"{row}\n" for row in cur.fetchall())
 
 
 @contextmanager
