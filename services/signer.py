@@ -434,7 +434,7 @@ class Signer:
         # A shared subscription with a persistent session would keep receiving its
         # share of requests while its instance is dead (Mosquitto queues them for the
         # session): replicas use clean sessions, so the broker routes around a dead one.
-        client = self._broker.client(self._client_id, clean_session=self.share_group is None)
+        client = self._broker.client(self._client_id, clean_session=self.share_group is not None)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = lambda *a, **k: self._connected.clear()
@@ -459,8 +459,6 @@ class Signer:
         if self._handoff:
             self._handoff.stop()
         if self._client is not None:
-            if self.share_group:
-                self._client.unsubscribe(self._subscription())
             self._client.disconnect()
             self._client.loop_stop()
         for reader in self._readers.values():

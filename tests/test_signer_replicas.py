@@ -207,6 +207,11 @@ def test_three_replicas_verify_every_file_of_twenty_devices_once(
         )
     # The shared subscription spread the requests: every replica verified some files.
     assert set(per_replica) == set(signers), per_replica
+    # Replicas hold clean sessions (c1): the broker would otherwise keep queueing a
+    # dead replica's share of the requests for it instead of routing them to the others.
+    log = (tmp_path / "mosquitto.log").read_text()
+    for cid in signers:
+        assert f"as {cid} (p2, c1," in log, f"{cid} did not connect with a clean session"
 
 
 @pytest.mark.slow
