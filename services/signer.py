@@ -19,13 +19,16 @@ command exits non-zero for its supervisor to restart it. Nothing here waits on P
 the hand-off has its own thread and a bounded backlog.
 
 Crash safety: every grant is a row in `edge_upload_grants` before its URL is published,
-and a restarted signer resumes watching open grants. A verification lost with the
-process is re-earned: the device asks again, and for a checked request whose file was
-verified before with the declared checksum the answer lists it as `verified` and the
-`{"file"}` message follows, without a second upload, once a verification job has read
-the object back (never the request thread: a hanging store must not hold up other
-devices' answers). Should the object be gone, the grant fails and the device's next
-request gets a URL.
+leased to this instance (`services.signer_leases`), and a restarted signer resumes
+watching its own open grants and any whose lease expired. Replicas (`share_group`)
+share requests through the broker's `$share/...` subscription and verification work
+through those leases: only a grant's holder records it, so none is verified twice.
+A verification lost with the process is re-earned: the device asks again, and for a
+checked request whose file was verified before with the declared checksum the answer
+lists it as `verified` and the `{"file"}` message follows, without a second upload,
+once a verification job has read the object back (never the request thread: a hanging
+store must not hold up other devices' answers). Should the object be gone, the grant
+fails and the device's next request gets a URL.
 
 A reused name never overwrites a delivered image: a camera whose counter or clock
 restarted writes a new image under a name it delivered (and deleted) before. Such a
