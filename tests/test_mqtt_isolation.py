@@ -524,17 +524,14 @@ def test_one_device_looping_on_status_is_held_to_its_row_quota(mosquitto, servic
 
 
 def test_ack_path_does_not_wait_on_a_frozen_prefect_server(
-    mosquitto, database_url, prefect_api_url, tmp_path
+    mosquitto, database_url, prefect_server, prefect_api_url, tmp_path
 ):
     """SIGSTOP the Prefect server during a fleet run: every image is still ACKed (the
     devices' own ACK timeout, 10 s, is the bound); the recording catches up after
     SIGCONT."""
-    from prefect.server.api.server import SubprocessASGIServer
-
     from camfleet.simulators.esp32 import SimOptions, simulate
 
-    server = psutil.Process(SubprocessASGIServer._instances[None].server_process.pid)
-    frozen = [server, *server.children(recursive=True)]
+    frozen = prefect_server.processes()
     b = broker_block(mosquitto)
     cfg = ServiceConfig(
         database_url=database_url,
