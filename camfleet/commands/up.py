@@ -17,13 +17,13 @@ SERVICES = [
     (
         "assembler",
         "camfleet.commands.assembler",
-        ["assembler", "--metrics-port", "{m_assembler}", "--health-port", "{h_assembler}"],
+        ["assembler", "--health-port", "{h_assembler}", "--metrics-port", "{m_assembler}"],
     ),
     ("api", "camfleet.commands.api", ["api", "--host", "{api_host}", "--port", "{api_port}"]),
     (
         "signer",
         "camfleet.commands.signer",
-        ["signer", "--metrics-port", "{m_signer}", "--health-port", "{h_signer}"],
+        ["signer", "--health-port", "{h_signer}", "--metrics-port", "{m_signer}"],
     ),
 ]
 # Where each service says it is ready; the fleet-health flow checks them (docs/alerts.md).
