@@ -90,8 +90,9 @@ def fleet_health(database_block: str | None = None, service_urls: dict | None = 
     down = check_services(urls) if urls else {}
     with db.transaction(dsn) as conn:
         transitions, counts = alerts.evaluate(conn)
-        shown = {name: _shown(url) for name, url in urls.items()}
-        transitions += alerts.evaluate_services(conn, shown, down)
+        if urls:
+            shown = {name: _shown(url) for name, url in urls.items()}
+            transitions += alerts.evaluate_services(conn, shown, down)
     # Emitted after the commit: an event never announces an incident that rolled back.
     for t in transitions:
         alerts.emit(t)
