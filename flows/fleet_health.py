@@ -86,7 +86,13 @@ def check_services(urls: dict[str, str], retry_s: float | None = None) -> dict[s
 def fleet_health(database_block: str | None = None, service_urls: dict | None = None) -> dict:
     log = get_run_logger()
     dsn = resolve.database_url(database_block)
-    urls = default_service_urls() if service_urls is None else service_urls
+    urls = service_urls
+    if urls is None:
+        try:
+            urls = default_service_urls()
+        except ValueError as exc:  # a bad setting must not stop the device alerts
+            log.warning("no service checks: %s", exc)
+            urls = {}
     down = check_services(urls) if urls else {}
     with db.transaction(dsn) as conn:
         transitions, counts = alerts.evaluate(conn)

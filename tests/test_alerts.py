@@ -149,6 +149,8 @@ def test_automations_created_once_and_notify(prefect_api_url, database_url, rece
     assert len(_with_client(list_alert_automations)) == len(RULES)
 
     monkeypatch.setenv("DATABASE_URL", database_url)
+    # Devices only: no services (a `camfleet up` running here would be found otherwise).
+    monkeypatch.setenv("CAMFLEET_SERVICE_URLS", "{}")
     get_settings.cache_clear()
     try:
         add_device(database_url, "CAM-S", interval=60, seen_ago=300)
@@ -242,3 +244,19 @@ def test_fleet_health_checks_the_services_up_started_by_default(
     finally:
         get_settings.cache_clear()
         signer.close()
+
+
+def test_default_service_urls_from_up_and_refusing_nonsense(monkeypatch, tmp_path):
+    from flows.fleet_health import SERVICE_URLS_ENV, default_service_urls
+
+    monkeypatch.setenv("CAMFLEET_DATA_DIR", str(tmp_path))  # no running stack here
+    monkeypatch.delenv(SERVICE_URLS_ENV, raising=False)
+    assert default_service_urls() == {}
+    monkeypatch.setenv(SERVICE_URLS_ENV, '{"api": "http://127.0.0.1:8000/health"}')
+    assert default_service_urls() == {"api": "http://127.0.0.1:8000/health"}
+    monkeypatch.setenv(SERVICE_URLS_ENV, "")  # set empty: none
+    assert default_service_urls() == {}
+    for bad in ("[1]", "{nope"):
+        monkeypatch.setenv(SERVICE_URLS_ENV, bad)
+        with pytest.raises(ValueError):
+            default_service_urls()

@@ -187,7 +187,6 @@ def alert_view(row) -> dict:
     opened, resolved = INCIDENT_WORDS.get(a["kind"], (a["kind"], "resolved"))
     a["open"] = a["resolved_at"] is None
     a["state"] = opened if a["open"] else resolved
-    a["at"] = a["opened_at"] if a["open"] else a["resolved_at"]
     return a
 
 
