@@ -45,7 +45,12 @@ RULES = {
     alerts.SERVICE_NOT_READY: (
         "service not ready",
         "camfleet: service {{ event.payload.service }} is not ready",
-        "{{ event.payload.reason }} [camfleet.service.not-ready]",
+        "{{ event.payload.url }}: {{ event.payload.reason }} [camfleet.service.not-ready]",
+    ),
+    alerts.SERVICE_READY: (
+        "service ready",
+        "camfleet: service {{ event.payload.service }} is ready again",
+        "{{ event.payload.url }} answers again. [camfleet.service.ready]",
     ),
     alerts.TEST: (
         "test",

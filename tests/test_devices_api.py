@@ -180,6 +180,26 @@ def test_user_key_required_for_pairing(client):
     assert r.status_code == 401
 
 
+def test_pairing_records_the_kind_the_request_names(client):
+    """A Visant camera paired through /devices/pair is a visant device (the console, the
+    trigger scheduler and `camfleet devices` go by kind); a seed-004 body, which names no
+    kind, still pairs a Lifelog camera; a kind that never holds a device token is refused."""
+    key = make_user_key(client.dsn)
+    auth = {"Authorization": f"Bearer {key}"}
+    kinds = {}
+    for body in ({"name": "cam-v", "kind": "visant"}, {"name": "cam-l"}):
+        paired = client.post("/devices/pair", json=body, headers=auth)
+        assert paired.status_code == 200, paired.text
+        code = paired.json()["pairing_code"]
+        assert client.post("/devices/activate", json={"pairing_code": code}).status_code == 200
+    for d in client.get("/devices", headers=auth).json():
+        kinds[d["friendly_name"]] = d["kind"]
+    assert kinds == {"cam-v": "visant", "cam-l": "lifelog"}
+    for kind in ("esp32", "edge", "sftp", "bogus"):
+        r = client.post("/devices/pair", json={"name": "x", "kind": kind}, headers=auth)
+        assert r.status_code == 422, (kind, r.text)
+
+
 def test_pairing_code_is_single_use_and_expires(client):
     key = make_user_key(client.dsn)
     auth = {"Authorization": f"Bearer {key}"}

@@ -1,6 +1,7 @@
 """Lifelog device endpoints (seed 004): pair, activate, upload-url, ingest, revoke, rotate.
 
     POST /devices/pair            user API key   -> {device_id, pairing_code, expires_at}
+                                  (body {name, kind}: kind lifelog, the default, or visant)
     POST /devices/activate        pairing code   -> {device_id, device_token}   (once)
     POST /devices/upload-url      X-Device-Token -> {object_key, upload_url, upload_host,
                                                      upload_port, upload_path, ...}
@@ -28,6 +29,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 from urllib.parse import urlsplit
 
 import anyio
@@ -164,8 +166,16 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
 
 
+# The kinds that authenticate with a device token, so the kinds a person pairs: a
+# Lifelog camera (seed 004, whose pair body carries only a name) and a Visant camera
+# whose agent holds the command stream (seed 003). ESP32-CAMs over MQTT, edge boxes and
+# SFTP uploaders register through their own channels and never hold a device token.
+PairableKind = Literal["lifelog", "visant"]
+
+
 class PairRequest(_Body):
     name: Text | None = Field(None, max_length=64)
+    kind: PairableKind = "lifelog"
 
 
 class ActivateRequest(_Body):
@@ -218,11 +228,12 @@ def body_schema(model: type[BaseModel]) -> dict:
 async def pair(request: Request, body: PairRequest | None = None, user=Depends(limited_user)):
     await limiter(request).hit("pair", user.user_id, "pairing")
     name = body.name if body else None
+    kind = body.kind if body else "lifelog"
     device_id = str(uuid.uuid4())
     secret = server_secret(request)
     async with request.app.state.pool.acquire() as conn, conn.transaction():
         await queries().devices_create_paired_device(
-            conn, device_id=device_id, user_id=user.user_id, name=name
+            conn, device_id=device_id, user_id=user.user_id, name=name, kind=kind
         )
         code = tokens.new_pairing_code()
         row = await queries().devices_create_pairing(
