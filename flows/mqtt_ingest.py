@@ -38,6 +38,7 @@ from tasks.mqtt import (
     context,
     fail_unrecorded,
     fail_unstored,
+    find_unrecorded,
     get_batch,
     publish_acks,
     record_captures,
@@ -99,6 +100,12 @@ async def run_batch_direct(batch_id: str) -> dict:
     return {"acked": await publish_acks.fn(batch_id)}
 
 
+# A run without records adopts captures stored at least this long ago that no run has
+# stamped: the live recorder stamps its own within seconds (or gives up after minutes).
+UNRECORDED_MIN_AGE_S = 600
+UNRECORDED_MAX_ROWS = 20_000
+
+
 # Flow-level retries: both steps are idempotent (a HEAD, an UPDATE setting this run's
 # id), so a re-run, by Prefect or from the UI's Retry, does nothing twice.
 @flow(
@@ -110,7 +117,12 @@ async def run_batch_direct(batch_id: str) -> dict:
     retry_delay_seconds=5,
     timeout_seconds=600,
 )
-async def mqtt_ingest_record(records: list[dict] | None = None, verify: bool = False) -> dict:
+async def mqtt_ingest_record(
+    records: list[dict] | None = None,
+    verify: bool = False,
+    min_age_s: float = UNRECORDED_MIN_AGE_S,
+    max_rows: int = UNRECORDED_MAX_ROWS,
+) -> dict:
     """The default ACK path's flow run (see services/assembler/__init__.py): the service has
     stored, recorded and ACKed these captures in its own batches; this run puts its id
     on their rows, so the UI shows which run covers which capture without a flow run
@@ -121,12 +133,18 @@ async def mqtt_ingest_record(records: list[dict] | None = None, verify: bool = F
     ACK_OK, so reading every object back again only doubled the store's requests.
     A run of the `mqtt-ingest-record` deployment (prefect.yaml) may turn it on.
 
-    Each record: {"record_id", "storage_path", "bytes"}.  Outside the assembler the
-    tasks use the configured store and database (tasks.mqtt.context_from_settings).
+    Each record: {"record_id", "storage_path", "bytes"}.  Without records (the
+    deployment's hourly run) it adopts the stored captures no run has stamped, older
+    than `min_age_s`: those the assembler's recorder gave up on while Prefect was down.
+    Outside the assembler the tasks use the configured store and database
+    (tasks.mqtt.context_from_settings).
     """
     logger = get_run_logger()
     run_id = str(flow_run.get_id())
-    records = records or []
+    if records is None:
+        records = await find_unrecorded(min_age_s, max_rows)
+    if not records:
+        return {"captures": 0, "verified": 0, "stamped": 0}
     verified = await verify_objects(records) if verify else 0
     stamped = await stamp_captures([r["record_id"] for r in records], run_id)
     summary = {"captures": len(records), "verified": verified, "stamped": stamped}

@@ -400,6 +400,19 @@ async def verify_objects(records: list[dict]) -> int:
     return len(records)
 
 
+@task(name="find-unrecorded", **RETRY, cache_policy=NO_CACHE)
+async def find_unrecorded(min_age_s: float, max_rows: int) -> list[dict]:
+    """Stored MQTT captures that no recording run stamped, as records (oldest first)."""
+    ctx = context()
+
+    def read() -> list[dict]:
+        with ctx.pool.connection() as conn:
+            rows = db.queries.mqtt_record_unrecorded(conn, min_age_s=min_age_s, max_rows=max_rows)
+            return [{"record_id": r[0], "storage_path": r[1], "bytes": r[2]} for r in rows]
+
+    return await asyncio.to_thread(read)
+
+
 @task(
     name="stamp-captures",
     **RETRY,

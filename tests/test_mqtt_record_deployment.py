@@ -138,3 +138,39 @@ def test_the_assembler_recording_run_does_not_read_objects_back(
     assert state.is_completed(), state
     assert state.result() == {"captures": 3, "verified": 0, "stamped": 3}
     assert rows(database_url, "select count(flow_run_id) from captures") == [(3,)]
+
+
+def test_a_run_without_records_adopts_the_captures_no_run_stamped(
+    mosquitto,
+    make_service,  # noqa: F811
+    database_url,
+    prefect_api_url,
+    monkeypatch,
+    tmp_path,
+):
+    """What the hourly run does after the assembler's recorder gave up (Prefect down):
+    every unstamped capture old enough gets this run's id, once; fresh ones are left to
+    the live recorder."""
+    import asyncio
+
+    from camfleet.settings import get_settings
+    from flows.mqtt_ingest import mqtt_ingest_record
+    from tasks import mqtt as tm
+
+    _ingest(mosquitto, make_service, database_url, tmp_path / "objects")
+    tm.set_context(None)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("STORAGE_URL", (tmp_path / "objects").as_uri())
+    get_settings.cache_clear()
+    try:
+        fresh = asyncio.run(mqtt_ingest_record(return_state=True))  # default: 10 min old
+        adopted = asyncio.run(mqtt_ingest_record(min_age_s=0, return_state=True))
+        again = asyncio.run(mqtt_ingest_record(min_age_s=0, return_state=True))
+    finally:
+        tm.set_context(None)
+        get_settings.cache_clear()
+    assert fresh.result()["captures"] == 0
+    assert adopted.result() == {"captures": 3, "verified": 0, "stamped": 3}
+    assert again.result()["captures"] == 0
+    run_id = str(adopted.state_details.flow_run_id)
+    assert rows(database_url, "select distinct flow_run_id::text from captures") == [(run_id,)]
