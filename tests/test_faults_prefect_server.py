@@ -16,9 +16,14 @@ a start on the same port. Each pipeline keeps its promise through it:
   the failed post-processing hand-off is logged; once the server is back the next
   batch gets its hand-off flow run.
 
+- Lifelog ingest (the device API): every ingest is answered `queued` while the
+  server is frozen and dead (without a task_id: no run could be created), the failed
+  creation is logged; once the server is back ingests get run ids again, and the run
+  of the first window after it adopts the items ingested during the outage. Every
+  item ends verified (`stored`, its SHA-256 recorded) and owned by a run.
+
 (The SFTP event uploader's kill of a PostgreSQL-backed server under a worker is in
-tests/test_faults_prefect.py; the Lifelog API's answer while Prefect is unreachable in
-tests/test_faults_api.py.)
+tests/test_faults_prefect.py.)
 """
 
 from __future__ import annotations
@@ -216,3 +221,117 @@ def test_edge_upload_verifies_everything_through_a_frozen_then_killed_prefect_se
     rows = captures(database_url, cfg.serial)
     assert set(rows) == set(written)
     assert all(rows[name][0] == sha for name, sha in written.items())
+
+
+def test_lifelog_ingest_answers_through_a_frozen_then_killed_prefect_server(
+    outage, database_url, tmp_path, monkeypatch
+):
+    import asyncio
+    import hashlib
+    import time
+
+    from fastapi.testclient import TestClient
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+    from prefect.states import Scheduled
+
+    from camfleet.settings import get_settings
+    from camfleet.storage.local import LocalStore
+    from flows.ingest_processing import DEPLOYMENT, ORPHAN_MIN_AGE_S, lifelog_ingest_processing
+    from services.api.app import create_app
+    from services.api.ingest_batches import PrefectRuns
+    from services.api.ratelimit import RateLimits
+    from tests.test_devices_api import (
+        JPEG,
+        SECRET,
+        ingest,
+        make_user_key,
+        pair_and_activate,
+        upload,
+    )
+
+    lifelog_ingest_processing.to_deployment(name=DEPLOYMENT).apply()
+    store = LocalStore(tmp_path / "objects", public_url="http://testserver", secret=SECRET)
+    # Short windows, so the outage spans windows whose runs were not created ahead.
+    window_s = 2
+    runs = PrefectRuns(window_s=window_s).window_runs(time.time, create_timeout_s=30)
+    app = create_app(
+        database_url=database_url,
+        secret_key=SECRET,
+        store=store,
+        processing_runs=runs,
+        rate_limits=RateLimits(),
+    )
+    warnings = _Warnings("camfleet.api.ingest")
+    answers: dict[int, dict] = {}
+    try:
+        with TestClient(app) as client:
+            _, token = pair_and_activate(client, make_user_key(database_url))
+
+            def put(seq: int) -> dict:
+                target = upload(client, token, seq, filename=f"2025-12-26T10-15-30Z_{seq:06d}.jpg")
+                r = ingest(client, token, target["object_key"], seq)
+                assert r.status_code == 200 and r.json()["status"] == "queued", r.text
+                answers[seq] = r.json()
+                return answers[seq]
+
+            assert put(1)["task_id"]  # Prefect up: the window's run id
+
+            outage.freeze()
+            frozen_at = time.time()
+            # Past the windows created ahead of need: these wait for a hung server.
+            assert wait_until(lambda: time.time() > frozen_at + 2 * window_s, 10, 0.1)
+            assert put(2)["task_id"] is None  # answered, without a run
+            outage.kill()
+            assert put(3)["task_id"] is None
+            assert wait_until(
+                lambda: warnings.seen("cannot create the processing flow run"), 180, 0.5
+            ), "a failed run creation must be visible in the API's log"
+
+            outage.restart()
+            seq = 4
+            while put(seq)["task_id"] is None:  # the API tries Prefect again by itself
+                assert seq < 200, "no run id after the Prefect server came back"
+                seq += 1
+                time.sleep(0.5)
+            last = seq
+    finally:
+        warnings.detach()
+    assert {answers[s]["task_id"] for s in (2, 3)} == {None}
+
+    async def due_now(run_id):
+        async with get_client() as c:
+            await c.set_flow_run_state(run_id, Scheduled(), force=True)  # its time has come
+            return await c.read_flow_run(run_id)
+
+    def process(run_id) -> dict:
+        run = asyncio.run(due_now(run_id))
+        return run_flow(lifelog_ingest_processing, flow_run=run, parameters=run.parameters)
+
+    # The items of the outage are adopted once they are ORPHAN_MIN_AGE_S old (so an
+    # ingest still committing is never snatched): a worker's run after that.
+    unassigned = "select count(*) from captures where source = 'lifelog' and flow_run_id is null"
+    assert _rows(database_url, unassigned)[0][0] >= 2
+    newest = (
+        "select extract(epoch from now() - max(created_at)) from captures where flow_run_id is null"
+    )
+    assert wait_until(lambda: _rows(database_url, newest)[0][0] > ORPHAN_MIN_AGE_S + 1, 120, 0.5)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("STORAGE_URL", store.root.as_uri())
+    get_settings.cache_clear()
+    try:
+        # The run created before the outage survived it (the server keeps its state).
+        process(answers[1]["task_id"])
+        process(answers[last]["task_id"])
+    finally:
+        get_settings.cache_clear()
+
+    rows = _rows(
+        database_url,
+        "select seq, ingest_status, sha256, flow_run_id from captures where source = 'lifelog'",
+    )
+    assert len(rows) == len(answers)
+    assert {r[0] for r in rows} == set(answers)
+    assert all(status == "stored" for _, status, _, _ in rows), rows
+    assert {sha for _, _, sha, _ in rows} == {hashlib.sha256(JPEG).hexdigest()}
+    assert all(run for _, _, _, run in rows), "an item left without a run"
