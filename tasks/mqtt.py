@@ -82,23 +82,30 @@ class IngestBatch:
 
 
 _CONTEXT: IngestContext | None = None
+_OWN_CONTEXT: IngestContext | None = None  # built here from the settings (closed on replace)
+_CONTEXT_LOCK = threading.Lock()
 _BATCHES: dict[str, IngestBatch] = {}
 _pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mqtt-store")
 
 
 def set_context(ctx: IngestContext | None) -> None:
-    global _CONTEXT
-    _CONTEXT = ctx
+    global _CONTEXT, _OWN_CONTEXT
+    with _CONTEXT_LOCK:
+        if _OWN_CONTEXT is not None and _OWN_CONTEXT is not ctx:
+            _OWN_CONTEXT.pool.close()  # the one context_from_settings() opened here
+            _OWN_CONTEXT = None
+        _CONTEXT = ctx
 
 
 def context() -> IngestContext:
     """The assembler's context; in any other process (a worker running the
     `mqtt-ingest-record` deployment, a run retried from the UI) one built from the
     settings: the configured object store and database, no broker."""
-    global _CONTEXT
-    if _CONTEXT is None:
-        _CONTEXT = context_from_settings()
-    return _CONTEXT
+    global _CONTEXT, _OWN_CONTEXT
+    with _CONTEXT_LOCK:
+        if _CONTEXT is None:
+            _CONTEXT = _OWN_CONTEXT = context_from_settings()
+        return _CONTEXT
 
 
 def context_from_settings() -> IngestContext:
