@@ -41,7 +41,6 @@ def make_service(database_url, prefect_api_url, tmp_path):
         svc = AssemblerService(broker, cfg)
         svc.start()
         assert svc.wait_connected(20)
-        time.sleep(0.2)  # subscriptions acknowledged
         started.append(svc)
         return svc
 
