@@ -132,7 +132,7 @@ def _presigner(request: Request):
 
         store, presigner = _store(request), None
         if isinstance(store, S3Store):
-            from services.api.presign import FastS3Presigner
+            from camfleet.storage.fast_s3 import FastS3Presigner
 
             try:
                 presigner = FastS3Presigner(store)
