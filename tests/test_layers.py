@@ -126,3 +126,58 @@ def test_the_scan_sees_the_imports_it_must(tmp_path):
         "services",
         "tasks.sftp",
     ]
+
+
+# S3 is reached through camfleet/storage/ only (S3Store over boto3, fast_s3 for the hot
+# paths): one client setup, one place for credentials and timeouts. camfleet/localsvc/
+# runs the test S3 server. Unlike the layer rule this counts lazy imports too.
+S3_LIBRARIES = frozenset({"boto3", "botocore"})
+S3_HOMES = ("camfleet/storage/", "camfleet/localsvc/")
+S3_EXCEPTIONS: dict[str, str] = {
+    "services/signer.py": "stored_digest's boto3 get_object path; moves into "
+    "camfleet/storage with the signer's split into a package (issue 17)",
+}
+APPLICATION_DIRS = ("camfleet", "services", "flows", "tasks", "deployments", "blocks")
+
+
+def s3_library_imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found += [name for name in names if name.split(".")[0] in S3_LIBRARIES]
+    return found
+
+
+def _application_files():
+    for top in APPLICATION_DIRS:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            yield path.relative_to(ROOT).as_posix(), path
+
+
+def test_only_the_storage_package_talks_to_s3_libraries():
+    offenders = [
+        f"{rel}: {name}"
+        for rel, path in _application_files()
+        if not rel.startswith(S3_HOMES) and rel not in S3_EXCEPTIONS
+        for name in s3_library_imports(path)
+    ]
+    assert offenders == [], "use camfleet.storage (S3Store, fast_s3) instead"
+
+
+def test_s3_exceptions_are_still_needed():
+    stale = [rel for rel in S3_EXCEPTIONS if not s3_library_imports(ROOT / rel)]
+    assert stale == []
+
+
+def test_the_s3_scan_sees_lazy_imports(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import os\ndef f():\n    import boto3\n"
+        "    from botocore.exceptions import ClientError\nfrom .boto3 import x\n"
+    )
+    assert s3_library_imports(sample) == ["boto3", "botocore.exceptions"]
