@@ -58,18 +58,24 @@ def _module_level_imports(tree: ast.Module):
             pending += node.body  # a class body runs at import time too
 
 
-def upper_layer_imports(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text(), str(path))
+def _absolute_names(nodes, packages: frozenset[str]) -> list[str]:
+    """Modules of `packages` that these import nodes name (relative imports stay inside
+    their own package and are never one of them)."""
     found = []
-    for node in _module_level_imports(tree):
+    for node in nodes:
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif node.level == 0 and node.module:
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
         else:
-            continue  # relative imports stay inside camfleet
-        found += [name for name in names if name.split(".")[0] in UPPER_LAYERS]
+            continue
+        found += [name for name in names if name.split(".")[0] in packages]
     return found
+
+
+def upper_layer_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    return _absolute_names(_module_level_imports(tree), UPPER_LAYERS)
 
 
 def test_camfleet_imports_no_upper_layer_at_module_level():
@@ -141,16 +147,7 @@ APPLICATION_DIRS = ("camfleet", "services", "flows", "tasks", "deployments", "bl
 
 
 def s3_library_imports(path: Path) -> list[str]:
-    found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        found += [name for name in names if name.split(".")[0] in S3_LIBRARIES]
-    return found
+    return _absolute_names(ast.walk(ast.parse(path.read_text(), str(path))), S3_LIBRARIES)
 
 
 def _application_files():
