@@ -64,3 +64,23 @@ def wait_until(predicate, what: str, timeout: float = 60.0, step: float = 0.05):
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(step)
     return value
+
+
+def assembler_env(mosquitto, database_url: str, tmp_path: Path, name: str) -> dict[str, str]:
+    """Environment of a `camfleet assembler` child with no Prefect server: the session's
+    PREFECT_* left out, a fresh PREFECT_HOME, objects under tmp_path/o, a client id of
+    its own (a persistent MQTT session must not be shared between tests)."""
+    import os
+    import uuid
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        MQTT_HOST=mosquitto.host,
+        MQTT_PORT=str(mosquitto.port),
+        DATABASE_URL=database_url,
+        STORAGE_URL=f"file://{tmp_path / 'o'}",
+        MQTT_CLIENT_ID=f"{name}-{uuid.uuid4().hex[:6]}",
+        PYTHONUNBUFFERED="1",
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+    )
+    return env

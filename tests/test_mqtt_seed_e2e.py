@@ -75,12 +75,13 @@ def test_seed_mosquitto_pub_commands_get_ack_ok_and_a_stored_row(
     try:
         assert "MQTT Broker: 127.0.0.1" in proc.banner
         assert "ESP32CAM/+/data" in proc.banner
+        # -d logs the broker's SUBACK: from then on the ACK cannot be missed. stdbuf: a
+        # pipe would otherwise hold that line in mosquitto_sub's buffer until it exits.
         sub = subprocess.Popen(
-            ["mosquitto_sub", "-h", mosquitto.host, "-p", str(mosquitto.port), "-d",
-             "-t", "ESP32CAM/TESTMAC123/ack", "-C", "1", "-W", "60", "-q", "1"],
+            ["stdbuf", "-oL", "mosquitto_sub", "-h", mosquitto.host, "-p", str(mosquitto.port),
+             "-d", "-t", "ESP32CAM/TESTMAC123/ack", "-C", "1", "-W", "60", "-q", "1"],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
-        # -d logs the broker's SUBACK: from then on the ACK cannot be missed.
         for line in sub.stdout:
             if "SUBACK" in line:
                 break
