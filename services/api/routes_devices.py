@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 
 from camfleet import tokens
 from camfleet.keys import BadName, key_within, object_key, sanitize_name
+from camfleet.settings import Settings
 from services.api.auth import DeviceIdentity, UserIdentity, server_secret
 from services.api.bodies import Text, UtcDatetime, limits
 from services.api.db import queries
@@ -88,16 +88,16 @@ class DeviceApiConfig:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls) -> DeviceApiConfig:
-        types = os.environ.get("CAMFLEET_UPLOAD_CONTENT_TYPES")
+    def from_settings(cls, settings: Settings | None = None) -> DeviceApiConfig:
+        """CAMFLEET_UPLOAD_CONTENT_TYPES, _MAX_UPLOAD_BYTES and _INGEST_CHECK_OBJECT."""
+        s = settings or Settings()
+        types = s.upload_content_types
         return cls(
             content_types=tuple(t.strip() for t in types.split(",") if t.strip())
             if types
             else DEFAULT_CONTENT_TYPES,
-            max_upload_bytes=int(os.environ.get("CAMFLEET_MAX_UPLOAD_BYTES", MAX_UPLOAD_BYTES)),
-            # Off only to measure what the check costs (bench/bench_lifelog_ingest.py).
-            check_object=os.environ.get("CAMFLEET_INGEST_CHECK_OBJECT", "on").lower()
-            not in ("off", "0", "false"),
+            max_upload_bytes=s.max_upload_bytes or MAX_UPLOAD_BYTES,
+            check_object=s.ingest_check_object,
         )
 
 
@@ -105,7 +105,7 @@ def _config(request: Request) -> DeviceApiConfig:
     state = request.app.state
     cfg = getattr(state, "devices_config", None)
     if cfg is None:
-        cfg = state.devices_config = DeviceApiConfig.from_env()
+        cfg = state.devices_config = DeviceApiConfig.from_settings()
     return cfg
 
 
@@ -134,7 +134,7 @@ def _presigner(request: Request):
 
         store, presigner = _store(request), None
         if isinstance(store, S3Store):
-            from services.api.presign import FastS3Presigner
+            from camfleet.storage.fast_s3 import FastS3Presigner
 
             try:
                 presigner = FastS3Presigner(store)
