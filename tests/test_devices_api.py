@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import uuid
 
 import psycopg2
 import pytest
@@ -112,8 +113,15 @@ def test_pair_activate_upload_ingest_and_duplicate(client):
     assert r.status_code == 200, r.text
     first = r.json()
     assert first["status"] == "queued" and first["item_id"]
+    # No Prefect API here, so no flow run: the seed's clients still get a task id, the
+    # same one for the same item until a run adopts it.
+    assert uuid.UUID(first["task_id"])
     r = ingest(client, token, target["object_key"], 123)
-    assert r.json() == {"status": "duplicate", "item_id": first["item_id"], "task_id": None}
+    assert r.json() == {
+        "status": "duplicate",
+        "item_id": first["item_id"],
+        "task_id": first["task_id"],
+    }
 
     with db.transaction(client.dsn) as conn, conn.cursor() as cur:
         cur.execute(

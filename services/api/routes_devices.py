@@ -144,6 +144,22 @@ def _presigner(request: Request):
     return state.presigner
 
 
+# Names the task ids of items no flow run was given (no Prefect API, or Prefect down):
+# the seed's clients expect a task id in every answer, and the same item always gets the
+# same one until the run that adopts it is known.
+_UNASSIGNED_TASK_NS = uuid.UUID("5b0f1a6e-4c2d-4e8a-9b7f-c4a3f1d2e6b8")
+
+
+def unassigned_task_id(item_id: object) -> str:
+    """The task id answered for an item that has no flow run (yet)."""
+    return str(uuid.uuid5(_UNASSIGNED_TASK_NS, str(item_id)))
+
+
+def _task_id(item_id: object, flow_run_id: object) -> str:
+    """The item's flow run id, or a stable id derived from the item while it has none."""
+    return str(flow_run_id) if flow_run_id is not None else unassigned_task_id(item_id)
+
+
 def _processing(request: Request):
     """The window -> flow run assigner, when a Prefect API is configured."""
     # Set up by the lifespan (services/api/db.py), from the environment unless handed in.
@@ -523,7 +539,11 @@ async def ingest(request: Request):
             raise _error(422, "bad_value", type(exc).__name__) from None
     if row is not None:
         return JSONResponse(
-            {"status": "queued", "item_id": row["record_id"], "task_id": row["flow_run_id"]}
+            {
+                "status": "queued",
+                "item_id": row["record_id"],
+                "task_id": _task_id(row["record_id"], row["flow_run_id"]),
+            }
         )
     if existing is None:
         # Not this seq's row: the same object_key was ingested under another seq.
@@ -532,7 +552,7 @@ async def ingest(request: Request):
         {
             "status": "duplicate",
             "item_id": existing["record_id"],
-            "task_id": existing["flow_run_id"],
+            "task_id": _task_id(existing["record_id"], existing["flow_run_id"]),
         }
     )
 
