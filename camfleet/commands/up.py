@@ -36,6 +36,25 @@ def metrics_ports(api_port: int) -> dict[str, int]:
     return ports
 
 
+def assembler_replicas(n: int, metrics: dict[str, int]) -> list[tuple[str, str, list[str]]]:
+    """`--assemblers N`: N replicas leasing device partitions (docs/mqtt-ingest.md,
+    "Several assemblers"); 1 is the single assembler of today, without leases. Replica
+    k > 1 gets a free metrics port, added to `metrics`."""
+    if n <= 1:
+        return [SERVICES[0]]
+    from camfleet.localsvc import free_port
+    from services.assembler.partitions import DEFAULT_PARTITIONS
+
+    out = []
+    for k in range(1, n + 1):
+        name = "assembler" if k == 1 else f"assembler-{k}"
+        port = metrics["assembler"] if k == 1 else metrics.setdefault(name, free_port())
+        args = ["assembler", "--metrics-port", str(port)]
+        args += ["--partitions", str(DEFAULT_PARTITIONS), "--replica-id", f"up-{k}"]
+        out.append((name, SERVICES[0][1], args))
+    return out
+
+
 def _available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -70,6 +89,9 @@ def up(
     ),
     check: bool = typer.Option(
         False, help="Bring up databases and broker, print the status, and exit."
+    ),
+    assemblers: int = typer.Option(
+        1, min=1, help="MQTT assembler replicas (more than 1: device partitions leased)."
     ),
 ) -> None:
     """Start everything: Prefect server, migrations, blocks, deployments, services."""
@@ -123,7 +145,8 @@ def up(
             metrics = metrics_ports(api_port)
             fmt = {"api_host": settings.api_host, "api_port": str(api_port)}
             fmt |= {f"m_{name}": str(port) for name, port in metrics.items()}
-            planned = SERVICES + [DEPLOYMENTS] + (DEMO if demo else [])
+            planned = assembler_replicas(assemblers, metrics) + SERVICES[1:]
+            planned += [DEPLOYMENTS] + (DEMO if demo else [])
             for name, module, args in planned:
                 if not _available(module):
                     continue

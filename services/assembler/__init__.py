@@ -157,6 +157,10 @@ class ServiceConfig:
     record_backlog: int = RECORD_BACKLOG
     health_port: int | None = None  # GET /healthz on 127.0.0.1:<port>; 0 = any free port
     health_host: str = "127.0.0.1"
+    # Replicas (services/assembler/partitions.py): 0 = the only assembler of its fleet,
+    # no leases; P > 0 = serve the device partitions this replica leases out of P.
+    partitions: int = 0
+    replica_id: str | None = None  # with partitions: stable id (else host-pid, clean session)
 
 
 def redact_url(url: str) -> str:
@@ -219,6 +223,25 @@ class AssemblerService:
         self._exit = os._exit  # tests replace it to observe a crash
         self.health = None
         self.client = None
+        self.leases = None
+        self.replica_id = config.replica_id
+        self.client_id = config.client_id
+        if config.partitions > 0:
+            from services.assembler.partitions import PartitionLeases, busy_partitions
+
+            # an id given on the command line is stable across restarts (persistent
+            # session); an automatic one is not, so its session must not outlive it
+            self.replica_id = config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+            self.client_id = f"{config.client_id}-{self.replica_id}"
+            self.leases = PartitionLeases(
+                config.database_url,
+                self.replica_id,
+                config.partitions,
+                on_lost=self._partitions_lost,
+                busy=lambda: busy_partitions(self.core, config.partitions),
+                grace_s=config.timing.capture_timeout,
+            )
+            self.stats["partition_dropped"] = 0
         # timings for the summary printed at stop (bounded: the last 100k of each)
         self._batch_seconds: deque = deque(maxlen=100_000)
         self._finalize_to_ack: deque = deque(maxlen=100_000)
@@ -254,13 +277,19 @@ class AssemblerService:
                 else ""
             ),
         ]
+        if self.leases is not None:
+            lines.append(
+                f"Replica: {self.replica_id} (client id {self.client_id}), device partitions "
+                f"leased out of {self.cfg.partitions}"
+            )
         if self.health is not None:
             lines.append(f"Health: http://{self.cfg.health_host}:{self.health.port}/healthz")
         return "\n".join([*lines, line])
 
     # -- MQTT ----------------------------------------------------------------------
     def _make_client(self):
-        client = self.broker.client(client_id=self.cfg.client_id, clean_session=False)
+        persistent = self.leases is None or self.cfg.replica_id is not None
+        client = self.broker.client(client_id=self.client_id, clean_session=not persistent)
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.max_inflight_messages_set(MAX_INFLIGHT_PUBLISHES)
         client.max_queued_messages_set(0)
@@ -313,6 +342,8 @@ class AssemblerService:
         dev = _topic_device(msg.topic)
         if dev is None or not self.admission.admit(dev):
             return
+        if self.leases is not None and not self.leases.owns(dev):
+            return  # another replica's device: dropped before any decoding
         size = len(msg.payload) + len(msg.topic) + INBOX_ENTRY_OVERHEAD
         with self._inbox_lock:
             if self._inbox_bytes + size > self.cfg.inbox_max_bytes:
@@ -343,6 +374,12 @@ class AssemblerService:
             if item is None:
                 if self._worker_done.is_set():
                     return
+            elif item[0] is None:  # partitions lost (lease thread): forget their state
+                from services.assembler.partitions import forget_devices
+
+                n = forget_devices(c, item[1], self.cfg.partitions)
+                if n:
+                    log.info("forgot %d images in assembly of partitions now served elsewhere", n)
             else:
                 topic, payload, t, size = item
                 with self._inbox_lock:
@@ -378,6 +415,16 @@ class AssemblerService:
                 self.rows.seen(rec.device_id, wall)
                 self._log_in(rec.device_id, topic, {"rejected": rec.code, **rec.details}, wall)
             self._apply([rec])
+            return
+        if (
+            isinstance(msg, core.ChunkMessage)
+            and self.leases is not None
+            and self.leases.fresh(msg.device_id)
+            and (msg.device_id, msg.image_name) not in self.core._asm  # noqa: SLF001
+        ):
+            # a partition just taken over: the rest of an image another replica had
+            # started; the device resends it whole (metadata first) when no ACK comes
+            self.stats["partition_dropped"] += 1
             return
         self.rows.seen(msg.device_id, wall)
         if isinstance(msg, core.ChunkMessage):
@@ -418,6 +465,9 @@ class AssemblerService:
             elif isinstance(a, core.RecordDeviceFailure):
                 self.stats["device_failures"] += 1
                 self.rows.queue("device_failure", a)
+
+    def _partitions_lost(self, partitions: frozenset[int]) -> None:
+        self.inbox.put((None, partitions, time.monotonic(), 0))
 
     def _ack_device_failure(self, f: core.RecordDeviceFailure, config) -> None:
         """A device-reported failure is recorded: ACK_OK, so the firmware moves on (it
@@ -677,7 +727,11 @@ class AssemblerService:
 
     def health_status(self) -> dict:
         alive = all(t.is_alive() for t in self._threads)
+        if self.leases is not None:
+            alive = alive and self.leases.alive()
         ready = self._connected.is_set() and alive and self.crashed is None
+        if self.leases is not None:  # a replica whose leases lapsed serves nobody
+            ready = ready and self.leases.valid()
         return {
             "ready": bool(ready and not self._stopping.is_set()),
             "subscribed": self._connected.is_set(),
@@ -689,6 +743,7 @@ class AssemblerService:
             "record_pending": self.recorder.pending() if self.recorder else 0,
             "unknown_dropped": self.admission.dropped,
             "stats": dict(self.stats),
+            **({"partitions": self.leases.status()} if self.leases is not None else {}),
         }
 
     def start(self) -> None:
@@ -701,6 +756,8 @@ class AssemblerService:
             self.health.start()
         print(self.banner(), flush=True)
         self._load_known_devices()
+        if self.leases is not None:
+            self.leases.start()
         self.client = self._make_client()
         for name, target in (
             ("assembler-worker", self._worker),
@@ -735,6 +792,8 @@ class AssemblerService:
         if self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()
+        if self.leases is not None:  # the others take our partitions within one round
+            self.leases.stop()
         self._threads[2].join(max(0.1, end - time.monotonic()))
         if self.health is not None:
             self.health.stop()
