@@ -290,9 +290,7 @@ def _kill_mid_stream(replica_set, database_url, devices, images):
     return result
 
 
-def test_sigkill_of_one_replica_loses_nothing_and_stores_nothing_twice(
-    replica_set, database_url
-):
+def test_sigkill_of_one_replica_loses_nothing_and_stores_nothing_twice(replica_set, database_url):
     result = _kill_mid_stream(replica_set, database_url, devices=12, images=6)
     assert result.resends >= 1  # the victim's devices were served from their resends
 
