@@ -181,6 +181,12 @@ def run(pg, broker, mosq_ps, name, replicas, args, kill=False):
     dsn = pg.create_database(f"bench_{name}_{uuid.uuid4().hex[:6]}")
     db.migrate(dsn)
     objects = Path(args.workdir) / name
+    prefix = f"B{name.upper()[:3]}"
+    with db.connect(dsn) as conn, conn.cursor() as cur:  # a registered fleet
+        cur.executemany(
+            "insert into devices (device_id) values (%s)",
+            [(device_id(prefix, i),) for i in range(args.devices)],
+        )
     if replicas == 1:
         procs = [Assembler(broker, dsn, objects)]
     else:
@@ -191,15 +197,22 @@ def run(pg, broker, mosq_ps, name, replicas, args, kill=False):
             every = set(range(DEFAULT_PARTITIONS))
 
             def balanced():
-                held = [p.owned() for p in procs]
-                return sum(map(len, held)) == len(every) and set().union(*held) == every
+                bodies = [health(p.port).get("partitions", {}) for p in procs]
+                held = [set(b.get("owned", ())) for b in bodies]
+                subscribed = sum(b.get("device_subscriptions", 0) for b in bodies)
+                pending = sum(b.get("subscribe_pending", 1) for b in bodies)
+                return (
+                    sum(map(len, held)) == len(every)
+                    and set().union(*held) == every
+                    and subscribed == args.devices
+                    and not pending
+                )
 
             wait(balanced)
         # fixed cost of the replicas when no device sends (lease rounds, timers)
         idle0 = [p.cpu() for p in procs]
         time.sleep(args.idle_window)
         idle = sum(p.cpu() - c for p, c in zip(procs, idle0, strict=True)) / args.idle_window
-        prefix = f"B{name.upper()[:3]}"
         clock = AckClock(broker)
         db0 = db_costs(dsn)
         cpu0 = [p.cpu() for p in procs]

@@ -65,6 +65,15 @@ def rows(dsn, sql, *args):
         return cur.fetchall()
 
 
+def register(dsn, prefix, n):
+    """A registered fleet (`devices` rows), as replicas subscribe to known devices."""
+    with db.connect(dsn) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "insert into devices (device_id) values (%s) on conflict do nothing",
+            [(device_id(prefix, i),) for i in range(n)],
+        )
+
+
 class Replica:
     """One `camfleet assembler --partitions P --replica-id ID` process."""
 
@@ -108,11 +117,17 @@ class Replica:
         self.log.close()
 
 
-def balanced(replicas, partitions=PARTITIONS):
+def balanced(replicas, partitions=PARTITIONS, devices=0):
     """Health of every replica once they hold every partition between them, each at
-    most its fair share; else None."""
+    most its fair share, subscribed (SUBACK) to the data of `devices` registered ones
+    between them; else None."""
     bodies = [r.health() for r in replicas]
     if not all(b.get("ready") for b in bodies):
+        return None
+    subs = [b["partitions"] for b in bodies]
+    if any(s["subscribe_pending"] for s in subs):
+        return None
+    if sum(s["device_subscriptions"] for s in subs) < devices:
         return None
     owned = [set(b["partitions"]["owned"]) for b in bodies]
     share = fair_share(partitions, len(replicas))
@@ -227,13 +242,15 @@ def test_leases_split_partitions_and_lapsed_ones_are_claimed(database_url):
 
 def test_three_replicas_ack_and_store_each_image_once(replica_set, database_url):
     broker, start = replica_set
+    register(database_url, "5EA1", 24)
     replicas = start(3)
-    bodies = wait_for(lambda: balanced(replicas))
+    bodies = wait_for(lambda: balanced(replicas, devices=24))
     assert bodies, [r.health() for r in replicas]
     mon = AckMonitor(broker)
     opts = SimOptions(devices=24, images=3, id_prefix="5EA1", ack_timeout=60, clients=3)
     result = simulate(broker, opts)
     assert result.images_acked == 72 and result.images_failed == 0
+    assert result.resends == 0  # registered devices: every image reached its owner
     assert wait_for(lambda: len(mon.acks) == 72, timeout=30)
     mon.close()
     assert set(mon.acks.values()) == {1}, "an image was ACKed by two replicas"
@@ -252,10 +269,25 @@ def test_three_replicas_ack_and_store_each_image_once(replica_set, database_url)
         assert s["messages"] < total * 0.75, "a replica decoded other replicas' messages"
 
 
-def _kill_mid_stream(replica_set, database_url, devices, images):
+def test_a_new_device_is_learnt_from_its_status_and_served(replica_set, database_url):
     broker, start = replica_set
     replicas = start(3)
     assert wait_for(lambda: balanced(replicas)), [r.health() for r in replicas]
+    # unregistered: no replica subscribed to their data until their status arrives; an
+    # image published before the owner's SUBACK comes back with the device's resend
+    opts = SimOptions(devices=4, images=2, id_prefix="0EE0", ack_timeout=3, max_resends=20)
+    result = simulate(broker, opts)
+    assert result.images_acked == 8 and result.images_failed == 0
+    check_stored_once(database_url, result)
+    subs = sum(r.health()["partitions"]["device_subscriptions"] for r in replicas)
+    assert subs == 4
+
+
+def _kill_mid_stream(replica_set, database_url, devices, images):
+    broker, start = replica_set
+    register(database_url, "C1A5", devices)
+    replicas = start(3)
+    assert wait_for(lambda: balanced(replicas, devices=devices)), [r.health() for r in replicas]
     mon = AckMonitor(broker)
     opts = SimOptions(
         devices=devices, images=images, id_prefix="C1A5", ack_timeout=ACK_TIMEOUT_S,
@@ -284,9 +316,10 @@ def _kill_mid_stream(replica_set, database_url, devices, images):
     # the victim or came after the device's timeout): never by two replicas at once
     assert sum(mon.acks.values()) <= total + result.resends
     check_stored_once(database_url, result)
-    assert rows(database_url, "select count(*) from device_errors")[0][0] == 0
+    errs = rows(database_url, "select device_id, error_code, message, details from device_errors")
+    assert errs == []
     # the survivors hold every partition between them
-    assert wait_for(lambda: balanced(survivors)), [r.health() for r in survivors]
+    assert wait_for(lambda: balanced(survivors, devices=devices)), [r.health() for r in survivors]
     return result
 
 

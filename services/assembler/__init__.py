@@ -224,13 +224,16 @@ class AssemblerService:
         self.health = None
         self.client = None
         self.leases = None
+        self.subs = None
         self.replica_id = config.replica_id
         self.client_id = config.client_id
         if config.partitions > 0:
-            from services.assembler.partitions import PartitionLeases, busy_partitions
+            from services.assembler.partitions import (
+                DeviceSubscriptions,
+                PartitionLeases,
+                busy_partitions,
+            )
 
-            # an id given on the command line is stable across restarts (persistent
-            # session); an automatic one is not, so its session must not outlive it
             self.replica_id = config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
             self.client_id = f"{config.client_id}-{self.replica_id}"
             self.leases = PartitionLeases(
@@ -239,8 +242,11 @@ class AssemblerService:
                 config.partitions,
                 on_lost=self._partitions_lost,
                 busy=lambda: busy_partitions(self.core, config.partitions),
+                after_round=self._sync_subscriptions,
                 grace_s=config.timing.capture_timeout,
             )
+            self.subs = DeviceSubscriptions(config.topics[1], config.partitions)
+            self._synced: tuple = ()
             self.stats["partition_dropped"] = 0
         # timings for the summary printed at stop (bounded: the last 100k of each)
         self._batch_seconds: deque = deque(maxlen=100_000)
@@ -288,7 +294,9 @@ class AssemblerService:
 
     # -- MQTT ----------------------------------------------------------------------
     def _make_client(self):
-        persistent = self.leases is None or self.cfg.replica_id is not None
+        # A replica's session is clean: after a reconnect or restart its partitions may
+        # be another's, so it subscribes afresh to what it holds then.
+        persistent = self.leases is None
         client = self.broker.client(client_id=self.client_id, clean_session=not persistent)
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.max_inflight_messages_set(MAX_INFLIGHT_PUBLISHES)
@@ -309,7 +317,13 @@ class AssemblerService:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        _, self._subscribe_mid = client.subscribe([(t, 1) for t in self.cfg.topics])
+        if self.subs is None:
+            _, self._subscribe_mid = client.subscribe([(t, 1) for t in self.cfg.topics])
+        else:  # status of every device; data of the devices of the partitions held
+            _, self._subscribe_mid = client.subscribe([(self.cfg.topics[0], 1)])
+            self.subs.reset()
+            self._synced = ()
+            self._sync_subscriptions(self.leases.owned())
         if self._connected.is_set():
             log.warning("MQTT reconnected (session present: %s)", flags.session_present)
 
@@ -317,6 +331,8 @@ class AssemblerService:
         # ready only once the broker has acknowledged the subscriptions: a message sent
         # right after "Subscribed" must not be lost
         if mid != self._subscribe_mid:
+            if self.subs is not None:
+                self.subs.acked(mid)
             return
         failed = [rc for rc in reason_codes if getattr(rc, "is_failure", False)]
         if failed:
@@ -327,8 +343,12 @@ class AssemblerService:
         if first:
             print("✓ MQTT connected successfully", flush=True)
             print("✓ Subscribed to topics:", flush=True)
-            for t in self.cfg.topics:
-                print(f"  - {t}", flush=True)
+            if self.subs is None:
+                for t in self.cfg.topics:
+                    print(f"  - {t}", flush=True)
+            else:
+                print(f"  - {self.cfg.topics[0]}", flush=True)
+                print(f"  - {self.cfg.topics[1]} of the leased partitions' devices", flush=True)
             print("✓ Worker started - processing messages...", flush=True)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
@@ -342,8 +362,11 @@ class AssemblerService:
         dev = _topic_device(msg.topic)
         if dev is None or not self.admission.admit(dev):
             return
-        if self.leases is not None and not self.leases.owns(dev):
-            return  # another replica's device: dropped before any decoding
+        if self.leases is not None:
+            if not self.leases.owns(dev):
+                return  # another replica's device (its status): dropped undecoded
+            if dev not in self.subs:  # a device new to us: its data from now on
+                self.subs.add(client, dev)
         size = len(msg.payload) + len(msg.topic) + INBOX_ENTRY_OVERHEAD
         with self._inbox_lock:
             if self._inbox_bytes + size > self.cfg.inbox_max_bytes:
@@ -465,6 +488,20 @@ class AssemblerService:
             elif isinstance(a, core.RecordDeviceFailure):
                 self.stats["device_failures"] += 1
                 self.rows.queue("device_failure", a)
+
+    def _sync_subscriptions(self, owned: frozenset[int]) -> None:
+        """After each lease round: data subscriptions follow the partitions held and
+        the devices known (only when either changed: a fleet's ids are many)."""
+        if self.client is None or not self.client.is_connected():
+            return  # on_connect syncs
+        known = self.admission.known()
+        key = (owned, len(known))
+        if key == self._synced:
+            return
+        added, dropped = self.subs.sync(self.client, owned, known)
+        self._synced = key
+        if added or dropped:
+            log.info("device subscriptions: +%d -%d", added, dropped)
 
     def _partitions_lost(self, partitions: frozenset[int]) -> None:
         self.inbox.put((None, partitions, time.monotonic(), 0))
@@ -743,7 +780,11 @@ class AssemblerService:
             "record_pending": self.recorder.pending() if self.recorder else 0,
             "unknown_dropped": self.admission.dropped,
             "stats": dict(self.stats),
-            **({"partitions": self.leases.status()} if self.leases is not None else {}),
+            **(
+                {"partitions": {**self.leases.status(), **self.subs.status()}}
+                if self.leases is not None
+                else {}
+            ),
         }
 
     def start(self) -> None:

@@ -127,6 +127,7 @@ class PartitionLeases:
         *,
         on_lost: Callable[[frozenset[int]], None] = lambda parts: None,
         busy: Callable[[], Iterable[int]] = frozenset,
+        after_round: Callable[[frozenset[int]], None] = lambda owned: None,
         grace_s: float = 60.0,
         ttl_s: float = LEASE_TTL_S,
         interval_s: float = RENEW_INTERVAL_S,
@@ -141,6 +142,7 @@ class PartitionLeases:
         self.partitions = partitions
         self.on_lost = on_lost
         self.busy = busy
+        self.after_round = after_round
         self.grace_s = grace_s
         self.ttl_s = ttl_s
         self.interval_s = interval_s
@@ -309,6 +311,10 @@ class PartitionLeases:
                 log.exception("partition lease round crashed; retrying")
                 self._close()
                 self._expire_if_lapsed()
+            try:
+                self.after_round(self.owned())
+            except Exception:
+                log.exception("after a lease round: failed; retrying next round")
 
     def alive(self) -> bool:
         return self._thread is None or self._thread.is_alive()
@@ -369,3 +375,87 @@ def busy_partitions(assembler, count: int) -> frozenset[int]:
     dict is one C-level copy under the GIL; RuntimeError if it changed size anyway)."""
     devices = set(assembler._per_device) | set(assembler._early_per_device)  # noqa: SLF001
     return frozenset(partition_of(d, count) for d in devices)
+
+
+# Topic filters per SUBSCRIBE/UNSUBSCRIBE packet (~30 bytes each: ~15 KB packets).
+SUBSCRIBE_BATCH = 500
+
+
+class DeviceSubscriptions:
+    """A replica's data-topic subscriptions: one per device of the partitions it holds.
+
+    Measured (bench/bench_assembler_replicas.py, docs/scaling.md): when every replica
+    subscribes to ESP32CAM/+/data and drops other replicas' devices itself, 3 replicas
+    cost 1.9-2.0x the CPU per image of one, because reading a message in paho costs
+    about as much as assembling it.  With one subscription per device the broker does
+    that filtering (a topic-tree lookup in C) and a replica reads its own devices only.
+    Devices are learnt from `devices` (refreshed) and from the status topic, which every
+    replica keeps as a wildcard: a device's status precedes its images at every wake,
+    so a new device's images reach its owner from its first wake (or its first resend).
+
+    paho's subscribe/unsubscribe are thread-safe: the lease thread calls sync(), the
+    network thread add() and reset().
+    """
+
+    def __init__(self, data_pattern: str, partitions: int):
+        if data_pattern.count("+") != 1:
+            raise ValueError("the data topic pattern must have one + for the device id")
+        self.pattern = data_pattern
+        self.partitions = partitions
+        self._subscribed: set[str] = set()
+        self._pending: set[int] = set()  # SUBSCRIBE mids without a SUBACK yet
+        self._lock = threading.Lock()
+
+    def topic(self, device_id: str) -> str:
+        return self.pattern.replace("+", device_id, 1)
+
+    def __contains__(self, device_id: str) -> bool:
+        return device_id in self._subscribed
+
+    def reset(self) -> None:
+        """A new (clean) session: the broker holds none of our subscriptions."""
+        with self._lock:
+            self._subscribed.clear()
+            self._pending.clear()
+
+    def acked(self, mid: int) -> bool:
+        with self._lock:
+            if mid in self._pending:
+                self._pending.discard(mid)
+                return True
+            return False
+
+    def add(self, client, device_id: str) -> None:
+        with self._lock:
+            if device_id not in self._subscribed:
+                self._subscribe(client, [device_id])
+
+    def sync(self, client, owned: frozenset[int], known: Iterable[str]) -> tuple[int, int]:
+        """Subscribe to the devices of `owned` partitions, unsubscribe from the rest."""
+        want = {d for d in known if partition_of(d, self.partitions) in owned}
+        with self._lock:
+            add = sorted(want - self._subscribed)
+            # devices learnt from their status stay while their partition is ours
+            drop = sorted(
+                d for d in self._subscribed if partition_of(d, self.partitions) not in owned
+            )
+            for i in range(0, len(add), SUBSCRIBE_BATCH):
+                self._subscribe(client, add[i : i + SUBSCRIBE_BATCH])
+            for i in range(0, len(drop), SUBSCRIBE_BATCH):
+                part = drop[i : i + SUBSCRIBE_BATCH]
+                rc, _ = client.unsubscribe([self.topic(d) for d in part])
+                if rc == 0:
+                    self._subscribed.difference_update(part)
+        return len(add), len(drop)
+
+    def _subscribe(self, client, devices: list[str]) -> None:
+        rc, mid = client.subscribe([(self.topic(d), 1) for d in devices])
+        if rc == 0:  # else not connected: the next (re)connect subscribes again
+            self._subscribed.update(devices)
+            self._pending.add(mid)
+
+    def status(self) -> dict:
+        return {
+            "device_subscriptions": len(self._subscribed),
+            "subscribe_pending": len(self._pending),
+        }
