@@ -243,9 +243,9 @@ class AssemblerService:
                 on_lost=self._partitions_lost,
                 busy=lambda: busy_partitions(self.core, config.partitions),
                 after_round=self._sync_subscriptions,
-                grace_s=config.timing.capture_timeout,
             )
             self.subs = DeviceSubscriptions(config.topics[1], config.partitions)
+            self._head_seen: dict[str, float] = {}  # device -> last metadata (monotonic)
             self._synced: tuple = ()
             self.stats["partition_dropped"] = 0
         # timings for the summary printed at stop (bounded: the last 100k of each)
@@ -439,16 +439,19 @@ class AssemblerService:
                 self._log_in(rec.device_id, topic, {"rejected": rec.code, **rec.details}, wall)
             self._apply([rec])
             return
-        if (
-            isinstance(msg, core.ChunkMessage)
-            and self.leases is not None
-            and self.leases.fresh(msg.device_id)
-            and (msg.device_id, msg.image_name) not in self.core._asm  # noqa: SLF001
-        ):
-            # a partition just taken over: the rest of an image another replica had
-            # started; the device resends it whole (metadata first) when no ACK comes
-            self.stats["partition_dropped"] += 1
-            return
+        if self.leases is not None:
+            if isinstance(msg, core.MetadataMessage):
+                self._head_seen[msg.device_id] = t
+            elif (
+                isinstance(msg, core.ChunkMessage)
+                and self._head_seen.get(msg.device_id, -1.0) < self.leases.gained_at(msg.device_id)
+                and (msg.device_id, msg.image_name) not in self.core._asm  # noqa: SLF001
+            ):
+                # no metadata from this device since its partition became ours: the rest
+                # of an image another replica (or nobody) had started; the device
+                # resends it whole, metadata first, when no ACK comes
+                self.stats["partition_dropped"] += 1
+                return
         self.rows.seen(msg.device_id, wall)
         if isinstance(msg, core.ChunkMessage):
             if not self.cfg.log_control_only:

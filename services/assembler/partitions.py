@@ -22,10 +22,12 @@ Leases (docs/mqtt-ingest.md "Several assemblers"):
   same time, whatever the database or this process's scheduler do.
 * A SIGKILLed replica's partitions are claimed by the others TTL + at most one round
   later; images it had in flight complete from the device's resend (the firmware resends
-  an unACKed image, seed 002).  A partition that was just gained drops chunks of images
-  whose metadata it never saw for one capture timeout (``fresh``): the resend brings the
-  metadata, and no "metadata never arrived" error is written for an image the device
-  did not give up on.
+  an unACKed image, seed 002).  After gaining a partition, a replica drops a device's
+  chunks of images it holds no metadata for until it has seen one metadata message of
+  that device (``gained_at``: the rest of an image another replica had started); the
+  resend brings the metadata, and no "metadata never arrived" error is written for an
+  image the device did not give up on.  (A time window instead failed under load: a
+  loaded device or worker delivered such a tail after any fixed grace had ended.)
 
 Stored once: capture rows are unique per (device, capture id) and an identical resend is
 recorded as a duplicate of the first (tasks/mqtt.py), objects are keyed by content
@@ -128,7 +130,6 @@ class PartitionLeases:
         on_lost: Callable[[frozenset[int]], None] = lambda parts: None,
         busy: Callable[[], Iterable[int]] = frozenset,
         after_round: Callable[[frozenset[int]], None] = lambda owned: None,
-        grace_s: float = 60.0,
         ttl_s: float = LEASE_TTL_S,
         interval_s: float = RENEW_INTERVAL_S,
         margin_s: float = SAFETY_MARGIN_S,
@@ -143,13 +144,12 @@ class PartitionLeases:
         self.on_lost = on_lost
         self.busy = busy
         self.after_round = after_round
-        self.grace_s = grace_s
         self.ttl_s = ttl_s
         self.interval_s = interval_s
         self.margin_s = margin_s
         self._owned: frozenset[int] = frozenset()
         self._valid_until = 0.0  # monotonic; leases are not used past it
-        self._fresh_until: dict[int, float] = {}  # partition -> monotonic end of grace
+        self._gained_at: dict[int, float] = {}  # partition -> monotonic time gained
         self._conn = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -167,10 +167,9 @@ class PartitionLeases:
             and time.monotonic() < self._valid_until
         )
 
-    def fresh(self, device_id: str) -> bool:
-        """True while the device's partition was gained less than one grace period ago."""
-        end = self._fresh_until.get(partition_of(device_id, self.partitions))
-        return end is not None and time.monotonic() < end
+    def gained_at(self, device_id: str) -> float:
+        """When (monotonic) this replica last gained the device's partition."""
+        return self._gained_at.get(partition_of(device_id, self.partitions), 0.0)
 
     def owned(self) -> frozenset[int]:
         return self._owned if time.monotonic() < self._valid_until else frozenset()
@@ -208,7 +207,6 @@ class PartitionLeases:
         """One renewal round (the lease thread calls it every RENEW_INTERVAL_S)."""
         t0 = time.monotonic()
         announced = self._owned  # the worker may hold state for these
-        usable = announced if t0 < self._valid_until else frozenset()
         args = {"me": self.replica_id, "ttl": self.ttl_s, "p": self.partitions}
         try:
             conn = self._connection()
@@ -243,11 +241,14 @@ class PartitionLeases:
         self.live_replicas = live
         self.last_error = None
         now = time.monotonic()
-        gained = frozenset(held) - usable  # new, or back after our lease lapsed
+        # new, or back after our lease lapsed (even for a moment during this round:
+        # owns() said False meanwhile, so an image's head may have been dropped)
+        usable = announced if now < self._valid_until else frozenset()
+        gained = frozenset(held) - usable
         for p in gained:
-            self._fresh_until[p] = now + self.grace_s
-        for p in [p for p, end in self._fresh_until.items() if end <= now or p not in held]:
-            del self._fresh_until[p]
+            self._gained_at[p] = t0  # messages from here on may be ours
+        for p in [p for p in self._gained_at if p not in held]:
+            del self._gained_at[p]
         self._owned = frozenset(held)
         self._valid_until = t0 + self.ttl_s - self.margin_s
         lost = announced - self._owned - release
