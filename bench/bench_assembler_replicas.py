@@ -292,12 +292,63 @@ def run(pg, broker, mosq_ps, name, replicas, args, kill=False):
             p.stop()
 
 
+def shared_state_probe(pg, images: int) -> dict:
+    """The alternative not built: chunk state in PostgreSQL. Each chunk one autocommit
+    INSERT (a replica must make it durable before the next may land elsewhere), then
+    one SELECT of the image's chunks, one DELETE. PostgreSQL's CPU per image."""
+    import base64
+    import random
+
+    dsn = pg.create_database(f"bench_chunks_{uuid.uuid4().hex[:6]}")
+    conn = db.connect(dsn)
+    conn.autocommit = True
+    cur = conn.cursor()
+    cur.execute(
+        "create table chunk_state (device text, image text, chunk int, payload text, "
+        "primary key (device, image, chunk))"
+    )
+    payload = base64.b64encode(random.randbytes(1024)).decode()
+    server = psutil.Process(pg.pid)
+
+    def pg_cpu():
+        total = 0.0
+        for p in [server, *server.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    c0, t0 = pg_cpu(), time.monotonic()
+    for i in range(images):
+        for c in range(CHUNKS_PER_IMAGE):
+            cur.execute(
+                "insert into chunk_state values (%s, %s, %s, %s) on conflict do nothing",
+                (f"D{i % 100}", f"img{i}", c, payload),
+            )
+        cur.execute(
+            "select payload from chunk_state where device = %s and image = %s order by chunk",
+            (f"D{i % 100}", f"img{i}"),
+        )
+        cur.fetchall()
+        cur.execute("delete from chunk_state where device = %s and image = %s",
+                    (f"D{i % 100}", f"img{i}"))  # fmt: skip
+    wall, cpu = time.monotonic() - t0, pg_cpu() - c0
+    conn.close()
+    return {"statements_per_image": CHUNKS_PER_IMAGE + 2,
+            "pg_cpu_ms_per_image": 1000 * cpu / images,
+            "wall_ms_per_image": 1000 * wall / images}  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--devices", type=int, default=60)
     ap.add_argument("--images", type=int, default=6)
     ap.add_argument("--ack-timeout", type=float, default=6.0, help="device resend (s)")
     ap.add_argument("--no-failover", action="store_true")
+    ap.add_argument("--probe-images", type=int, default=200,
+                    help="images for the shared-chunk-state probe (0: skip)")  # fmt: skip
     ap.add_argument("--idle-window", type=float, default=5.0, help="idle CPU sample (s)")
     args = ap.parse_args()
     with (
@@ -308,6 +359,7 @@ def main():
         args.workdir = work
         broker = MqttBroker(host=m.host, port=m.port)
         mosq_ps = psutil.Process(m.pid)
+        probe = shared_state_probe(pg, args.probe_images) if args.probe_images else None
         results = [run(pg, broker, mosq_ps, "one", 1, args)]
         results.append(run(pg, broker, mosq_ps, "three", 3, args))
         if not args.no_failover:
@@ -351,6 +403,14 @@ def main():
     row("failover: partitions taken (s)", "partitions_taken_s", "{:.1f}")
     row("failover: victim's devices", "victim_devices", "{:d}")
     row("failover: last device ACKed (s)", "last_device_served_s", "{:.1f}")
+    if probe:
+        print(
+            f"shared chunk state in PostgreSQL (not built, probed): "
+            f"{probe['statements_per_image']} statements/image, PostgreSQL CPU "
+            f"{probe['pg_cpu_ms_per_image']:.1f} ms/image (vs the one instance's assembler "
+            f"{one['cpu_ms_per_image']:.1f} ms/image), {probe['wall_ms_per_image']:.1f} ms "
+            "of round trips per image"
+        )
     print(json.dumps(results))
 
 
