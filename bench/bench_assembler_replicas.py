@@ -217,6 +217,7 @@ def run(pg, broker, mosq_ps, name, replicas, args, kill=False):
         db0 = db_costs(dsn)
         cpu0 = [p.cpu() for p in procs]
         m0 = mosq_ps.cpu_times()
+        pg0 = pg_cpu(pg)
         out: dict = {}
         sim = threading.Thread(
             target=lambda: out.setdefault(
@@ -248,6 +249,7 @@ def run(pg, broker, mosq_ps, name, replicas, args, kill=False):
         elapsed = time.monotonic() - t0
         cpu = sum(p.cpu() - c for p, c in zip(procs, cpu0, strict=True))
         m1 = mosq_ps.cpu_times()
+        pg1 = pg_cpu(pg)
         clock.close()
         r = out["r"]
         if kill:
@@ -283,6 +285,7 @@ def run(pg, broker, mosq_ps, name, replicas, args, kill=False):
             "broker_cpu_ms_per_image": 1000
             * ((m1.user + m1.system) - (m0.user + m0.system))
             / max(1, images),
+            "pg_cpu_ms_per_image": 1000 * (pg1 - pg0) / max(1, images),
             "ack_p50_s": r.get("ack_p50_s"),
             "ack_p99_s": r.get("ack_p99_s"),
             **failover,
@@ -290,6 +293,20 @@ def run(pg, broker, mosq_ps, name, replicas, args, kill=False):
     finally:
         for p in procs:
             p.stop()
+
+
+def pg_cpu(pg) -> float:
+    """CPU seconds of the PostgreSQL server and its backends so far (backends that
+    ended meanwhile are lost: measure around a run whose sessions stay open)."""
+    server = psutil.Process(pg.pid)
+    total = 0.0
+    for p in [server, *server.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def shared_state_probe(pg, images: int) -> dict:
@@ -308,19 +325,7 @@ def shared_state_probe(pg, images: int) -> dict:
         "primary key (device, image, chunk))"
     )
     payload = base64.b64encode(random.randbytes(1024)).decode()
-    server = psutil.Process(pg.pid)
-
-    def pg_cpu():
-        total = 0.0
-        for p in [server, *server.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        return total
-
-    c0, t0 = pg_cpu(), time.monotonic()
+    c0, t0 = pg_cpu(pg), time.monotonic()
     for i in range(images):
         for c in range(CHUNKS_PER_IMAGE):
             cur.execute(
@@ -334,7 +339,7 @@ def shared_state_probe(pg, images: int) -> dict:
         cur.fetchall()
         cur.execute("delete from chunk_state where device = %s and image = %s",
                     (f"D{i % 100}", f"img{i}"))  # fmt: skip
-    wall, cpu = time.monotonic() - t0, pg_cpu() - c0
+    wall, cpu = time.monotonic() - t0, pg_cpu(pg) - c0
     conn.close()
     return {"statements_per_image": CHUNKS_PER_IMAGE + 2,
             "pg_cpu_ms_per_image": 1000 * cpu / images,
@@ -395,6 +400,7 @@ def main():
     row("  idle (no device sending) ms/s", "idle_cpu_ms_per_s", "{:.1f}", ratio=True)
     row("  net of idle, ms/image", "net_cpu_ms_per_image", "{:.1f}", ratio=True)
     row("broker CPU ms/image", "broker_cpu_ms_per_image", "{:.2f}", ratio=True)
+    row("PostgreSQL CPU ms/image", "pg_cpu_ms_per_image", "{:.2f}", ratio=True)
     row("ACK_OK p50 after last chunk (s)", "ack_p50_s", "{:.3f}")
     row("ACK_OK p99 after last chunk (s)", "ack_p99_s", "{:.3f}")
     row("PG commits/image (incl. leases)", "pg_commits_per_image", "{:.2f}", ratio=True)
