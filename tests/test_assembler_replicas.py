@@ -218,6 +218,20 @@ def test_partition_of_is_stable_and_spreads_devices():
     assert fair_share(64, 3) == 22 and fair_share(64, 1) == 64
 
 
+def test_camfleet_up_starts_n_replicas_with_partitions_and_own_metrics_ports():
+    from camfleet.commands.up import SERVICES, assembler_replicas
+
+    metrics = {"assembler": 9101}
+    assert assembler_replicas(1, metrics) == [SERVICES[0]]  # today's single assembler
+    three = assembler_replicas(3, metrics)
+    assert [name for name, _, _ in three] == ["assembler", "assembler-2", "assembler-3"]
+    for k, (_, _, args) in enumerate(three, start=1):
+        assert args[args.index("--replica-id") + 1] == f"up-{k}"
+        assert args[args.index("--partitions") + 1] == "64"
+    ports = [args[args.index("--metrics-port") + 1] for _, _, args in three]
+    assert ports[0] == "9101" and len(set(ports)) == 3 and len(metrics) == 3
+
+
 def test_leases_split_partitions_and_lapsed_ones_are_claimed(database_url):
     lost: dict[str, list] = {"a": [], "b": []}
     kw = dict(ttl_s=3.0, interval_s=0.5, margin_s=0.5)

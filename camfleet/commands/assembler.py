@@ -64,8 +64,8 @@ def assembler(
     replica_id: str = typer.Option(
         None,
         envvar="CAMFLEET_ASSEMBLER_REPLICA_ID",
-        help="this replica's stable name (with --partitions; default host-pid, then its "
-        "MQTT session ends with the process)",
+        help="this replica's name in the partition leases, also appended to its MQTT "
+        "client id (with --partitions; default host-pid)",
     ),
 ) -> None:
     """Assemble chunked images from ESP32CAM/+/data, store them, write rows, ACK_OK."""
