@@ -55,6 +55,10 @@ Fault isolation (issue 12; docs/mqtt-ingest.md "Hostile devices")
   Prefect API, with a bounded backlog: the ACK path never waits on Prefect.
 * Ready means subscribed: the broker's SUBACK, not the CONNACK (``--health-port``).
 
+Replicas (``--partitions P``, issue 15): devices are partitioned and the partitions
+leased in PostgreSQL (partitions.py, docs/mqtt-ingest.md "Several assemblers"); without
+it this process is the fleet's only assembler and nothing below changes.
+
 Persistent session: a stable client id with clean_session=False and QoS 1
 subscriptions, so the broker queues a device's chunks while we reconnect (backoff
 1..30 s); `stop()` finishes the stores in flight, ACKs them, then disconnects.
