@@ -57,7 +57,8 @@ Fault isolation (issue 12; docs/mqtt-ingest.md "Hostile devices")
 
 Replicas (``--partitions P``, issue 15): devices are partitioned and the partitions
 leased in PostgreSQL (partitions.py, docs/mqtt-ingest.md "Several assemblers"); without
-it this process is the fleet's only assembler and nothing below changes.
+it this process is the fleet's only assembler and nothing below changes (a replica's
+MQTT session is clean: after a restart its partitions may be another's).
 
 Persistent session: a stable client id with clean_session=False and QoS 1
 subscriptions, so the broker queues a device's chunks while we reconnect (backoff
