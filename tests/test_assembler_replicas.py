@@ -228,8 +228,12 @@ def test_camfleet_up_starts_n_replicas_with_partitions_and_own_metrics_ports():
     for k, (_, _, args) in enumerate(three, start=1):
         assert args[args.index("--replica-id") + 1] == f"up-{k}"
         assert args[args.index("--partitions") + 1] == "64"
-    ports = [args[args.index("--metrics-port") + 1] for _, _, args in three]
-    assert ports[0] == "9101" and len(set(ports)) == 3 and len(metrics) == 3
+    fmt = {"m_assembler": "9101", "h_assembler": "9201"}  # up formats replica 1's
+    argv = [[a.format(**fmt) for a in args] for _, _, args in three]
+    for flag, first in (("--metrics-port", "9101"), ("--health-port", "9201")):
+        ports = [a[a.index(flag) + 1] for a in argv]
+        assert ports[0] == first and len(set(ports)) == 3
+    assert len(metrics) == 3  # every replica's metrics port is scraped
 
 
 def test_leases_split_partitions_and_lapsed_ones_are_claimed(database_url):

@@ -9,8 +9,11 @@ def assembler(
     mqtt_block: str = typer.Option(
         None, envvar="CAMFLEET_MQTT_BLOCK", help="saved camfleet-mqtt-broker block (else MQTT_*)"
     ),
-    database_url: str = typer.Option(
-        None, help="PostgreSQL URL (else DATABASE_URL / the database block)", show_default=False
+    # A block name, never a URL: a password on the command line is in the process list.
+    database_block: str = typer.Option(
+        None,
+        envvar="CAMFLEET_DATABASE_BLOCK",
+        help="saved camfleet-postgres block (else DATABASE_URL)",
     ),
     storage_url: str = typer.Option(None, help="object store URL (else STORAGE_URL)"),
     client_id: str = typer.Option(
@@ -80,7 +83,7 @@ def assembler(
     if unknown_devices not in ("register", "refuse"):
         raise typer.BadParameter("--unknown-devices is register or refuse")
 
-    from blocks.mqtt import MqttBroker
+    from camfleet import resolve
     from camfleet.protocol.assembler import Timing
     from camfleet.settings import get_settings
     from services.assembler import AssemblerService, ServiceConfig
@@ -89,17 +92,11 @@ def assembler(
     logging.basicConfig(
         level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    broker = MqttBroker.load(mqtt_block) if mqtt_block else MqttBroker.from_env()
-    dsn = database_url
-    if dsn is None:
-        if s.database_block:
-            from blocks.postgres import PostgresDatabase
-
-            dsn = PostgresDatabase.load(s.database_block).dsn()
-        elif s.database_url is not None:
-            dsn = s.database_url.get_secret_value()
-    if not dsn:
-        raise typer.BadParameter("no database: set DATABASE_URL or --database-url")
+    broker = resolve.mqtt_broker(mqtt_block)
+    try:
+        dsn = resolve.database_url(database_block)
+    except RuntimeError as exc:
+        raise typer.BadParameter(str(exc)) from None
     cfg = ServiceConfig(
         database_url=dsn,
         storage_url=storage_url or s.resolved_storage_url(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import signal
 import sys
@@ -13,10 +14,20 @@ import typer
 
 # (name, CLI module that must exist, argv after `camfleet`)
 SERVICES = [
-    ("assembler", "camfleet.commands.assembler", ["assembler", "--metrics-port", "{m_assembler}"]),
+    (
+        "assembler",
+        "camfleet.commands.assembler",
+        ["assembler", "--health-port", "{h_assembler}", "--metrics-port", "{m_assembler}"],
+    ),
     ("api", "camfleet.commands.api", ["api", "--host", "{api_host}", "--port", "{api_port}"]),
-    ("signer", "camfleet.commands.signer", ["signer", "--metrics-port", "{m_signer}"]),
+    (
+        "signer",
+        "camfleet.commands.signer",
+        ["signer", "--health-port", "{h_signer}", "--metrics-port", "{m_signer}"],
+    ),
 ]
+# Where each service says it is ready; the fleet-health flow checks them (docs/alerts.md).
+READY_PATHS = {"assembler": "/readyz", "api": "/health", "signer": "/ready"}
 DEPLOYMENTS = ("deployments", "deployments.serve", None)
 DEMO = [("demo", "camfleet.demo", None)]
 
@@ -38,8 +49,9 @@ def metrics_ports(api_port: int) -> dict[str, int]:
 
 def assembler_replicas(n: int, metrics: dict[str, int]) -> list[tuple[str, str, list[str]]]:
     """`--assemblers N`: N replicas leasing device partitions (docs/mqtt-ingest.md,
-    "Several assemblers"); 1 is the single assembler of today, without leases. Replica
-    k > 1 gets a free metrics port, added to `metrics`."""
+    "Several assemblers"); 1 is the single assembler of today, without leases. Replica 1
+    keeps the assembler's health and metrics ports (fleet-health checks it); replica
+    k > 1 gets free ones, its metrics port added to `metrics`."""
     if n <= 1:
         return [SERVICES[0]]
     from camfleet.localsvc import free_port
@@ -48,11 +60,26 @@ def assembler_replicas(n: int, metrics: dict[str, int]) -> list[tuple[str, str, 
     out = []
     for k in range(1, n + 1):
         name = "assembler" if k == 1 else f"assembler-{k}"
-        port = metrics["assembler"] if k == 1 else metrics.setdefault(name, free_port())
-        args = ["assembler", "--metrics-port", str(port)]
+        if k == 1:
+            args = list(SERVICES[0][2])
+        else:
+            port = metrics.setdefault(name, free_port())
+            args = ["assembler", "--health-port", str(free_port()), "--metrics-port", str(port)]
         args += ["--partitions", str(DEFAULT_PARTITIONS), "--replica-id", f"up-{k}"]
         out.append((name, SERVICES[0][1], args))
     return out
+
+
+def service_urls(api_host: str, api_port: int, health_ports: dict[str, int]) -> dict[str, str]:
+    """Readiness URLs of the services up starts, for fleet-health's service alerts: the
+    API where it listens (a wildcard address is reached on loopback), the assembler's
+    and the signer's health ports on loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(api_host, api_host)  # noqa: S104
+    host = f"[{host}]" if ":" in host else host
+    urls = {"api": f"http://{host}:{api_port}{READY_PATHS['api']}"}
+    for name, port in health_ports.items():
+        urls[name] = f"http://127.0.0.1:{port}{READY_PATHS[name]}"
+    return urls
 
 
 def _available(module: str) -> bool:
@@ -73,6 +100,7 @@ SHARED_SETTINGS = (
     "CAMFLEET_API_HOST",
     "CAMFLEET_API_PORT",
     "CAMFLEET_PUBLIC_URL",
+    "CAMFLEET_SERVICE_URLS",
 )
 
 
@@ -96,6 +124,7 @@ def up(
 ) -> None:
     """Start everything: Prefect server, migrations, blocks, deployments, services."""
     from camfleet import prefect_profile, stackfile
+    from camfleet.localsvc import free_port
     from camfleet.settings import get_settings
     from camfleet.stack import LocalStack, StackError
     from camfleet.supervisor import Supervisor
@@ -145,6 +174,11 @@ def up(
             metrics = metrics_ports(api_port)
             fmt = {"api_host": settings.api_host, "api_port": str(api_port)}
             fmt |= {f"m_{name}": str(port) for name, port in metrics.items()}
+            started = [name for name, module, _ in SERVICES if _available(module)]
+            health = {name: free_port() for name in ("assembler", "signer") if name in started}
+            fmt |= {f"h_{name}": str(port) for name, port in health.items()}
+            urls = service_urls(settings.api_host, api_port, health)
+            env["CAMFLEET_SERVICE_URLS"] = json.dumps({n: urls[n] for n in started})
             planned = assembler_replicas(assemblers, metrics) + SERVICES[1:]
             planned += [DEPLOYMENTS] + (DEMO if demo else [])
             for name, module, args in planned:
