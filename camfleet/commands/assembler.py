@@ -57,6 +57,19 @@ def assembler(
         None, help="serve GET /healthz on 127.0.0.1:PORT (200 ready, 503 not)"
     ),
     metrics_port: int = typer.Option(0, help="serve Prometheus /metrics on this port (0: off)"),
+    partitions: int = typer.Option(
+        0,
+        envvar="CAMFLEET_ASSEMBLER_PARTITIONS",
+        help="run as one of several replicas: devices are split into this many partitions "
+        "leased in PostgreSQL (every replica the same number, e.g. 64); 0: the only "
+        "assembler of the fleet, no leases",
+    ),
+    replica_id: str = typer.Option(
+        None,
+        envvar="CAMFLEET_ASSEMBLER_REPLICA_ID",
+        help="this replica's name in the partition leases, also appended to its MQTT "
+        "client id (with --partitions; default host-pid)",
+    ),
 ) -> None:
     """Assemble chunked images from ESP32CAM/+/data, store them, write rows, ACK_OK."""
     import logging
@@ -65,6 +78,8 @@ def assembler(
         raise typer.BadParameter("--ack-path is direct or flow")
     if recorder not in ("inline", "process"):
         raise typer.BadParameter("--recorder is inline or process")
+    if partitions < 0:
+        raise typer.BadParameter("--partitions is 0 (single assembler) or more")
     if unknown_devices not in ("register", "refuse"):
         raise typer.BadParameter("--unknown-devices is register or refuse")
 
@@ -99,6 +114,8 @@ def assembler(
         new_device_burst=new_device_burst,
         new_device_per_min=new_device_per_min,
         health_port=health_port,
+        partitions=partitions,
+        replica_id=replica_id,
     )
     service = AssemblerService(broker, cfg)
     if metrics_port:

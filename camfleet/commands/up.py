@@ -47,6 +47,29 @@ def metrics_ports(api_port: int) -> dict[str, int]:
     return ports
 
 
+def assembler_replicas(n: int, metrics: dict[str, int]) -> list[tuple[str, str, list[str]]]:
+    """`--assemblers N`: N replicas leasing device partitions (docs/mqtt-ingest.md,
+    "Several assemblers"); 1 is the single assembler of today, without leases. Replica 1
+    keeps the assembler's health and metrics ports (fleet-health checks it); replica
+    k > 1 gets free ones, its metrics port added to `metrics`."""
+    if n <= 1:
+        return [SERVICES[0]]
+    from camfleet.localsvc import free_port
+    from services.assembler.partitions import DEFAULT_PARTITIONS
+
+    out = []
+    for k in range(1, n + 1):
+        name = "assembler" if k == 1 else f"assembler-{k}"
+        if k == 1:
+            args = list(SERVICES[0][2])
+        else:
+            port = metrics.setdefault(name, free_port())
+            args = ["assembler", "--health-port", str(free_port()), "--metrics-port", str(port)]
+        args += ["--partitions", str(DEFAULT_PARTITIONS), "--replica-id", f"up-{k}"]
+        out.append((name, SERVICES[0][1], args))
+    return out
+
+
 def service_urls(api_host: str, api_port: int, health_ports: dict[str, int]) -> dict[str, str]:
     """Readiness URLs of the services up starts, for fleet-health's service alerts: the
     API where it listens (a wildcard address is reached on loopback), the assembler's
@@ -94,6 +117,9 @@ def up(
     ),
     check: bool = typer.Option(
         False, help="Bring up databases and broker, print the status, and exit."
+    ),
+    assemblers: int = typer.Option(
+        1, min=1, help="MQTT assembler replicas (more than 1: device partitions leased)."
     ),
 ) -> None:
     """Start everything: Prefect server, migrations, blocks, deployments, services."""
@@ -153,7 +179,8 @@ def up(
             fmt |= {f"h_{name}": str(port) for name, port in health.items()}
             urls = service_urls(settings.api_host, api_port, health)
             env["CAMFLEET_SERVICE_URLS"] = json.dumps({n: urls[n] for n in started})
-            planned = SERVICES + [DEPLOYMENTS] + (DEMO if demo else [])
+            planned = assembler_replicas(assemblers, metrics) + SERVICES[1:]
+            planned += [DEPLOYMENTS] + (DEMO if demo else [])
             for name, module, args in planned:
                 if not _available(module):
                     continue
