@@ -322,14 +322,17 @@ def test_up_starts_each_signer_replica_in_the_share_group_with_its_own_client_id
     assert signer_replicas(SERVICES, 1) == SERVICES  # one signer: as before
     planned = signer_replicas(SERVICES, 3)
     replicas = [(name, args) for name, _, args in planned if name.startswith("signer")]
-    assert [name for name, _ in replicas] == ["signer-1", "signer-2", "signer-3"]
+    assert [name for name, _ in replicas] == ["signer", "signer-2", "signer-3"]
     ids = []
     for _, args in replicas:
         assert args[0] == "signer"
         assert args[args.index("--share-group") + 1] == "camfleet-signer"
         ids.append(args[args.index("--client-id") + 1])
     assert len(set(ids)) == 3
-    # Only the first keeps the predictable metrics port; the others serve none.
-    assert replicas[0][1][replicas[0][1].index("--metrics-port") + 1] == "{m_signer}"
+    # Only the first keeps the signer's health and metrics ports; two processes on one
+    # port would not both start.
+    first = replicas[0][1]
+    assert first[first.index("--metrics-port") + 1] == "{m_signer}"
     assert [a[a.index("--metrics-port") + 1] for _, a in replicas[1:]] == ["0", "0"]
+    assert all("--health-port" not in a for _, a in replicas[1:])
     assert [n for n, _, _ in planned if not n.startswith("signer")] == ["assembler", "api"]
