@@ -19,7 +19,9 @@ ESP32-CAMs sending --images 45-chunk images each at QoS 1:
  (b) full path: the real `camfleet assembler` process (assemble, store in a local
      directory, PostgreSQL rows, ACK_OK, one recording Prefect flow run per interval);
      devices wait for ACK_OK (and answer NACKs) like the firmware.
- (c) optionally (--no-prefect-too) the same full path with --no-prefect.
+ (c) optionally the same full path with other assembler options, each beside the same
+     (a): --no-prefect-too, --log-control-only-too (no chunk rows in the publish log),
+     --flow-ack-path-too (--ack-path flow), --recorder-process-too (--recorder process).
 
 (a) and (b) run side by side --repeat times (default 3) in one run; each repetition's
 ratio is b/a of that repetition, and the ranges are printed. Beside each figure: the
@@ -402,7 +404,14 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=10)
     ap.add_argument("--publishers", type=int, default=3, help="load-generator processes")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--no-prefect-too", action="store_true", help="also run --no-prefect")
+    variants = {  # flag -> (label, assembler options, device-id prefix)
+        "no_prefect_too": ("(c) --no-prefect", ("--no-prefect",), "D1"),
+        "log_control_only_too": ("(c) --log-control-only", ("--log-control-only",), "C0"),
+        "flow_ack_path_too": ("(c) --ack-path flow", ("--ack-path", "flow"), "F1"),
+        "recorder_process_too": ("(c) --recorder process", ("--recorder", "process"), "9E"),
+    }
+    for flag, (label, _, _) in variants.items():
+        ap.add_argument("--" + flag.replace("_", "-"), action="store_true", help=f"also {label}")
     ap.add_argument("--profile", type=Path, help="py-spy the first (b) run into this dir")
     args = ap.parse_args()
     d, m = args.devices, args.images
@@ -412,7 +421,9 @@ def main() -> None:
         f" (1 KiB, QoS 1), {args.publishers} publisher processes, {os.cpu_count()} CPUs,"
         f" {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load {load_average()}"
     )
-    plain, full, nopf = [], [], []
+    plain, full = [], []
+    chosen = {label: (opts, pre) for f, (label, opts, pre) in variants.items() if getattr(args, f)}
+    extra: dict[str, list] = {label: [] for label in chosen}
     with (
         MosquittoInstance(persistence=False) as broker,
         PostgresInstance(fast=True) as pg,
@@ -449,29 +460,29 @@ def main() -> None:
                 )
                 plain.append(a)
                 full.append(b)
-                if args.no_prefect_too:
+                for label, (opts, pre) in chosen.items():
                     c = bench_full(
                         broker,
                         pg,
                         dsn,
-                        Path(tmp) / f"o2-{i}",
+                        Path(tmp) / f"o-{pre}-{i}",
                         d,
                         m,
                         args.publishers,
-                        f"D1{i:02X}00",
-                        ("--no-prefect",),
+                        f"{pre}{i:02X}00",
+                        opts,
                     )
                     print(
-                        f"[{i + 1}] (c) --no-prefect      {c['chunks_s']:7,.0f} chunks/s  "
+                        f"[{i + 1}] {label:<20} {c['chunks_s']:7,.0f} chunks/s  "
                         f"ratio {c['chunks_s'] / a['chunks_s']:.2f}  {c['meter'].line()}",
                         flush=True,
                     )
-                    nopf.append(c)
+                    extra[label].append(c)
     inflight = d * IMAGE_BYTES  # at most one image per device in flight
     print()
     print(f"summary over {args.repeat} repetitions (range, median), load now {load_average()}")
     print(f"  (a) plain paho subscriber   {span(a['chunks_s'] for a in plain)} chunks/s")
-    for label, rows in (("(b) full path", full), ("(c) --no-prefect", nopf)):
+    for label, rows in (("(b) full path", full), *extra.items()):
         if not rows:
             continue
         ratios = [r["chunks_s"] / a["chunks_s"] for r, a in zip(rows, plain, strict=False)]
