@@ -6,10 +6,13 @@ single-process Python ingester. The load generator must not be the limit: the de
 run in --publishers separate processes (default 3, each a slice of the fleet with its
 own MQTT connection, chunks base64+JSON-encoded before an image's first chunk goes
 out), and each run prints the CPU of every process and names the one that was
-CPU-bound. With one publisher process the devices themselves were the limit (1.9-2.6k
-chunks/s against 7-9k for the subscriber, issue 20); measured 2026-12-03 the
-subscriber (~95-100 % of one core) or, under other users' load, the machine's two
-cores are the limit of (a), not the publishers. Mosquitto (C) stays under half a core.
+CPU-bound. With the devices in one process the baseline measured what the devices could
+send (1.9-2.6k chunks/s, where one fast publisher moves 7.5-9.5k through Mosquitto to a
+counting subscriber: issue 20). Measured 2026-12-03 with three publisher processes under
+other users' load (load average 7-10), no process of ours was near a full core
+(subscriber 14-23 %, Mosquitto 6-9 %, the publishers 44-70 % together): the machine's
+two cores, taken by other users (100-140 %), were the limit of (a) and (b) alike, so
+the ratio, not the rate, is the figure to compare.
 
 On one private Mosquitto (started here, loopback only), with --devices simulated
 ESP32-CAMs sending --images 45-chunk images each at QoS 1:

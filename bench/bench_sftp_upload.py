@@ -10,9 +10,10 @@ figure and names the CPU-bound one):
   and sshd (both C; no Python load generator to outrun);
 * events: the plain `DataUploader` loop in this process (INSERT, two SFTP files over
   one connection, UPDATE, move per event): the limit of one uploader doing each
-  event's round trips and durable commits in turn. It is latency-bound (no process
-  near a full core; PostgreSQL's fsync and the SFTP round trips set the pace), so the
-  flow's ratio to it says what Prefect's bookkeeping adds per event.
+  event's round trips and durable commits in turn (no process near a full core:
+  PostgreSQL's fsync and the SFTP round trips set the pace on a quiet machine; on
+  2026-12-03, load average 20, other users' CPU did), so the flow's ratio to it says
+  what Prefect's bookkeeping adds per run and per event.
 
 All against private services on loopback started here (sshd, PostgreSQL, a Prefect
 server). Prints, each beside a baseline measured in the same run:
