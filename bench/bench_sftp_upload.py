@@ -195,8 +195,12 @@ def bench_events(sshd: SshdInstance, pg, prefect, dsn: str, events: int, repeat:
             cur.execute("TRUNCATE events")
         conn.commit()
 
+    def own_ms(meter: CpuMeter, n: int) -> float:
+        """CPU of this process (uploader or flow, no services) per event, ms."""
+        return 1000 * meter.pct()["bench"] * meter.wall / 100 / n
+
     conn = db.connect(dsn)
-    plain, flow, flow_inner = [], [], []
+    plain, flow, flow_inner, plain_cpu, flow_cpu = [], [], [], [], []
     try:
         # The first flow call in a process against a fresh server pays for the client
         # and the server's first requests; shown separately, not in the medians.
@@ -219,7 +223,11 @@ def bench_events(sshd: SshdInstance, pg, prefect, dsn: str, events: int, repeat:
                 start = time.perf_counter()
                 report = uploader.run_once()
                 plain.append(events / (time.perf_counter() - start))
-            print(f"   [{i + 1}] DataUploader  {plain[-1]:6.1f} events/s  {meter.line()}")
+            plain_cpu.append(own_ms(meter, events))
+            print(
+                f"   [{i + 1}] DataUploader  {plain[-1]:6.1f} events/s  "
+                f"{plain_cpu[-1]:.1f} ms CPU/event here  {meter.line()}"
+            )
             uploader.close()
             assert report.counts == {"uploaded": events}, report.counts
             shutil.rmtree(base, ignore_errors=True)
@@ -230,9 +238,11 @@ def bench_events(sshd: SshdInstance, pg, prefect, dsn: str, events: int, repeat:
                 start = time.perf_counter()
                 summary = asyncio.run(event_upload(str(base / "config.json")))
                 flow.append(events / (time.perf_counter() - start))
+            flow_cpu.append(own_ms(meter, events))
             print(
                 f"   [{i + 1}] Prefect flow  {flow[-1]:6.1f} events/s  ratio "
-                f"{flow[-1] / plain[-1]:.2f}  {meter.line()}"
+                f"{flow[-1] / plain[-1]:.2f}  {flow_cpu[-1]:.1f} ms CPU/event here  "
+                f"{meter.line()}"
             )
             flow_inner.append(summary["events_per_second"])
             assert summary["counts"] == {"uploaded": events}, summary["counts"]
@@ -245,6 +255,10 @@ def bench_events(sshd: SshdInstance, pg, prefect, dsn: str, events: int, repeat:
     print(f"   Prefect flow, call to return         {span(flow, '{:.1f}')}")
     print(f"   ratio flow / DataUploader            {span(ratios, '{:.2f}')}  (target >= 0.9x)")
     print(f"   Prefect flow, inside the flow body   {span(flow_inner, '{:.1f}')}")
+    print(
+        f"   CPU of this process per event: DataUploader {span(plain_cpu, '{:.1f}')} ms, "
+        f"flow {span(flow_cpu, '{:.1f}')} ms (what load does not distort)"
+    )
     print(f"   first flow call in this process, 1 event (not counted): {cold:.1f}s")
 
 
