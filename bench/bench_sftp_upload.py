@@ -292,6 +292,9 @@ def main() -> None:
                 dsn = pg.create_database("bench_events")
                 db.migrate(dsn)
                 bench_events(sshd, pg, prefect, dsn, args.events, args.repeat)
+                from prefect.logging.handlers import APILogHandler
+
+                APILogHandler().flush()  # the runs' logs, while their server is still up
                 print(
                     f"   (PostgreSQL fsync {'off' if args.fast_db else 'on'}; "
                     "Prefect server on SQLite, services off)"
