@@ -38,10 +38,12 @@ def load_average() -> str:
 
 
 def _procs(spec) -> list[psutil.Process]:
-    if isinstance(spec, int | psutil.Process):
+    if spec is None or isinstance(spec, int | psutil.Process):
         spec = [spec]
     out = []
     for p in spec:
+        if p is None:  # a service that has no process of its own (yet)
+            continue
         try:
             out.append(p if isinstance(p, psutil.Process) else psutil.Process(p))
         except psutil.NoSuchProcess:
@@ -80,7 +82,9 @@ def _cpu(proc: psutil.Process, tree: bool) -> tuple[float, list[tuple[int, float
 
 def _busy_seconds() -> float:
     t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    # guest time is already inside user/nice on Linux; waiting (idle, iowait) is not busy
+    not_busy = ("idle", "iowait", "guest", "guest_nice")
+    return sum(t) - sum(getattr(t, f, 0.0) for f in not_busy)
 
 
 class CpuMeter:
