@@ -11,8 +11,11 @@ send (1.9-2.6k chunks/s, where one fast publisher moves 7.5-9.5k through Mosquit
 counting subscriber: issue 20). Measured 2026-12-03 with three publisher processes under
 other users' load (load average 7-10), no process of ours was near a full core
 (subscriber 14-23 %, Mosquitto 6-9 %, the publishers 44-70 % together): the machine's
-two cores, taken by other users (100-140 %), were the limit of (a) and (b) alike, so
-the ratio, not the rate, is the figure to compare.
+two cores, taken by other users (60-140 %), were the limit of (a) and (b) alike, so
+the ratio, not the rate, is the figure to compare. The Python publishers together used
+2-3x the subscriber's CPU (62-97 % of a core against 18-29 % at load 6-7): on two
+shared cores they take CPU the subscriber could use, so a compiled publisher (e.g.
+`mosquitto_pub -l` fed pre-encoded lines) is the next step for (a).
 
 On one private Mosquitto (started here, loopback only), with --devices simulated
 ESP32-CAMs sending --images 45-chunk images each at QoS 1:
