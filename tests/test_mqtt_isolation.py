@@ -523,46 +523,5 @@ def test_one_device_looping_on_status_is_held_to_its_row_quota(mosquitto, servic
     assert svc.stats["rows_over_quota"] == 190 + 45 + 235
 
 
-def test_ack_path_does_not_wait_on_a_frozen_prefect_server(
-    mosquitto, database_url, prefect_api_url, tmp_path
-):
-    """SIGSTOP the Prefect server during a fleet run: every image is still ACKed (the
-    devices' own ACK timeout, 10 s, is the bound); the recording catches up after
-    SIGCONT."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    from camfleet.simulators.esp32 import SimOptions, simulate
-
-    server = psutil.Process(SubprocessASGIServer._instances[None].server_process.pid)
-    frozen = [server, *server.children(recursive=True)]
-    b = broker_block(mosquitto)
-    cfg = ServiceConfig(
-        database_url=database_url,
-        storage_url=f"file://{tmp_path / 'o'}",
-        timing=FAST,
-        client_id=f"frz-{uuid.uuid4().hex[:6]}",
-    )
-    svc = AssemblerService(b, cfg)
-    assert svc.recorder is not None  # a Prefect API is configured: runs are recorded
-    svc.start()
-    try:
-        assert svc.wait_connected(20)
-        warm = simulate(b, SimOptions(devices=2, images=1, id_prefix="F4EE2F"))
-        assert warm.images_acked == 2
-        for p in frozen:
-            p.suspend()
-        try:
-            r = simulate(b, SimOptions(devices=20, images=3, id_prefix="F4EE2E", ack_timeout=10))
-        finally:
-            for p in frozen:
-                p.resume()
-        lat = sorted(r.ack_latencies)
-        print(
-            f"\nPrefect frozen: ACK p50 {lat[len(lat) // 2] * 1000:.0f} ms "
-            f"p99 {lat[int(len(lat) * 0.99)] * 1000:.0f} ms"
-        )
-        assert r.images_acked == 60 and r.images_failed == 0 and r.resends == 0
-        q = "select count(*) from captures where flow_run_id is null"
-        assert wait_for(lambda: rows(database_url, q) == [(0,)], timeout=180)
-    finally:
-        svc.stop(timeout=30)
+# A frozen Prefect server (SIGSTOP) during a fleet run: tests/test_prefect_frozen.py, on a
+# private server (the session's shared Prefect harness is never frozen).
