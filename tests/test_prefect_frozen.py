@@ -158,6 +158,36 @@ def test_signer_answers_and_verifies_while_prefect_is_frozen(
     assert proc.returncode == 0, log.read_text()[-3000:]
 
 
+@pytest.mark.timeout(900)
+def test_signer_hand_off_failed_on_a_frozen_prefect_is_retried(
+    prefect, s3, bucket, mosquitto, database_url, tmp_path
+):
+    """Frozen longer than the Prefect client waits: the hand-off fails (a timeout, as
+    with Prefect down).  The captures are stored and the device answered regardless;
+    once Prefect is back the same captures are handed off (before: dropped for good)."""
+    port = free_port()
+    env = prefect_env(signer_env(database_url, s3, bucket, mosquitto, tmp_path), prefect, tmp_path)
+    env.update(PREFECT_API_REQUEST_TIMEOUT="2", PREFECT_CLIENT_MAX_RETRIES="0")
+    cmd = [sys.executable, "-m", "camfleet.cli", "signer", "--health-port", str(port)]
+    cmd += ["--client-id", f"frz-{uuid.uuid4().hex[:8]}"]
+    log = tmp_path / "signer.log"
+    prefix = f"FRT{uuid.uuid4().hex[:6]}"
+    with service(cmd, env, f"http://127.0.0.1:{port}/ready", log) as proc:
+        with frozen(prefect):
+            buffer = tmp_path / "seed"
+            names = sorted(write_images(buffer, 3))
+            got = run_seed_batch(broker_block(mosquitto), prefix, buffer, names, tmp_path)
+            assert sorted(got) == names, log.read_text()
+            failed = wait_until(lambda: "hand-off failed" in log.read_text(), 120, 0.5)
+            assert failed, log.read_text()[-3000:]
+        caught_up = wait_until(lambda: unstamped(database_url, prefix) == 0, CATCH_UP_S, 1.0)
+        assert caught_up, (
+            f"{unstamped(database_url, prefix)} captures never handed off\n"
+            + (log.read_text()[-3000:])
+        )
+    assert proc.returncode == 0, log.read_text()[-3000:]
+
+
 # -- the assembler, 100 devices ----------------------------------------------------------------
 
 
