@@ -8,12 +8,16 @@ resolved. Only transitions produce events, and the database's partial unique ind
 overlapping runs. Prefect automations (deployments/alerts.py) turn the events into
 notifications through the user's notification blocks.
 
+Services are incidents too (`service_alerts`, migration 0180): `evaluate_services`
+opens one when a readiness check fails and resolves it when the service answers again.
+
 Events (resource id `camfleet.device.<device_id>`, payload with device_id, kind, name,
 interval_seconds, last_contact):
 
     camfleet.device.silent / camfleet.device.back
     camfleet.device.erroring / camfleet.device.recovered
-    camfleet.service.not-ready  (resource `camfleet.service.<name>`)
+    camfleet.service.not-ready / camfleet.service.ready  (resource `camfleet.service.<name>`,
+                                                          payload service, url, reason)
     camfleet.alerts.test        (`camfleet alerts test`)
 """
 
@@ -26,7 +30,7 @@ from camfleet import db, health
 
 SILENT, BACK = "camfleet.device.silent", "camfleet.device.back"
 ERRORING, RECOVERED = "camfleet.device.erroring", "camfleet.device.recovered"
-SERVICE_NOT_READY = "camfleet.service.not-ready"
+SERVICE_NOT_READY, SERVICE_READY = "camfleet.service.not-ready", "camfleet.service.ready"
 TEST = "camfleet.alerts.test"
 DEVICE_EVENTS = (SILENT, BACK, ERRORING, RECOVERED)
 # Errors are counted over this window for the "erroring" state.
@@ -36,8 +40,9 @@ ERROR_WINDOW = timedelta(hours=1)
 @dataclass(frozen=True)
 class Transition:
     event: str
-    device_id: str
+    device_id: str  # for a service event: the service's name
     payload: dict = field(default_factory=dict)
+    resource: str = "device"  # the event's resource is camfleet.<resource>.<device_id>
 
 
 def evaluate(conn, now: datetime | None = None) -> tuple[list[Transition], dict[str, int]]:
@@ -82,29 +87,35 @@ def evaluate(conn, now: datetime | None = None) -> tuple[list[Transition], dict[
     return transitions, counts
 
 
+def evaluate_services(conn, checked: dict[str, str], down: dict[str, str]) -> list[Transition]:
+    """Open an incident for each checked service (name -> URL as shown) that is `down`
+    (name -> reason) and resolve the open incidents of checked services that answered.
+    A service no longer checked keeps its incident as it is: nobody looked."""
+    q = db.queries
+    open_now = {r[0] for r in q.alerts_open_services(conn)}
+    transitions = []
+    for service, url in checked.items():
+        details = {"service": service, "url": url, "reason": down.get(service, "")[:500]}
+        if service in down and service not in open_now:
+            if q.alerts_open_service_incident(conn, service=service, details=details):
+                transitions.append(Transition(SERVICE_NOT_READY, service, details, "service"))
+        elif service not in down and service in open_now:
+            if q.alerts_resolve_service_incident(conn, service=service):
+                transitions.append(Transition(SERVICE_READY, service, details, "service"))
+    return transitions
+
+
 def emit(transition: Transition):
     """The Prefect event of one transition (buffered and sent by Prefect's client)."""
     from prefect.events import emit_event
 
-    return emit_event(
-        event=transition.event,
-        resource={
-            "prefect.resource.id": f"camfleet.device.{transition.device_id}",
-            "prefect.resource.name": str(transition.payload.get("name", transition.device_id)),
-            "camfleet.device.kind": str(transition.payload.get("kind", "")),
-        },
-        payload=transition.payload,
-    )
-
-
-def emit_service_not_ready(service: str, reason: str):
-    from prefect.events import emit_event
-
-    return emit_event(
-        event=SERVICE_NOT_READY,
-        resource={"prefect.resource.id": f"camfleet.service.{service}"},
-        payload={"service": service, "reason": reason[:500]},
-    )
+    resource = {
+        "prefect.resource.id": f"camfleet.{transition.resource}.{transition.device_id}",
+        "prefect.resource.name": str(transition.payload.get("name", transition.device_id)),
+    }
+    if transition.resource == "device":
+        resource["camfleet.device.kind"] = str(transition.payload.get("kind", ""))
+    return emit_event(event=transition.event, resource=resource, payload=transition.payload)
 
 
 def emit_test(note: str = "camfleet alerts test"):

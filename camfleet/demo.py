@@ -85,9 +85,10 @@ def _wait_for_api(api_url: str, timeout: float = 180) -> None:
     raise RuntimeError(f"device API at {api_url} did not come up")
 
 
-def _pair_device(api_url: str, user_key: str, name: str) -> tuple[str, str]:
+def _pair_device(api_url: str, user_key: str, name: str, kind: str) -> tuple[str, str]:
     auth = {"Authorization": f"Bearer {user_key}"}
-    pair = httpx.post(f"{api_url}/devices/pair", json={"name": name}, headers=auth, timeout=10)
+    body = {"name": name, "kind": kind}
+    pair = httpx.post(f"{api_url}/devices/pair", json=body, headers=auth, timeout=10)
     pair.raise_for_status()
     activate = httpx.post(
         f"{api_url}/devices/activate",
@@ -138,7 +139,7 @@ def run(api_url: str, work_dir: Path) -> None:
     if "user_key" not in state:
         state["user_key"] = _cli("users", "create-key", DEMO_USER, "--label", "demo").stdout.strip()
     if "visant" not in state:
-        state["visant"] = _pair_device(api_url, state["user_key"], "demo-visant-cam")
+        state["visant"] = _pair_device(api_url, state["user_key"], "demo-visant-cam", "visant")
     fd = os.open(state_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(state, f)

@@ -14,11 +14,18 @@ from camfleet.settings import get_settings
 
 
 def database_url(block_name: str | None = None) -> str:
-    from blocks.postgres import PostgresDatabase
+    """The PostgreSQL DSN: the named block (or CAMFLEET_DATABASE_BLOCK), else
+    DATABASE_URL, else the cluster a running `camfleet up` keeps.
 
+    Never a command-line flag: a URL there, password included, is in the process list.
+    """
     settings = get_settings()
     name = block_name or settings.database_block
     if name:
+        # Only here: importing the block loads Prefect, seconds an admin command without
+        # a block should not pay.
+        from blocks.postgres import PostgresDatabase
+
         return PostgresDatabase.load(name, _sync=True).dsn()
     if settings.database_url is None:
         local = running_local_database(settings.data_dir)

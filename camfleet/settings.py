@@ -78,6 +78,55 @@ class Settings(BaseSettings):
     # Base URL devices use to reach the API (for local-storage upload URLs).
     public_url: str | None = Field(None, validation_alias="CAMFLEET_PUBLIC_URL")
 
+    # --- Command delivery (docs/triggers.md, "Settings") -----------------------------
+    # The seed sends a keepalive every 30 s; proxies drop idle streams after ~60 s.
+    sse_ping_seconds: float = Field(30.0, validation_alias="CAMFLEET_SSE_PING_SECONDS", gt=0)
+    # The seed's mode: devices identified by id only and triggers created without an
+    # API key. Only for a trusted network; an operator must turn it on explicitly.
+    allow_device_id_only: bool = Field(False, validation_alias="CAMFLEET_ALLOW_DEVICE_ID_ONLY")
+    api_instance_id: str | None = Field(None, validation_alias="CAMFLEET_API_INSTANCE_ID")
+    # MQTT delivery of the same commands for devices whose config has
+    # {"trigger": {"transport": "mqtt"}} (ESP32-CAMs that listen on a cmd topic).
+    trigger_mqtt: bool = Field(False, validation_alias="CAMFLEET_TRIGGER_MQTT")
+    trigger_topic: str = Field(
+        "ESP32CAM/{device_id}/cmd", validation_alias="CAMFLEET_TRIGGER_TOPIC"
+    )
+
+    # --- Device API rate limits (services/api/ratelimit.py; None: its default) ----------
+    rate_limits: bool = Field(True, validation_alias="CAMFLEET_RATE_LIMITS")
+    # postgresql (shared by every instance), memory (this process) or a redis:// URL.
+    rate_limit_storage: str = Field("postgresql", validation_alias="CAMFLEET_RATE_LIMIT_STORAGE")
+    rate_limit_device: str | None = Field(None, validation_alias="CAMFLEET_RATE_LIMIT_DEVICE")
+    rate_limit_user: str | None = Field(None, validation_alias="CAMFLEET_RATE_LIMIT_USER")
+    rate_limit_pair: str | None = Field(None, validation_alias="CAMFLEET_RATE_LIMIT_PAIR")
+    rate_limit_activate: str | None = Field(None, validation_alias="CAMFLEET_RATE_LIMIT_ACTIVATE")
+    rate_limit_activate_fail: str | None = Field(
+        None, validation_alias="CAMFLEET_RATE_LIMIT_ACTIVATE_FAIL"
+    )
+    rate_limit_trigger: str | None = Field(None, validation_alias="CAMFLEET_RATE_LIMIT_TRIGGER")
+    rate_limit_capture: str | None = Field(None, validation_alias="CAMFLEET_RATE_LIMIT_CAPTURE")
+    rate_limit_stream: str | None = Field(None, validation_alias="CAMFLEET_RATE_LIMIT_STREAM")
+
+    # --- Device API bodies and uploads (services/api/bodies.py, routes_devices.py) -----
+    # None: the default documented next to the code that uses it.
+    body_idle_timeout_s: float | None = Field(
+        None, validation_alias="CAMFLEET_BODY_IDLE_TIMEOUT_S", gt=0
+    )
+    capture_body_deadline_s: float | None = Field(
+        None, validation_alias="CAMFLEET_CAPTURE_BODY_DEADLINE_S", gt=0
+    )
+    max_concurrent_uploads: int | None = Field(
+        None, validation_alias="CAMFLEET_MAX_CONCURRENT_UPLOADS", gt=0
+    )
+    max_uploads_per_device: int | None = Field(
+        None, validation_alias="CAMFLEET_MAX_UPLOADS_PER_DEVICE", gt=0
+    )
+    # Comma-separated content types devices may upload.
+    upload_content_types: str | None = Field(None, validation_alias="CAMFLEET_UPLOAD_CONTENT_TYPES")
+    max_upload_bytes: int | None = Field(None, validation_alias="CAMFLEET_MAX_UPLOAD_BYTES", gt=0)
+    # Off only to measure what the check costs (bench/bench_lifelog_ingest.py).
+    ingest_check_object: bool = Field(True, validation_alias="CAMFLEET_INGEST_CHECK_OBJECT")
+
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
 
     @classmethod

@@ -13,6 +13,7 @@ whose blocks changed, so it is safe to call on every `camfleet up`.
 from __future__ import annotations
 
 from camfleet import alerts
+from deployments.automations import ensure_automation, run_against_server
 
 ALERT_BLOCK_PREFIX = "camfleet-alerts"
 AUTOMATION_PREFIX = "camfleet alert: "
@@ -45,7 +46,12 @@ RULES = {
     alerts.SERVICE_NOT_READY: (
         "service not ready",
         "camfleet: service {{ event.payload.service }} is not ready",
-        "{{ event.payload.reason }} [camfleet.service.not-ready]",
+        "{{ event.payload.url }}: {{ event.payload.reason }} [camfleet.service.not-ready]",
+    ),
+    alerts.SERVICE_READY: (
+        "service ready",
+        "camfleet: service {{ event.payload.service }} is ready again",
+        "{{ event.payload.url }} answers again. [camfleet.service.ready]",
     ),
     alerts.TEST: (
         "test",
@@ -97,19 +103,18 @@ async def ensure_alert_automations(client, block_ids: list | None = None) -> lis
         block_ids = await alert_block_ids(client)
     if not block_ids:
         return []
+    blocks = {str(b) for b in block_ids}
+
+    def notifies_these_blocks(existing) -> bool:
+        # An alert block added or removed since: the automation is re-written.
+        return blocks == {
+            str(a.block_document_id) for a in existing.actions if hasattr(a, "block_document_id")
+        }
+
     changed = []
     for event in RULES:
         wanted = automation_for(event, block_ids)
-        existing = await client.read_automations_by_name(wanted.name)
-        if not existing:
-            await client.create_automation(wanted)
-            changed.append(wanted.name)
-            continue
-        current = {
-            str(a.block_document_id) for a in existing[0].actions if hasattr(a, "block_document_id")
-        }
-        if current != {str(b) for b in block_ids}:
-            await client.update_automation(existing[0].id, wanted)
+        if await ensure_automation(client, wanted, up_to_date=notifies_these_blocks):
             changed.append(wanted.name)
     return changed
 
@@ -119,15 +124,7 @@ async def list_alert_automations(client) -> list:
 
 
 def main() -> None:
-    import anyio
-    from prefect.client.orchestration import get_client
-
-    async def run() -> list[str]:
-        async with get_client() as client:
-            return await ensure_alert_automations(client)
-
-    changed = anyio.run(run)
-    print("changed: " + ", ".join(changed) if changed else "alert automations up to date")
+    run_against_server(ensure_alert_automations, "changed", "alert automations up to date")
 
 
 if __name__ == "__main__":

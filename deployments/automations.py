@@ -55,24 +55,45 @@ def zombie_automation():
     )
 
 
+async def ensure_automation(client, wanted, up_to_date=lambda existing: True) -> bool:
+    """Create `wanted` when no automation has its name, or replace the existing one when
+    `up_to_date(existing)` says it is stale; True when the server changed.
+
+    Automations are found by name because that is what an operator sees and keeps:
+    camfleet never makes a second automation of a name it owns.
+    """
+    existing = await client.read_automations_by_name(wanted.name)
+    if not existing:
+        await client.create_automation(wanted)
+        return True
+    if up_to_date(existing[0]):
+        return False
+    await client.update_automation(existing[0].id, wanted)
+    return True
+
+
 async def ensure_automations(client) -> list[str]:
     """Create what is missing (by name); returns the names created."""
-    if await client.read_automations_by_name(ZOMBIE_AUTOMATION):
-        return []
-    await client.create_automation(zombie_automation())
-    return [ZOMBIE_AUTOMATION]
+    created = await ensure_automation(client, zombie_automation())
+    return [ZOMBIE_AUTOMATION] if created else []
 
 
-def main() -> None:
+def run_against_server(ensure, verb: str, up_to_date: str) -> None:
+    """`python -m deployments.<module>`: run `ensure(client)` against the configured
+    Prefect server and print the names it changed."""
     import anyio
     from prefect.client.orchestration import get_client
 
     async def run() -> list[str]:
         async with get_client() as client:
-            return await ensure_automations(client)
+            return await ensure(client)
 
-    created = anyio.run(run)
-    print("created: " + ", ".join(created) if created else "automations up to date")
+    names = anyio.run(run)
+    print(f"{verb}: " + ", ".join(names) if names else up_to_date)
+
+
+def main() -> None:
+    run_against_server(ensure_automations, "created", "automations up to date")
 
 
 if __name__ == "__main__":

@@ -12,13 +12,19 @@ Two task runs per batch of five (`send-batch`, `await-verifications`) plus one
 progress artifact: a central Prefect server pays ~40 ms of CPU per task run, so a
 fleet reporting to one costs it ~16 ms per image, not one task run per image.
 
+A run that finds both directories empty (most scheduled runs of a quiet camera) ends
+at once: no broker connection, no task run, no artifact, only the flow run itself
+(docs/prefect.md, "Idle runs", has the measured cost).
+
 `edge_uploads_received` is the cloud side's post-processing flow: the signer hands it
 the captures it verified, in batches (never one run per file).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -76,6 +82,28 @@ def await_verification_and_delete(
     return await_verifications(batch, link, buffer_dir, verify_timeout_s)
 
 
+def has_work(config: EdgeConfig, min_age_s: float = edge_files.MIN_FILE_AGE_S) -> bool:
+    """Whether a run would upload anything: a file left in the buffer, or one in the
+    camera's repo at least `min_age_s` old.  Only `os.scandir` (no hashing, no moves),
+    so a quiet camera's scheduled run costs a directory listing, not a broker session."""
+    now = time.time()
+    for directory, min_age in ((config.buffer_dir, 0.0), (config.repo_dir, min_age_s)):
+        try:
+            entries = os.scandir(directory)
+        except FileNotFoundError:
+            continue
+        with entries:
+            for entry in entries:
+                if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    if now - entry.stat(follow_symlinks=False).st_mtime >= min_age:
+                        return True
+                except FileNotFoundError:
+                    continue
+    return False
+
+
 def _progress(batch: eb.DeviceBatch, number: int) -> None:
     summary = batch.summary()
     left = summary["reasons"]
@@ -101,6 +129,11 @@ def edge_batch_upload(
     """Move, request, upload, verify, delete: batch after batch until the repo is empty."""
     logger = get_run_logger()
     config = load_ento_conf(config_path)
+    if not has_work(config, min_age_s):
+        # Checked before the broker and before any task run: an idle run costs the
+        # Prefect server one flow run (its states), nothing else.
+        logger.debug("nothing to upload")
+        return []
     link = connect_to_broker(config, mqtt_block)
     http = http_client()  # one client per run: TLS setup once, connections reused
     summaries: list[dict] = []

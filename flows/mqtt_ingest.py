@@ -19,9 +19,13 @@ Why batches and never a run per image: a flow run costs ~0.2 s (async) and each 
 run ~35-50 ms of Prefect-server CPU on this 2-core machine (DESIGN.md, "Prefect as
 measured"), so one run per image would saturate the server at fleet rates.
 
-The flows are called in-process by the assembler service (never through a deployment:
-a deployment run spawns a process, ~2.5 s).  Image bytes stay in the process; the run's
-parameters are the batch id and a manifest (device, image, sha256, bytes).
+The assembler calls both flows in-process (a deployment run spawns a process, ~2.5 s,
+far too slow for an ACK).  `mqtt-ingest` stays in-process only: its image bytes live in
+the assembler's memory (the parameters are a batch id and a manifest), and a device
+whose image was not ACKed resends it, so there is nothing a worker could redo.
+`mqtt-ingest-record` is also a deployment (prefect.yaml): its parameters are the whole
+story (capture ids, keys, sizes), it runs on any worker with the configured store and
+database, and a failed run can be retried from the UI.
 """
 
 from __future__ import annotations
@@ -30,7 +34,11 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from tasks.mqtt import (
+    call_with_retries,
     context,
+    fail_unrecorded,
+    fail_unstored,
+    find_unrecorded,
     get_batch,
     publish_acks,
     record_captures,
@@ -49,19 +57,12 @@ async def mqtt_ingest(batch_id: str, images: list[dict]) -> dict:
 
     stored = await store_objects(batch_id, return_state=True)
     if stored.is_failed():
-        for item in batch.items:
-            if not item.stored:
-                item.error = 2204
-                ctx.on_error(2204, item, item.error_message or "store failed after retries")
+        fail_unstored(batch, ctx)
 
     if any(i.stored for i in batch.items):
         recorded = await record_captures(batch_id, batch.flow_run_id, return_state=True)
         if recorded.is_failed():
-            message = await _state_message(recorded)
-            for item in batch.items:
-                if item.stored and item.record_id is None:
-                    item.error = 2205
-                    ctx.on_error(2205, item, message)
+            fail_unrecorded(batch, ctx, await _state_message(recorded))
 
     acked = await publish_acks(batch_id)
     summary = {
@@ -85,49 +86,66 @@ async def _state_message(state) -> str:
 
 
 async def run_batch_direct(batch_id: str) -> dict:
-    """The same steps without Prefect (``camfleet assembler --no-prefect``): the tasks'
-    bodies with the same retries, no flow run, rows without flow_run_id."""
-    import asyncio
-
-    from tasks.mqtt import RETRY_BACKOFF_S, TASK_RETRIES
-
+    """The same steps without Prefect (``camfleet assembler --no-prefect``, and the
+    default ACK path): the tasks' bodies under the tasks' own retry policy and error
+    mapping (tasks.mqtt.RETRY, fail_unstored/fail_unrecorded), no flow run, rows
+    without flow_run_id."""
     batch, ctx = get_batch(batch_id), context()
-
-    async def retried(fn, *args) -> Exception | None:
-        for attempt in range(TASK_RETRIES + 1):
-            try:
-                await fn(*args)
-                return None
-            except Exception as exc:
-                if attempt == TASK_RETRIES:
-                    return exc
-                await asyncio.sleep(RETRY_BACKOFF_S * 2**attempt)
-        return None
-
-    if await retried(store_objects.fn, batch_id) is not None:
-        for item in batch.items:
-            if not item.stored:
-                item.error = 2204
-                ctx.on_error(2204, item, item.error_message or "store failed after retries")
+    if await call_with_retries(store_objects.fn, batch_id) is not None:
+        fail_unstored(batch, ctx)
     if any(i.stored for i in batch.items):
-        exc = await retried(record_captures.fn, batch_id, None)
+        exc = await call_with_retries(record_captures.fn, batch_id, None)
         if exc is not None:
-            for item in batch.items:
-                if item.stored and item.record_id is None:
-                    item.error = 2205
-                    ctx.on_error(2205, item, f"{type(exc).__name__}")
+            fail_unrecorded(batch, ctx, f"{type(exc).__name__}")
     return {"acked": await publish_acks.fn(batch_id)}
 
 
-@flow(name="mqtt-ingest-record", log_prints=False, persist_result=False, validate_parameters=False)
-async def mqtt_ingest_record(records: list[dict]) -> dict:
+# A run without records adopts captures stored at least this long ago that no run has
+# stamped: the live recorder stamps its own within seconds (or gives up after minutes).
+UNRECORDED_MIN_AGE_S = 600
+UNRECORDED_MAX_ROWS = 20_000
+
+
+# Flow-level retries: both steps are idempotent (a HEAD, an UPDATE setting this run's
+# id), so a re-run, by Prefect or from the UI's Retry, does nothing twice.
+@flow(
+    name="mqtt-ingest-record",
+    log_prints=False,
+    persist_result=False,
+    validate_parameters=False,
+    retries=2,
+    retry_delay_seconds=5,
+    timeout_seconds=600,
+)
+async def mqtt_ingest_record(
+    records: list[dict] | None = None,
+    verify: bool = False,
+    min_age_s: float = UNRECORDED_MIN_AGE_S,
+    max_rows: int = UNRECORDED_MAX_ROWS,
+) -> dict:
     """The default ACK path's flow run (see services/assembler/__init__.py): the service has
-    stored, recorded and ACKed these captures in its own batches; this run verifies
-    their objects and puts its id on their rows, so the UI shows which run covers which
-    capture without a flow run sitting between a device's last chunk and its ACK_OK."""
+    stored, recorded and ACKed these captures in its own batches; this run puts its id
+    on their rows, so the UI shows which run covers which capture without a flow run
+    sitting between a device's last chunk and its ACK_OK.
+
+    `verify=True` also HEADs every object (exists, recorded size).  The assembler
+    leaves it off: it already checked each put's answer (size and sha256) before its
+    ACK_OK, so reading every object back again only doubled the store's requests.
+    A run of the `mqtt-ingest-record` deployment (prefect.yaml) may turn it on.
+
+    Each record: {"record_id", "storage_path", "bytes"}.  Without records (the
+    deployment's hourly run) it adopts the stored captures no run has stamped, older
+    than `min_age_s`: those the assembler's recorder gave up on while Prefect was down.
+    Outside the assembler the tasks use the configured store and database
+    (tasks.mqtt.context_from_settings).
+    """
     logger = get_run_logger()
     run_id = str(flow_run.get_id())
-    verified = await verify_objects(records)
+    if records is None:
+        records = await find_unrecorded(min_age_s, max_rows)
+    if not records:
+        return {"captures": 0, "verified": 0, "stamped": 0}
+    verified = await verify_objects(records) if verify else 0
     stamped = await stamp_captures([r["record_id"] for r in records], run_id)
     summary = {"captures": len(records), "verified": verified, "stamped": stamped}
     logger.info("recorded %s", summary)

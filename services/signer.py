@@ -19,13 +19,16 @@ command exits non-zero for its supervisor to restart it. Nothing here waits on P
 the hand-off has its own thread and a bounded backlog.
 
 Crash safety: every grant is a row in `edge_upload_grants` before its URL is published,
-and a restarted signer resumes watching open grants. A verification lost with the
-process is re-earned: the device asks again, and for a checked request whose file was
-verified before with the declared checksum the answer lists it as `verified` and the
-`{"file"}` message follows, without a second upload, once a verification job has read
-the object back (never the request thread: a hanging store must not hold up other
-devices' answers). Should the object be gone, the grant fails and the device's next
-request gets a URL.
+leased to this instance (`services.signer_leases`), and a restarted signer resumes
+watching its own open grants and any whose lease expired. Replicas (`share_group`)
+share requests through the broker's `$share/...` subscription and verification work
+through those leases: only a grant's holder records it, so none is verified twice.
+A verification lost with the process is re-earned: the device asks again, and for a
+checked request whose file was verified before with the declared checksum the answer
+lists it as `verified` and the `{"file"}` message follows, without a second upload,
+once a verification job has read the object back (never the request thread: a hanging
+store must not hold up other devices' answers). Should the object be gone, the grant
+fails and the device's next request gets a URL.
 
 A reused name never overwrites a delivered image: a camera whose counter or clock
 restarted writes a new image under a name it delivered (and deleted) before. Such a
@@ -59,6 +62,7 @@ from camfleet.edge.link import no_delay
 from camfleet.protocol import edge_batch as eb
 from camfleet.storage import ObjectStore, StorageError
 from camfleet.storage.base import STREAM_CHUNK_BYTES
+from services.signer_leases import LEASE_S, Leases
 from services.signer_limits import FairInbox, RateLimiter
 
 log = logging.getLogger("camfleet.signer")
@@ -164,6 +168,10 @@ def _key_for(serial: str, name: str, seen: _Known | None) -> str:
     return eb.reuse_key(serial, name)
 
 
+class _LeaseLost(Exception):
+    """Another instance holds the grant now: this one records nothing for it."""
+
+
 class WorkerDied(RuntimeError):
     """The signer's worker thread died: the process should exit non-zero."""
 
@@ -199,6 +207,8 @@ class SignerStats:
     rate_limited: int = 0  # requests answered 3007
     capped: int = 0  # names answered `rejected` 3008 (grant caps)
     swept: int = 0  # stale grants marked expired
+    claimed: int = 0  # open grants taken over (at start, or from a dead instance)
+    lease_lost: int = 0  # watched grants another instance holds now (not recorded here)
     errors: list[str] = field(default_factory=list)
 
 
@@ -367,8 +377,16 @@ class Signer:
         max_pending: int = MAX_PENDING_GRANTS,
         rate_limiter: RateLimiter | None = None,
         sweep_margin_s: float = SWEEP_MARGIN_S,
+        share_group: str | None = None,
+        lease_s: float = LEASE_S,
     ) -> None:
         self.store = store
+        # Replicas: requests arrive through the broker's shared subscription
+        # `$share/{group}/...` (each request to one instance), and each open grant is
+        # leased to one instance (services/signer_leases.py).
+        self.share_group = share_group
+        self._leases = Leases(client_id, lease_s)
+        self._next_lease_tend = 0.0  # time.monotonic()
         # Buckets a request's bucket-name may choose (None: bucket-name is ignored, as
         # the seed's cloud did, and every object goes to `store`'s bucket).
         self._stores = _bucket_stores(store, buckets)
@@ -415,7 +433,11 @@ class Signer:
     def start(self, connect_timeout: float = 10.0) -> Signer:
         self._sweep()
         self._resume_open_grants()
-        client = self._broker.client(self._client_id, clean_session=False)
+        self._next_lease_tend = time.monotonic() + self._leases.tend_every_s
+        # A shared subscription with a persistent session would keep receiving its
+        # share of requests while its instance is dead (Mosquitto queues them for the
+        # session): replicas use clean sessions, so the broker routes around a dead one.
+        client = self._broker.client(self._client_id, clean_session=self.share_group is not None)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = lambda *a, **k: self._connected.clear()
@@ -430,7 +452,7 @@ class Signer:
         self._thread.start()
         if self._handoff:
             self._handoff.start()
-        log.info("signer: answering %s", self.topics.request_filter())
+        log.info("signer: answering %s", self._subscription())
         return self
 
     def stop(self) -> None:
@@ -445,6 +467,10 @@ class Signer:
         for reader in self._readers.values():
             if reader is not None:
                 reader.close()
+        self._release_leases()
+        close = getattr(self.rate_limiter, "close", None)
+        if close is not None:
+            close()
         self.pool.close()
 
     def run_forever(self) -> None:
@@ -488,11 +514,14 @@ class Signer:
             pending = len(self._pending)
         return {
             "subscribed": self._connected.is_set(),
+            "share_group": self.share_group,
             "pending_grants": pending,
             "queued_requests": len(self._inbox),
             "dropped_requests": self._inbox.dropped,
             "rate_limited": self.stats.rate_limited,
             "capped": self.stats.capped,
+            "claimed_grants": self.stats.claimed,
+            "lease_lost": self.stats.lease_lost,
             "handoff_backlog": self._handoff.backlog() if self._handoff else 0,
         }
 
@@ -509,13 +538,18 @@ class Signer:
             log.warning("signer: broker refused the connection: %s", reason_code)
             return
         no_delay(client)
-        _, self._subscribe_mid = client.subscribe(self.topics.request_filter(), qos=MQTT_QOS)
+        _, self._subscribe_mid = client.subscribe(self._subscription(), qos=MQTT_QOS)
+
+    def _subscription(self) -> str:
+        """Every device's request topic; through the share group for replicas."""
+        topic = self.topics.request_filter()
+        return f"$share/{self.share_group}/{topic}" if self.share_group else topic
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
         # Ready only now: before the SUBACK, a request published to the broker may not
         # be routed to us.
         if any(getattr(rc, "is_failure", False) for rc in reason_codes or []):
-            log.error("signer: broker refused the subscription to %s", self.topics.request_filter())
+            log.error("signer: broker refused the subscription to %s", self._subscription())
             return
         self._connected.set()
 
@@ -567,6 +601,8 @@ class Signer:
                     self._publish_answer(serial, answer)
                 if now >= self._next_sweep:
                     self._sweep()
+                if time.monotonic() >= self._next_lease_tend:
+                    self._tend_leases()
                 item = self._inbox.get(timeout=self._idle_timeout())
                 if item is not None:
                     self._handle_request_safely(*item)
@@ -844,6 +880,8 @@ class Signer:
                 expires_at=grant.expires_at,
                 bucket=grant.bucket,
             )
+        # Ours to verify (a re-grant takes the name over from whoever held it).
+        self._leases.take(conn, serial, [g.name for g, _, _ in grants])
         for rejection in request.rejected:
             if not self._error_allowed(serial):
                 break
@@ -965,25 +1003,31 @@ class Signer:
                 other.in_flight = True
         return found
 
-    def _resolve_verified(self, verified: list[tuple[_Pending, int, str]]) -> None:
-        """Capture rows for verified uploads in one transaction, then their {"file"}s."""
+    def _resolve_verified(self, found: list[tuple[_Pending, int, str]]) -> None:
+        """Capture rows for verified uploads in one transaction, then their {"file"}s.
+
+        Only grants this instance still holds are recorded; the others (claimed or
+        re-granted by another instance meanwhile) are dropped: their holder records them.
+        """
         now = self.clock()
         try:
-            resent = self._resent_images(verified)
+            resent = self._resent_images(found)
             with self.pool.connection() as conn:
+                verified, lost = self._holding(conn, found)
                 captures = [
                     self._record_capture(conn, p.grant, size, sha, resent.get(id(p)))
                     for p, size, sha in verified
                 ]
         except Exception as exc:
-            if len(verified) > 1:  # one bad row must not hold back the others
-                for item in verified:
+            if len(found) > 1:  # one bad row must not hold back the others
+                for item in found:
                     self._resolve_verified([item])
                 return
-            pending = verified[0][0]  # database down: keep the grant open, verify later
+            pending = found[0][0]  # database down: keep the grant open, verify later
             self._backoff(pending, now)
             log.warning("signer: could not record %s: %s", pending.grant.key, type(exc).__name__)
             return
+        self._drop_lost(lost)
         publish: list[eb.Publish] = []
         with self._lock:
             for pending, _, _ in verified:
@@ -1001,6 +1045,46 @@ class Signer:
             self._publish_verification(pub)
         if self._handoff:
             self._handoff.add([c for c in captures if c])
+
+    def _holding(self, conn, items: list[tuple]) -> tuple[list[tuple], list[_Pending]]:
+        """(items whose grant we hold, now locked by `conn`'s transaction; lost pendings).
+
+        A recheck is a grant verified before, confirmed for the device that asked: no
+        open grant, nothing leased; the instance that answered the request does it.
+        """
+        names: dict[str, list[str]] = {}
+        for item in items:
+            pending = item[0]
+            if not pending.recheck:
+                names.setdefault(pending.grant.serial, []).append(pending.grant.name)
+        held = {
+            (serial, name)
+            for serial, wanted in names.items()
+            for name in self._leases.held(conn, serial, wanted)
+        }
+        kept, lost = [], []
+        for item in items:
+            grant = item[0].grant
+            if item[0].recheck or (grant.serial, grant.name) in held:
+                kept.append(item)
+            else:
+                lost.append(item[0])
+        return kept, lost
+
+    def _drop_lost(self, lost: list[_Pending]) -> None:
+        """Stop watching grants another instance holds now (its own watch records them)."""
+        if not lost:
+            return
+        now = self.clock()
+        with self._lock:
+            for pending in lost:
+                self._unwatch(pending)
+                # An unchecked request's group no longer waits for this name here.
+                self._publishing.resolved(
+                    pending.grant.serial, pending.group, pending.grant.name, False, now
+                )
+            self.stats.lease_lost += len(lost)
+        log.info("signer: %d grants are held by another instance now", len(lost))
 
     def _resent_images(self, verified: list[tuple[_Pending, int, str]]) -> dict:
         """Uploads under a reused name that are an earlier delivery's exact bytes.
@@ -1100,6 +1184,9 @@ class Signer:
         grant = pending.grant
         try:
             with self.pool.connection() as conn:
+                _, lost = self._holding(conn, [(pending,)])
+                if lost:
+                    raise _LeaseLost
                 db.queries.edge_grant_resolve(
                     conn,
                     device_id=grant.serial,
@@ -1115,6 +1202,9 @@ class Signer:
                     self._insert_error(
                         conn, grant.serial, grant.name, code, "error", reason, {"key": grant.key}
                     )
+        except _LeaseLost:
+            self._drop_lost([pending])
+            return
         except Exception as exc:
             self._backoff(pending, self.clock())
             log.warning("signer: could not record failure of %s: %s", grant.key, type(exc).__name__)
@@ -1132,10 +1222,39 @@ class Signer:
     # -- persistence ------------------------------------------------------------------------
 
     def _resume_open_grants(self) -> None:
+        """At start: our own open grants from before a restart, and those nobody holds."""
         with self.pool.connection() as conn:
-            rows = list(db.queries.edge_grants_open(conn))
+            rows = self._leases.claim(conn, self._room(), own=True)
+        self._watch_claimed(rows, "resumed")
+
+    def _tend_leases(self) -> None:
+        """Renew our leases; take over open grants whose holder stopped renewing."""
+        self._next_lease_tend = time.monotonic() + self._leases.tend_every_s
+        try:
+            with self.pool.connection() as conn:
+                self._leases.renew(conn)
+                rows = self._leases.claim(conn, self._room())
+        except Exception as exc:  # the database is down: try again next time
+            log.warning("signer: renewing grant leases failed: %s", type(exc).__name__)
+            return
+        self._watch_claimed(rows, "took over")
+
+    def _release_leases(self) -> None:
+        try:
+            with self.pool.connection() as conn:
+                self._leases.release(conn)
+        except Exception as exc:  # they expire instead
+            log.warning("signer: releasing grant leases failed: %s", type(exc).__name__)
+
+    def _room(self) -> int:
+        with self._lock:
+            return self.max_pending - len(self._pending)
+
+    def _watch_claimed(self, rows: list[tuple], how: str) -> None:
+        """Watch claimed grants as if granted here (rows as `edge_grants_open`'s)."""
         groups: dict[tuple[str, str], list[str]] = {}
         now = self.clock()
+        watched = 0
         for (
             serial,
             name,
@@ -1156,13 +1275,18 @@ class Signer:
             )
             siblings = (serial, request_id or "")
             with self._lock:
+                if (serial, name) in self._pending:  # ours already (our lease had lapsed)
+                    continue
                 self._watch(_Pending(grant, group, now, siblings=siblings))
+            watched += 1
             if group is not None:
                 groups.setdefault((serial, group), []).append(name)
-        for (serial, group), names in groups.items():
-            self._publishing.open_request(serial, group, names, now)
-        if rows:
-            log.info("signer: resumed %d open grants", len(rows))
+        with self._lock:
+            for (serial, group), names in groups.items():
+                self._publishing.open_request(serial, group, names, now)
+            self.stats.claimed += watched
+        if watched:
+            log.info("signer: %s %d open grants", how, watched)
 
     def _error_allowed(self, serial: str) -> bool:
         minute = int(self.clock() // 60)

@@ -140,3 +140,57 @@ class RateLimiter:
             while len(self._buckets) > self.max_devices:
                 self._buckets.popitem(last=False)  # forgotten: starts with a full bucket
             return allowed
+
+
+# Expired shared counters are deleted at most this often per instance (a bounded batch,
+# the same query the device API runs), so the table holds the devices of the last few
+# windows, not every device ever seen.
+SHARED_SWEEP_INTERVAL_S = 60.0
+
+
+class SharedRateLimiter:
+    """The per-device request limit across every signer instance (replicas).
+
+    With a shared subscription the broker spreads one device's requests over the
+    instances, so a limit per process would let a device through N times over. The
+    counters are the device API's (`rate_limit_counters`, sql/migrations/0090, one
+    atomic upsert per hit, `access_rate_hit`): a fixed window of burst / rate seconds
+    holding at most `burst` requests, i.e. the same average rate as `RateLimiter`'s
+    token bucket, with the burst granted once per window. One statement per request;
+    an unreachable database raises (the request is not answered; the device asks again).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        rate_per_s: float = REQUESTS_PER_S,
+        burst: int = REQUEST_BURST,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        from camfleet import db
+
+        self.rate = rate_per_s
+        self.burst = burst
+        self.window_s = max(1.0, burst / rate_per_s) if rate_per_s > 0 else 1.0
+        self.clock = clock
+        self._db = db
+        self._pool = db.Pool(dsn, maxconn=1)  # the request worker is its only caller
+        self._next_sweep = clock() + SHARED_SWEEP_INTERVAL_S
+
+    def allow(self, device: str) -> bool:
+        if self.rate <= 0:
+            return True  # no limit configured
+        queries = self._db.queries
+        with self._pool.connection() as conn:
+            rows = list(
+                queries.access_rate_hit(
+                    conn, keys=[f"signer:requests:{device}"], windows=[self.window_s], amount=1
+                )
+            )
+            if self.clock() >= self._next_sweep:
+                self._next_sweep = self.clock() + SHARED_SWEEP_INTERVAL_S
+                queries.access_rate_sweep(conn)
+        return rows[0][1] <= self.burst
+
+    def close(self) -> None:
+        self._pool.close()

@@ -29,9 +29,16 @@ from camfleet.protocol.assembler import FinalizeImage, encode_ack, sensor_readin
 
 # Retries of the storage and database tasks: 3 retries 0.5/1/2 s apart ride out a
 # store or database restart of a few seconds while the device (which resends after its
-# own ACK timeout) still holds the image.
+# own ACK timeout) still holds the image.  ONE policy: the Prefect tasks below take it
+# as `retries`/`retry_delay_seconds`, and the no-Prefect path (`call_with_retries`)
+# waits the very same delays.
 TASK_RETRIES = 3
 RETRY_BACKOFF_S = 0.5
+RETRY_DELAYS_S: list[float] = exponential_backoff(RETRY_BACKOFF_S)(TASK_RETRIES)
+RETRY = {"retries": TASK_RETRIES, "retry_delay_seconds": RETRY_DELAYS_S}
+# The error codes of a batch step that failed after its retries (docs/mqtt-ingest.md).
+E_STORE = 2204
+E_RECORD = 2205
 # Objects of one batch are put concurrently (the store is I/O bound).
 STORE_THREADS = 8
 # Devices without a schedule in devices.config wake every 30 min (the seed's example
@@ -75,19 +82,77 @@ class IngestBatch:
 
 
 _CONTEXT: IngestContext | None = None
+_OWN_CONTEXT: IngestContext | None = None  # built here from the settings (closed on replace)
+_CONTEXT_LOCK = threading.Lock()
 _BATCHES: dict[str, IngestBatch] = {}
 _pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="mqtt-store")
 
 
 def set_context(ctx: IngestContext | None) -> None:
-    global _CONTEXT
-    _CONTEXT = ctx
+    global _CONTEXT, _OWN_CONTEXT
+    with _CONTEXT_LOCK:
+        if _OWN_CONTEXT is not None and _OWN_CONTEXT is not ctx:
+            _OWN_CONTEXT.pool.close()  # the one context_from_settings() opened here
+            _OWN_CONTEXT = None
+        _CONTEXT = ctx
 
 
 def context() -> IngestContext:
-    if _CONTEXT is None:
-        raise RuntimeError("no ingest context: the assembler service sets it")
-    return _CONTEXT
+    """The assembler's context; in any other process (a worker running the
+    `mqtt-ingest-record` deployment, a run retried from the UI) one built from the
+    settings: the configured object store and database, no broker."""
+    global _CONTEXT, _OWN_CONTEXT
+    with _CONTEXT_LOCK:
+        if _CONTEXT is None:
+            _CONTEXT = _OWN_CONTEXT = context_from_settings()
+        return _CONTEXT
+
+
+def context_from_settings() -> IngestContext:
+    from camfleet import resolve
+    from camfleet.storage import open_store
+
+    def no_broker(topic: str, payload: bytes) -> None:
+        raise RuntimeError("no MQTT broker in this process: only the assembler sends ACKs")
+
+    return IngestContext(
+        store=open_store(),
+        pool=db.Pool(resolve.database_url(), maxconn=2),
+        publish=no_broker,
+        on_error=lambda *args, **kwargs: None,
+    )
+
+
+async def call_with_retries(fn: Callable, *args) -> Exception | None:
+    """`fn(*args)` under the tasks' retry policy (RETRY) where no Prefect task runs
+    (`camfleet assembler --no-prefect`); the last exception, or None once it worked."""
+    for delay in [*RETRY_DELAYS_S, None]:
+        try:
+            await fn(*args)
+            return None
+        except Exception as exc:
+            if delay is None:
+                return exc
+            await asyncio.sleep(delay)
+    return None
+
+
+def fail_unstored(batch: IngestBatch, ctx: IngestContext) -> None:
+    """Error mapping of a store step that failed after its retries: E_STORE per image
+    not stored; none is ACKed, so each device keeps its copy and resends."""
+    for item in batch.items:
+        if not item.stored:
+            item.error = E_STORE
+            ctx.on_error(E_STORE, item, item.error_message or "store failed after retries")
+
+
+def fail_unrecorded(batch: IngestBatch, ctx: IngestContext, message: str) -> None:
+    """Error mapping of a record step that failed after its retries: E_RECORD per
+    stored image without a row (never ACKed)."""
+    for item in batch.items:
+        if item.stored and item.record_id is None:
+            item.error = E_RECORD
+            ctx.on_error(E_RECORD, item, message)
 
 
 def new_batch(images: list[tuple[FinalizeImage, float]]) -> IngestBatch:
@@ -138,8 +203,7 @@ def manifest(batch: IngestBatch) -> list[dict]:
 
 @task(
     name="store-objects",
-    retries=TASK_RETRIES,
-    retry_delay_seconds=exponential_backoff(RETRY_BACKOFF_S),
+    **RETRY,
     cache_policy=NO_CACHE,
 )
 async def store_objects(batch_id: str) -> int:
@@ -225,8 +289,7 @@ def _sensor(meta: dict, key: str):
 
 @task(
     name="record-captures",
-    retries=TASK_RETRIES,
-    retry_delay_seconds=exponential_backoff(RETRY_BACKOFF_S),
+    **RETRY,
     cache_policy=NO_CACHE,
 )
 async def record_captures(batch_id: str, flow_run_id: str | None) -> int:
@@ -324,8 +387,7 @@ async def publish_acks(batch_id: str) -> int:
 
 @task(
     name="verify-objects",
-    retries=TASK_RETRIES,
-    retry_delay_seconds=exponential_backoff(RETRY_BACKOFF_S),
+    **RETRY,
     cache_policy=NO_CACHE,
 )
 async def verify_objects(records: list[dict]) -> int:
@@ -345,10 +407,22 @@ async def verify_objects(records: list[dict]) -> int:
     return len(records)
 
 
+@task(name="find-unrecorded", **RETRY, cache_policy=NO_CACHE)
+async def find_unrecorded(min_age_s: float, max_rows: int) -> list[dict]:
+    """Stored MQTT captures that no recording run stamped, as records (oldest first)."""
+    ctx = context()
+
+    def read() -> list[dict]:
+        with ctx.pool.connection() as conn:
+            rows = db.queries.mqtt_record_unrecorded(conn, min_age_s=min_age_s, max_rows=max_rows)
+            return [{"record_id": r[0], "storage_path": r[1], "bytes": r[2]} for r in rows]
+
+    return await asyncio.to_thread(read)
+
+
 @task(
     name="stamp-captures",
-    retries=TASK_RETRIES,
-    retry_delay_seconds=exponential_backoff(RETRY_BACKOFF_S),
+    **RETRY,
     cache_policy=NO_CACHE,
 )
 async def stamp_captures(record_ids: list[str], flow_run_id: str) -> int:

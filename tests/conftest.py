@@ -17,6 +17,7 @@ import pytest
 from camfleet.localsvc import (
     MosquittoInstance,
     PostgresInstance,
+    PrefectServerInstance,
     S3Instance,
     SshdInstance,
     run_command,
@@ -90,25 +91,42 @@ def bucket(s3: S3Instance) -> str:
 
 
 @pytest.fixture(scope="session")
-def prefect_api_url() -> Iterator[str]:
-    """A real Prefect server (prefect_test_harness, ~10 s to start) for the session.
+def prefect_server(postgres: PostgresInstance) -> Iterator[PrefectServerInstance]:
+    """A real Prefect server for the session, its state in the session PostgreSQL.
 
-    Also exported as PREFECT_API_URL so subprocesses started by tests use it.
+    Not prefect_test_harness: the harness keeps the server's state in SQLite, which
+    answers "database is locked" when several flows and services write at once on a
+    busy machine, and a test then fails for the harness' sake. `.processes()` gives
+    the server's processes (a test may suspend and resume them, never stop them).
     """
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+    dsn = postgres.create_database("prefect_server")
+    with PrefectServerInstance(database_url=dsn) as server:
+        yield server
 
+
+@pytest.fixture(scope="session")
+def prefect_api_url(prefect_server: PrefectServerInstance) -> Iterator[str]:
+    """The session Prefect server's API URL, exported as PREFECT_API_URL for this
+    process and the subprocesses tests start.
+
+    Prefect reads the environment once, into a process-global settings context that
+    every thread falls back to; it is refreshed here so a flow run from a service's
+    own thread finds this server too (instead of starting a temporary one).
+    """
+    from prefect.context import refresh_global_settings_context
+
+    url = prefect_server.api_url
     previous = os.environ.get("PREFECT_API_URL")
-    with prefect_test_harness(server_startup_timeout=120):
-        url = PREFECT_API_URL.value()
-        os.environ["PREFECT_API_URL"] = url
-        try:
-            yield url
-        finally:
-            if previous is None:
-                os.environ.pop("PREFECT_API_URL", None)
-            else:
-                os.environ["PREFECT_API_URL"] = previous
+    os.environ["PREFECT_API_URL"] = url
+    refresh_global_settings_context()
+    try:
+        yield url
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        refresh_global_settings_context()
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ invariant checks and the fault table.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -476,3 +477,66 @@ def heartbeats(api_url: str, run_id) -> int:
             return len(page.events)
 
     return anyio.run(count)
+
+
+# ---- the Prefect server itself: frozen, then killed, then back -------------------------
+
+
+class PrefectOutage:
+    """A private Prefect server (camfleet.localsvc.PrefectServerInstance) taken down the
+    two ways it goes down in production, in turn:
+
+    - `freeze()`: SIGSTOP on every one of its processes. Connections are accepted by
+      the kernel and then hang: the worst case for a client (no error, no answer).
+    - `kill()`: SIGKILL while frozen. Hung requests are reset, new ones refused.
+    - `restart()`: the same port and PREFECT_HOME (its SQLite state survives), so
+      clients configured with its URL find it again without being told.
+    """
+
+    def __init__(self, server) -> None:
+        self.server = server
+        self.frozen: list[psutil.Process] = []
+
+    def freeze(self) -> None:
+        self.frozen = self.server.processes()
+        assert self.frozen, "the Prefect server is not running"
+        for p in self.frozen:
+            p.suspend()
+
+    def kill(self) -> None:
+        self.server.kill()  # SIGKILL reaches stopped processes too
+        self.frozen = []
+
+    def restart(self) -> None:
+        self.server.start()  # waits for /api/health
+
+    def thaw(self) -> None:
+        """Safety net for a failing test: never leave stopped processes behind."""
+        for p in self.frozen:
+            try:
+                p.resume()
+            except psutil.NoSuchProcess:
+                pass
+        self.frozen = []
+
+
+@contextlib.contextmanager
+def prefect_client_env(api_url: str, home: Path):
+    """Point this process (and the children it spawns) at one private Prefect server,
+    and back afterwards. Prefect falls back to a settings context built from the
+    environment at import time in every thread without one of its own (the assembler's
+    recorder, the signer's hand-off), so that one is rebuilt both ways."""
+    from prefect.context import refresh_global_settings_context
+
+    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
+    os.environ.update(PREFECT_API_URL=api_url, PREFECT_HOME=str(home))
+    refresh_global_settings_context()
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        refresh_global_settings_context()

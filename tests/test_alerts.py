@@ -149,6 +149,8 @@ def test_automations_created_once_and_notify(prefect_api_url, database_url, rece
     assert len(_with_client(list_alert_automations)) == len(RULES)
 
     monkeypatch.setenv("DATABASE_URL", database_url)
+    # Devices only: no services (a `camfleet up` running here would be found otherwise).
+    monkeypatch.setenv("CAMFLEET_SERVICE_URLS", "{}")
     get_settings.cache_clear()
     try:
         add_device(database_url, "CAM-S", interval=60, seen_ago=300)
@@ -171,3 +173,90 @@ def test_automations_created_once_and_notify(prefect_api_url, database_url, rece
     while not receiver.posts.empty():
         rest.append(receiver.posts.get_nowait())
     assert not [p for p in rest if "CAM-S" in p.get("subject", "")]
+
+
+class Ready:
+    """A readiness endpoint on a loopback port: 200 while .ready, else 503."""
+
+    def __init__(self):
+        state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200 if state.ready else 503)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.ready = True
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/ready"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_service_incident_opens_once_and_resolves(database_url):
+    checked = {"api": "http://127.0.0.1:1/health", "signer": "http://127.0.0.1:2/ready"}
+
+    def run(down):
+        with db.transaction(database_url) as conn:
+            return [(t.event, t.device_id) for t in alerts.evaluate_services(conn, checked, down)]
+
+    assert run({}) == []
+    assert run({"signer": "ConnectError"}) == [(alerts.SERVICE_NOT_READY, "signer")]
+    assert run({"signer": "ConnectError"}) == []  # still down: no second alert
+    assert run({}) == [(alerts.SERVICE_READY, "signer")]
+    assert run({}) == []
+
+
+def test_fleet_health_checks_the_services_up_started_by_default(
+    prefect_api_url, database_url, monkeypatch
+):
+    """No service_urls given (the fleet-health deployment passes none): the flow checks
+    the readiness URLs `camfleet up` handed its children in CAMFLEET_SERVICE_URLS; one
+    incident while a service is not ready, resolved when it is."""
+    from camfleet.settings import get_settings
+    from flows import fleet_health as fh
+
+    api, signer = Ready(), Ready()
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv(fh.SERVICE_URLS_ENV, json.dumps({"api": api.url, "signer": signer.url}))
+    monkeypatch.setattr(fh, "CHECK_RETRY_S", 0.05)
+    get_settings.cache_clear()
+    try:
+        first = fh.fleet_health()
+        assert first["services_checked"] == ["api", "signer"] and first["services_down"] == []
+        signer.ready = False
+        down = fh.fleet_health()
+        assert down["services_down"] == ["signer"]
+        assert down["transitions"] == [(alerts.SERVICE_NOT_READY, "signer")]
+        assert fh.fleet_health()["transitions"] == []  # one alert per incident
+        signer.ready = True
+        assert fh.fleet_health()["transitions"] == [(alerts.SERVICE_READY, "signer")]
+        api.close()  # gone entirely: nothing listens any more
+        assert fh.fleet_health()["transitions"] == [(alerts.SERVICE_NOT_READY, "api")]
+        # Given explicitly, service_urls wins; {} checks nothing.
+        assert fh.fleet_health(service_urls={})["services_checked"] == []
+    finally:
+        get_settings.cache_clear()
+        signer.close()
+
+
+def test_default_service_urls_from_up_and_refusing_nonsense(monkeypatch, tmp_path):
+    from flows.fleet_health import SERVICE_URLS_ENV, default_service_urls
+
+    monkeypatch.setenv("CAMFLEET_DATA_DIR", str(tmp_path))  # no running stack here
+    monkeypatch.delenv(SERVICE_URLS_ENV, raising=False)
+    assert default_service_urls() == {}
+    monkeypatch.setenv(SERVICE_URLS_ENV, '{"api": "http://127.0.0.1:8000/health"}')
+    assert default_service_urls() == {"api": "http://127.0.0.1:8000/health"}
+    monkeypatch.setenv(SERVICE_URLS_ENV, "")  # set empty: none
+    assert default_service_urls() == {}
+    for bad in ("[1]", "{nope"):
+        monkeypatch.setenv(SERVICE_URLS_ENV, bad)
+        with pytest.raises(ValueError):
+            default_service_urls()

@@ -109,9 +109,8 @@ def test_offline_device_gets_pending_trigger_on_reconnect_and_expired_end_expire
         assert r.status_code == 200 and r.json()["status"] == "pending"  # nobody streaming
         waiting = r.json()["trigger_id"]
         stale = trig.create_manual(database_url, "CAM2", ttl_seconds=0.2)
-        import time
-
-        time.sleep(0.3)
+        # The stream opens once the stale trigger is past its expiry (the database's clock).
+        wait_for(lambda: expired(database_url, stale), timeout=30)
         sse = SseReader(api.url, "CAM2")
         try:
             assert sse.next()["event"] == "connected"
@@ -203,6 +202,11 @@ def test_device_token_required_when_the_device_has_one(database_url, storage_dir
         assert r.status_code == 401 and "CAMFLEET_ALLOW_DEVICE_ID_ONLY" in r.text
         assert httpx.post(api.url + "/v1/devices/TOK2/trigger").status_code == 401
         assert httpx.get(api.url + "/v1/devices/connected").status_code == 401
+
+
+def expired(dsn: str, trigger_id: str) -> bool:
+    sql = "SELECT expires_at < now() FROM scheduled_triggers WHERE trigger_id = %s"
+    return bool(fetch(dsn, sql, trigger_id)[0][0])
 
 
 def test_database_restart_stream_recovers_and_trigger_is_delivered(tmp_path, storage_dir):

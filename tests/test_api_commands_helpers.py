@@ -23,6 +23,7 @@ from PIL import Image
 from camfleet import db
 from camfleet.agent.sse import SseParser
 from camfleet.localsvc import free_port
+from tests.helpers import wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-key-for-command-api-0123456789"
@@ -54,17 +55,8 @@ class ApiProcess:
             self.proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"API exited: {self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=0.5).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"API did not start: {self.log.read_text()[-3000:]}")
+        wait_healthy(self.url, self.proc, self.log)
+        return self
 
     def stop(self, kill: bool = False) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -9,12 +9,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
 from camfleet.localsvc import free_port
+from tests.helpers import api_process
 
 # Every name resolves to nothing except loopback: a CDN-hosted script would not load.
 NO_NETWORK = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
@@ -27,33 +27,9 @@ def api(database_url, tmp_path):
     env.update(
         DATABASE_URL=database_url, CAMFLEET_SECRET_KEY="docs-test-secret-0123456789abcdefghij"
     )
-    log_path = tmp_path / "api.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "camfleet.cli", "api", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"camfleet api did not start:\n{log_path.read_text()}")
-            time.sleep(0.1)
+    cmd = [sys.executable, "-m", "camfleet.cli", "api", "--port", str(port)]
+    with api_process(cmd, port, env, tmp_path / "api.log") as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_docs_and_redoc_load_only_local_assets(api):

@@ -5,13 +5,16 @@ hence the byte-for-byte comparison with botocore rather than a signature check).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import socket
 from datetime import UTC, datetime
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from camfleet.storage import StorageError, fast_s3
+from camfleet.storage.fast_s3 import FastS3Presigner, ObjectReader
 from camfleet.storage.s3 import S3Store
-from services.api.presign import FastS3Presigner
 
 KEYS = [
     "devices/4b1f/2025/12/26/123-2025-12-26T10-15-30Z_000123.jpg",
@@ -27,6 +30,7 @@ KEYS = [
         ("camfleet/objects", "http://127.0.0.1:9000", "eu-west-1"),
         ("", None, "us-east-1"),
         ("p", None, "ap-southeast-2"),
+        ("", "http://[::1]:9000", "us-east-1"),  # an IPv6 literal endpoint
     ],
 )
 @pytest.mark.parametrize("key", KEYS)
@@ -66,11 +70,17 @@ def test_head_matches_boto3(s3, bucket):
     assert missing is None and store.head("devices/d/missing.jpg") is None
 
 
-def test_session_credentials_fall_back_to_boto3():
-    store = S3Store("b", "", "http://127.0.0.1:9000", "us-east-1", "AKID", "SECRET")
-    store.client._request_signer._credentials.token = "session-token"
+def test_session_credentials_fall_back_to_boto3(monkeypatch):
+    """Temporary credentials (from the environment, as on an AWS role) refresh inside
+    boto3: the fast presigner refuses them rather than sign with a stale token."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKID")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SECRET")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "session-token")
+    store = S3Store("b", "", "http://127.0.0.1:9000", "us-east-1")
     with pytest.raises(ValueError):
         FastS3Presigner(store)
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    assert FastS3Presigner(S3Store("b", "", "http://127.0.0.1:9000", "us-east-1")).region
 
 
 def test_head_survives_a_storage_restart_and_reports_it_down():
@@ -107,3 +117,45 @@ def test_head_survives_a_storage_restart_and_reports_it_down():
         assert first.size == 3
         assert second is None
         assert "S3 HEAD failed" in str(third)
+
+
+def test_endpoint_host_and_port_of_ipv6_and_named_hosts():
+    v6 = fast_s3._Endpoint("http", "[::1]:9000")
+    assert (v6.host, v6.port, v6.tls) == ("::1", 9000, False)
+    named = fast_s3._Endpoint("https", "s3.example.org")
+    assert (named.host, named.port, named.tls) == ("s3.example.org", 443, True)
+
+
+def test_head_of_a_silent_store_times_out(monkeypatch):
+    """A store that accepts the connection and never answers: the ingest gets a
+    StorageError after HEAD_TIMEOUT_S, not a request hung forever."""
+    monkeypatch.setattr(fast_s3, "HEAD_TIMEOUT_S", 0.5)
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        store = S3Store("b", "", f"http://127.0.0.1:{port}", "us-east-1", "AKID", "SECRET")
+        presigner = FastS3Presigner(store)
+
+        async def head():
+            try:
+                await presigner.head("devices/d/a.jpg")
+            finally:
+                await presigner.aclose()
+
+        with pytest.raises(StorageError, match="TimeoutError"):
+            asyncio.run(head())
+
+
+def test_object_reader_hashes_what_is_stored(s3, bucket):
+    """The signer's read-back: SHA-256 of the stored bytes, None when absent, no read of
+    an object over the grant's limit."""
+    store = S3Store(bucket, "pre", s3.endpoint_url, s3.region, s3.access_key, s3.secret_key)
+    data = bytes(range(256)) * 400
+    store.put("devices/d/a.jpg", data, "image/jpeg")
+    reader = ObjectReader.for_store(store)
+    try:
+        assert reader.digest("devices/d/a.jpg") == (len(data), hashlib.sha256(data).hexdigest())
+        assert reader.digest("devices/d/a.jpg", max_bytes=100) == (len(data), None)
+        assert reader.digest("devices/d/missing.jpg") is None
+        assert reader.digest("devices/d/a.jpg")[1] == hashlib.sha256(data).hexdigest()
+    finally:
+        reader.close()

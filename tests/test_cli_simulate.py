@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from tests.helpers import wait_until
+
 
 def test_simulate_esp32_cli_sends_every_image(mosquitto, run_cli):
     result = run_cli(
@@ -33,7 +35,6 @@ def test_esp32_devices_outlive_a_broker_outage_and_account_for_every_image():
     """A simulated device whose broker dies keeps trying and ends each image ACKed or
     failed; it used to die with the broker (paho's wait_for_publish raised)."""
     import threading
-    import time
 
     from blocks.mqtt import MqttBroker
     from camfleet.localsvc import MosquittoInstance
@@ -45,7 +46,8 @@ def test_esp32_devices_outlive_a_broker_outage_and_account_for_every_image():
         done = threading.Event()
         runner = threading.Thread(target=lambda: (fleet.run(), done.set()), daemon=True)
         runner.start()
-        time.sleep(0.3)  # connected and sending; nothing ACKs (no assembler here)
+        # Connected and sending (nothing ACKs: no assembler here), then the broker dies.
+        wait_until(lambda: fleet.result.chunks_sent > 0, "the fleet's first chunk")
         mq.kill()
         assert done.wait(60), "the simulated devices hung"
     assert fleet.result.images_failed == 2

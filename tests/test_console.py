@@ -170,6 +170,59 @@ def test_fleet_page_shows_own_devices_only(console):
     assert "No devices match" in rows.text
 
 
+def _alert_items(html: str) -> list[tuple[str, str]]:
+    """(device id, state) of every alert the page lists, in order."""
+    return re.findall(
+        r'<li class="alert [^"]*" data-alert="\d+" data-device="([^"]+)"[^>]*data-state="(\w+)"',
+        html,
+    )
+
+
+def test_alerts_show_silent_then_back_to_the_owner_only(console):
+    """The fleet-health flow's incidents (camfleet/alerts.py) are what the console lists:
+    "silent" while open, "back" once resolved; on the fleet page, its refreshed fragment
+    and the device page. Another user sees none of them."""
+    from camfleet import alerts
+
+    def set_seen(device_id, ago_s):
+        with db.transaction(console.dsn) as conn, conn.cursor() as cur:
+            cur.execute(
+                "update devices set last_seen_at = %s where device_id = %s",
+                (datetime.now(UTC) - timedelta(seconds=ago_s), device_id),
+            )
+
+    def evaluate():
+        with db.transaction(console.dsn) as conn:
+            return [(t.event, t.device_id) for t in alerts.evaluate(conn)[0]]
+
+    # Captures just stored count as contact too: push them back with last_seen.
+    with db.transaction(console.dsn) as conn, conn.cursor() as cur:
+        cur.execute("update captures set created_at = created_at - interval '1 hour'")
+    set_seen("ALICE-CAM", 0)
+    set_seen("ALICE-EDGE", 0)
+    set_seen("BOB-CAM", 0)
+    assert evaluate() == []
+    sign_in(console, console.alice_key)
+    assert _alert_items(console.get("/console/").text) == []
+    assert "No alerts" in console.get("/console/fleet/alerts").text
+
+    set_seen("ALICE-CAM", 600)  # 10 intervals of 60 s
+    set_seen("BOB-CAM", 600)
+    assert sorted(evaluate()) == [(alerts.SILENT, "ALICE-CAM"), (alerts.SILENT, "BOB-CAM")]
+    assert _alert_items(console.get("/console/").text) == [("ALICE-CAM", "silent")]
+    assert _alert_items(console.get("/console/fleet/alerts").text) == [("ALICE-CAM", "silent")]
+    assert _alert_items(console.get("/console/devices/ALICE-CAM").text) == [("ALICE-CAM", "silent")]
+    assert _alert_items(console.get("/console/devices/ALICE-EDGE").text) == []
+
+    set_seen("ALICE-CAM", 0)
+    assert evaluate() == [(alerts.BACK, "ALICE-CAM")]
+    assert _alert_items(console.get("/console/fleet/alerts").text) == [("ALICE-CAM", "back")]
+
+    console.cookies.clear()
+    sign_in(console, console.bob_key)
+    assert _alert_items(console.get("/console/fleet/alerts").text) == [("BOB-CAM", "silent")]
+
+
 def test_other_users_device_and_images_are_404(console):
     sign_in(console, console.alice_key)
     assert console.get("/console/devices/BOB-CAM").status_code == 404

@@ -35,6 +35,7 @@ def server(database_url, tmp_path):
     for i, kind in enumerate(("esp32", "edge", "visant", "lifelog", "sftp")):
         add_device(database_url, store, f"ALICE-{kind.upper()}", "alice", kind=kind, captures=2 + i)
     add_device(database_url, store, "BOB-CAM", "bob", captures=1)
+    went_silent(database_url, "ALICE-LIFELOG")
     app = create_app(
         database_url=database_url,
         secret_key=SECRET,
@@ -53,6 +54,23 @@ def server(database_url, tmp_path):
     yield f"http://127.0.0.1:{port}", keys
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+def went_silent(dsn: str, device_id: str) -> None:
+    """The device's last contact an hour ago, then a fleet-health evaluation: an open
+    "silent" incident, as the fleet-health deployment records it."""
+    from camfleet import alerts, db
+
+    with db.transaction(dsn) as conn, conn.cursor() as cur:
+        for table in ("devices", "captures"):
+            column = "last_seen_at" if table == "devices" else "created_at"
+            cur.execute(
+                f"update {table} set {column} = {column} - interval '1 hour'"  # noqa: S608
+                " where device_id = %s",
+                (device_id,),
+            )
+    with db.transaction(dsn) as conn:
+        assert alerts.evaluate(conn)[0][0].event == alerts.SILENT
 
 
 @pytest.fixture
@@ -83,6 +101,10 @@ def test_console_in_chromium(server, browser, tmp_path):
     sign_in(browser, base, keys["alice"])
     assert browser.wait_for(THUMBS_LOADED.replace("{sel}", "img.thumb")) == 5  # every kind
     assert "BOB-CAM" not in browser.eval("document.body.innerText")
+    alert = "#alerts li[data-device='ALICE-LIFELOG'][data-state='silent']"
+    assert "ALICE-LIFELOG name" in browser.eval(f'document.querySelector("{alert}").innerText')
+    health = "tr[data-device='ALICE-LIFELOG'] .health"
+    assert browser.eval(f'document.querySelector("{health}").textContent') == "silent"
     browser.screenshot(shots / "console-fleet.png")
 
     browser.eval("document.querySelector('a[href=\"/console/devices/ALICE-SFTP\"]').click(); 1")

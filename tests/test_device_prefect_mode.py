@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from camfleet.commands import prefect_mode
-from tests.test_edge_flow import seed_conf
+from tests.test_edge_flow import seed_conf, seed_device
 from tests.test_edge_transaction import (  # noqa: F401 - fixtures
     captures,
     signer,
@@ -166,9 +166,7 @@ def test_edge_run_with_no_server_uploads_everything_and_leaves_no_process(
     mosquitto,
     database_url,
 ):
-    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
-    conf = seed_conf(tmp_path, serial, mosquitto, PORT=mosquitto.port, TLS=False)
-    shas = write_images(tmp_path / "cameraImageRepo", 6)
+    serial, conf, shas = seed_device(tmp_path, mosquitto, 6)
     marker = uuid.uuid4().hex
     out = run(
         CLI + ["edge", "run", "--config", conf, "--min-age", "0"],
@@ -191,9 +189,7 @@ def test_a_killed_edge_run_leaves_no_process_behind(
     database_url,
 ):
     """SIGKILL mid-run: with the temporary server, its uvicorn outlived the command."""
-    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
-    conf = seed_conf(tmp_path, serial, mosquitto, PORT=mosquitto.port, TLS=False)
-    write_images(tmp_path / "cameraImageRepo", 30)
+    serial, conf, _ = seed_device(tmp_path, mosquitto, 30)
     buffer = tmp_path / "bufferStorage"
     buffer.mkdir()
     marker = uuid.uuid4().hex
@@ -227,9 +223,7 @@ def test_edge_run_reports_to_the_configured_server(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
-    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
-    conf = seed_conf(tmp_path, serial, mosquitto, PORT=mosquitto.port, TLS=False)
-    shas = write_images(tmp_path / "cameraImageRepo", 3)
+    serial, conf, shas = seed_device(tmp_path, mosquitto, 3)
     marker = uuid.uuid4().hex
     env = no_server_env(tmp_path, marker, PREFECT_API_URL=prefect_api_url)
     out = run(CLI + ["edge", "run", "--config", conf, "--min-age", "0"], env, tmp_path, 180)
@@ -258,9 +252,7 @@ def test_edge_run_with_no_server_works_on_a_machine_loaded_to_8(
 ):
     """What timed out with the temporary server on a busy machine: the same run under a
     load average of at least 8 (busy loops at the lowest priority beside the test)."""
-    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
-    conf = seed_conf(tmp_path, serial, mosquitto, PORT=mosquitto.port, TLS=False)
-    shas = write_images(tmp_path / "cameraImageRepo", 6)
+    serial, conf, shas = seed_device(tmp_path, mosquitto, 6)
     spin = "import os\nos.nice(19)\nwhile True: pass"
     busy = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(8)]
     try:

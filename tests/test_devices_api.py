@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import uuid
 
 import psycopg2
 import pytest
@@ -34,16 +35,22 @@ def make_user_key(dsn: str, user_id: str = "alice") -> str:
     return key
 
 
-@pytest.fixture
-def client(database_url, tmp_path):
-    store = LocalStore(tmp_path / "objects", public_url="http://testserver", secret=SECRET)
-    app = create_app(
+def device_api(database_url: str, root, **limits: str):
+    """The device API in-process on a local store under `root`, with these rate limits
+    (the rest default), and no Prefect (tests/test_devices_processing.py has that)."""
+    return create_app(
         database_url=database_url,
         secret_key=SECRET,
-        processing_runs=None,  # no Prefect here: tests/test_devices_processing.py
-        store=store,
-        rate_limits=RateLimits(device="1000/second", user="1000/second"),
+        processing_runs=None,
+        store=LocalStore(root, public_url="http://testserver", secret=SECRET),
+        rate_limits=RateLimits(**limits),
     )
+
+
+@pytest.fixture
+def client(database_url, tmp_path):
+    app = device_api(database_url, tmp_path / "objects", device="1000/second", user="1000/second")
+    store = app.state.store
     with TestClient(app) as c:
         c.store = store
         c.dsn = database_url
@@ -106,8 +113,15 @@ def test_pair_activate_upload_ingest_and_duplicate(client):
     assert r.status_code == 200, r.text
     first = r.json()
     assert first["status"] == "queued" and first["item_id"]
+    # No Prefect API here, so no flow run: the seed's clients still get a task id, the
+    # same one for the same item until a run adopts it.
+    assert uuid.UUID(first["task_id"])
     r = ingest(client, token, target["object_key"], 123)
-    assert r.json() == {"status": "duplicate", "item_id": first["item_id"], "task_id": None}
+    assert r.json() == {
+        "status": "duplicate",
+        "item_id": first["item_id"],
+        "task_id": first["task_id"],
+    }
 
     with db.transaction(client.dsn) as conn, conn.cursor() as cur:
         cur.execute(
@@ -180,6 +194,26 @@ def test_user_key_required_for_pairing(client):
     assert r.status_code == 401
 
 
+def test_pairing_records_the_kind_the_request_names(client):
+    """A Visant camera paired through /devices/pair is a visant device (the console, the
+    trigger scheduler and `camfleet devices` go by kind); a seed-004 body, which names no
+    kind, still pairs a Lifelog camera; a kind that never holds a device token is refused."""
+    key = make_user_key(client.dsn)
+    auth = {"Authorization": f"Bearer {key}"}
+    kinds = {}
+    for body in ({"name": "cam-v", "kind": "visant"}, {"name": "cam-l"}):
+        paired = client.post("/devices/pair", json=body, headers=auth)
+        assert paired.status_code == 200, paired.text
+        code = paired.json()["pairing_code"]
+        assert client.post("/devices/activate", json={"pairing_code": code}).status_code == 200
+    for d in client.get("/devices", headers=auth).json():
+        kinds[d["friendly_name"]] = d["kind"]
+    assert kinds == {"cam-v": "visant", "cam-l": "lifelog"}
+    for kind in ("esp32", "edge", "sftp", "bogus"):
+        r = client.post("/devices/pair", json={"name": "x", "kind": kind}, headers=auth)
+        assert r.status_code == 422, (kind, r.text)
+
+
 def test_pairing_code_is_single_use_and_expires(client):
     key = make_user_key(client.dsn)
     auth = {"Authorization": f"Bearer {key}"}
@@ -203,13 +237,7 @@ def test_pairing_code_is_single_use_and_expires(client):
 
 
 def test_failed_activations_are_limited_per_address(database_url, tmp_path):
-    app = create_app(
-        database_url=database_url,
-        secret_key=SECRET,
-        processing_runs=None,  # no Prefect here: tests/test_devices_processing.py
-        store=LocalStore(tmp_path, public_url="http://testserver", secret=SECRET),
-        rate_limits=RateLimits(activate_fail="3/minute"),
-    )
+    app = device_api(database_url, tmp_path, activate_fail="3/minute")
     with TestClient(app) as c:
         for _ in range(3):
             assert c.post("/devices/activate", json={"pairing_code": "ZZZZZZZZ"}).status_code == 400
@@ -225,13 +253,7 @@ def test_failed_activations_are_limited_per_address(database_url, tmp_path):
 
 
 def test_device_rate_limit_answers_429_with_retry_after(database_url, tmp_path):
-    app = create_app(
-        database_url=database_url,
-        secret_key=SECRET,
-        processing_runs=None,  # no Prefect here: tests/test_devices_processing.py
-        store=LocalStore(tmp_path, public_url="http://testserver", secret=SECRET),
-        rate_limits=RateLimits(device="5/minute"),
-    )
+    app = device_api(database_url, tmp_path, device="5/minute")
     with TestClient(app) as c:
         _, token = pair_and_activate(c, make_user_key(database_url))
         body = {"filename": "a.jpg", "seq": 1}
@@ -245,13 +267,7 @@ def test_device_rate_limit_answers_429_with_retry_after(database_url, tmp_path):
 
 
 def test_user_rate_limit_spans_the_users_devices(database_url, tmp_path):
-    app = create_app(
-        database_url=database_url,
-        secret_key=SECRET,
-        processing_runs=None,  # no Prefect here: tests/test_devices_processing.py
-        store=LocalStore(tmp_path, public_url="http://testserver", secret=SECRET),
-        rate_limits=RateLimits(user="6/minute", pair="100/minute"),
-    )
+    app = device_api(database_url, tmp_path, user="6/minute", pair="100/minute")
     with TestClient(app) as c:
         key = make_user_key(database_url)
         # pairing + activating two devices costs 2 user hits (pair); 4 remain

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from camfleet.localsvc import free_port, run_command
+from tests.helpers import api_process
 
 SECRET = "flow-test-server-secret-0123456789"
 JPEG = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 40 + b"\xff\xd9"
@@ -67,33 +68,9 @@ def api(env, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("api") / "api.log"
     full_env = {**os.environ, **env}
     full_env.pop("PREFECT_API_URL", None)  # no processing deployment in this test
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [CAMFLEET, "api", "--host", "127.0.0.1", "--port", str(port)],
-            env=full_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"camfleet api did not start:\n{log_path.read_text()}")
-        time.sleep(0.1)
-    try:
+    cmd = [CAMFLEET, "api", "--host", "127.0.0.1", "--port", str(port)]
+    with api_process(cmd, port, full_env, log_path) as base:
         yield base, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def curl(*args: str) -> tuple[int, dict | str]:

@@ -10,7 +10,7 @@ import sys
 import time
 import uuid
 
-from tests.test_edge_flow import seed_conf
+from tests.test_edge_flow import seed_device
 from tests.test_edge_transaction import (  # noqa: F401 - fixtures
     broker_block,
     captures,
@@ -21,9 +21,7 @@ from tests.test_edge_transaction import (  # noqa: F401 - fixtures
 
 
 def test_edge_run_without_prefect(tmp_path, signer, mosquitto, database_url, run_cli):  # noqa: F811
-    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
-    conf = seed_conf(tmp_path, serial, mosquitto, PORT=mosquitto.port, TLS=False)
-    shas = write_images(tmp_path / "cameraImageRepo", 6)
+    serial, conf, shas = seed_device(tmp_path, mosquitto, 6)
     out = run_cli(
         [sys.executable, "-m", "camfleet.cli", "edge", "run", "--config", conf]
         + ["--no-prefect", "--min-age", "0"],
@@ -43,9 +41,7 @@ def test_edge_serve_is_a_scheduled_deployment_that_runs(
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
-    conf = seed_conf(tmp_path, serial, mosquitto, PORT=mosquitto.port, TLS=False)
-    shas = write_images(tmp_path / "cameraImageRepo", 3)
+    serial, conf, shas = seed_device(tmp_path, mosquitto, 3)
     proc = subprocess.Popen(
         [sys.executable, "-m", "camfleet.cli", "edge", "serve", "--config", conf]
         + ["--interval", "3600"],
@@ -94,9 +90,7 @@ def test_device_process_killed_at_random_points_loses_nothing(
     run_cli,
 ):
     """SIGKILL `camfleet edge run` mid-transaction, several times, then let it finish."""
-    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
-    conf = seed_conf(tmp_path, serial, mosquitto, PORT=mosquitto.port, TLS=False)
-    shas = write_images(tmp_path / "cameraImageRepo", 40)
+    serial, conf, shas = seed_device(tmp_path, mosquitto, 40)
     cmd = [sys.executable, "-m", "camfleet.cli", "edge", "run", "--config", conf]
     cmd += ["--no-prefect", "--min-age", "0"]
     buffer = tmp_path / "bufferStorage"

@@ -30,6 +30,14 @@ def seed_conf(tmp_path, serial, broker, **extra) -> str:
     return str(path)
 
 
+def seed_device(tmp_path, mosquitto, images: int) -> tuple[str, str, dict]:
+    """A seed-configured device on the test broker (plain MQTT) with `images` images
+    waiting: (serial, its ento.conf path, {file name: sha256})."""
+    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
+    conf = seed_conf(tmp_path, serial, mosquitto, PORT=mosquitto.port, TLS=False)
+    return serial, conf, write_images(tmp_path / "cameraImageRepo", images)
+
+
 def test_seed_ento_conf_is_read_as_is(tmp_path):
     path = tmp_path / "ento.conf"
     path.write_text(

@@ -43,10 +43,11 @@ from camfleet.edge.uploader import (
     run_batch,
     upload_files,
 )
-from camfleet.localsvc import MosquittoInstance, PostgresInstance, S3Instance
+from camfleet.localsvc import MosquittoInstance, PostgresInstance, S3Instance, free_port
 from camfleet.protocol import edge_batch as eb
 from camfleet.storage.s3 import S3Store
 from services.signer import CHECK_FIRST_S, CHECK_WORKERS, ObjectReader, Signer, stored_digest
+from tests.helpers import wait_until
 
 # ---- helpers ---------------------------------------------------------------------------
 
@@ -207,6 +208,17 @@ def grants(dsn: str, serial: str) -> dict[str, tuple]:
         return {row[0]: row[1:] for row in cur.fetchall()}
 
 
+def urls_expired(dsn: str, serial: str) -> bool:
+    """Every grant of `serial` is past its URL's expiry (by the database's clock)."""
+    with closing(psycopg2.connect(dsn)) as conn, conn, conn.cursor() as cur:
+        cur.execute(
+            "select count(*) > 0 and bool_and(expires_at < now()) from edge_upload_grants"
+            " where device_id = %s",
+            (serial,),
+        )
+        return bool(cur.fetchone()[0])
+
+
 # ---- deployed seed firmware ----------------------------------------------------------------
 
 
@@ -228,7 +240,7 @@ def test_seed_firmware_device_works_unchanged(tmp_path, signer, store, mosquitto
     assert [f["filename"] for f in saved["files"]] == sorted(shas)
 
 
-def test_seed_answer_waits_for_a_subscriber_that_connects_late(signer, mosquitto):
+def test_seed_answer_waits_for_a_subscriber_that_connects_late(signer, mosquitto, database_url):
     """The seed publishes its request and subscribes for the answer at the same time."""
     serial = f"ENTO-{uuid.uuid4().hex[:6]}"
     pub = Listener(mosquitto, [f"unused/{serial}"])
@@ -236,7 +248,9 @@ def test_seed_answer_waits_for_a_subscriber_that_connects_late(signer, mosquitto
         f"cameraDevice/generateURL/{serial}",
         {"device-serialID": serial, "bucket-name": "x", "files": ["a.jpg"]},
     )
-    time.sleep(0.5)  # the subscriber's own TLS connection is still being set up
+    # The subscriber connects only once the signer has granted (and so answered): late,
+    # as a seed device whose own TLS connection is still being set up.
+    wait_until(lambda: grants(database_url, serial), "the signer's grant")
     sub = Listener(mosquitto, [f"cameraDevice/getURL/{serial}"])
     try:
         answer = json.loads(sub.get(timeout=5)[1])
@@ -376,8 +390,8 @@ def test_device_crash_mid_batch_loses_nothing_and_uploads_nothing_twice(
         for name in [f.name for f in first.files[:2]]:
             post_file(httpx.Client(trust_env=False), batch.uploads[name], cfg.buffer_dir)
         link.close()
-        time.sleep(0.5)  # the signer verifies those two while nobody listens
-        assert len(captures(database_url, cfg.serial)) == 2
+        # The signer verifies those two while nobody listens.
+        wait_until(lambda: len(captures(database_url, cfg.serial)) == 2, "two verifications")
         while not watcher.q.empty():
             watcher.get()
 
@@ -445,13 +459,20 @@ def test_signer_killed_mid_batch_resumes_its_grants(
         "MQTT_PORT": str(mosquitto.port),
     }
     client_id = f"signer-{uuid.uuid4().hex[:6]}"
+    health_port = free_port()
     cmd = [sys.executable, "-m", "camfleet.cli", "signer", "--handoff", "none"]
-    cmd += ["--client-id", client_id]
+    cmd += ["--client-id", client_id, "--health-port", str(health_port)]
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{health_port}/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
 
     def start():
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert proc.stdout.readline().startswith(b"signer:")
-        time.sleep(0.5)  # connected and subscribed
+        wait_until(ready, "the signer subscribed (/ready)")
         return proc
 
     proc = start()
@@ -490,7 +511,7 @@ def test_expired_urls_are_renewed(tmp_path, store, mosquitto, database_url, s3):
             request_urls(batch, link, cfg.buffer_dir)
             # The URLs expire before the upload: moto would still accept the POSTs, but
             # the signer has closed those grants and verifies nothing.
-            time.sleep(2.5)
+            wait_until(lambda: urls_expired(database_url, cfg.serial), "the URLs to expire")
             # A URL the store refuses (here: a 4xx for a bucket that does not exist)
             # sends its file back to be requested again.
             name = batch.files[0].name

@@ -97,7 +97,7 @@ def api_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {
         "CAMFLEET_SSE_PING_SECONDS": PING_SECONDS,
         "CAMFLEET_DATA_DIR": str(tmp_path / "data"),
-        "PREFECT_API_URL": "",  # no processing deployment: task_id stays null
+        "PREFECT_API_URL": "",  # no processing deployment: items get no flow run
         "NO_PROXY": "127.0.0.1,localhost",
         **extra,
     }

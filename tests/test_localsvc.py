@@ -12,7 +12,6 @@ import time
 import uuid
 from pathlib import Path
 
-import boto3
 import paho.mqtt.client as mqtt
 import paramiko
 import psutil
@@ -139,19 +138,9 @@ def sftp_round_trip(server: SshdInstance, key_path: Path | None = None) -> None:
         client.close()
 
 
-def s3_client(server: S3Instance):
-    return boto3.client(
-        "s3",
-        endpoint_url=server.endpoint_url,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name=server.region,
-    )
-
-
 def s3_round_trip(server: S3Instance) -> None:
     name = server.create_bucket(f"rt-{uuid.uuid4().hex[:12]}")
-    client = s3_client(server)
+    client = server.client()
     client.put_object(Bucket=name, Key="a/b.jpg", Body=b"jpeg bytes")
     assert client.get_object(Bucket=name, Key="a/b.jpg")["Body"].read() == b"jpeg bytes"
 
@@ -437,7 +426,7 @@ def test_sshd_lifecycle_drops_live_sessions():
 
 
 def test_s3_round_trip(s3, bucket):
-    client = s3_client(s3)
+    client = s3.client()
     client.put_object(Bucket=bucket, Key="k", Body=b"v")
     assert client.get_object(Bucket=bucket, Key="k")["Body"].read() == b"v"
     assert [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]] == ["k"]
@@ -446,11 +435,11 @@ def test_s3_round_trip(s3, bucket):
 def test_s3_lifecycle_loses_state_on_restart():
     def down():
         with pytest.raises(EndpointConnectionError):
-            s3_client(server).list_buckets()
+            server.client().list_buckets()
 
     def restarted_empty():
         # moto keeps everything in memory: a restarted server is empty (documented).
-        assert s3_client(server).list_buckets()["Buckets"] == []
+        assert server.client().list_buckets()["Buckets"] == []
 
     with S3Instance() as server:
         check_lifecycle(

@@ -5,17 +5,16 @@ assembler's peak RSS (figures, not timed assertions); asserts that every real im
 ACKed and stored, that the flood's rows are bounded by the admission burst, and that
 RSS stays inside the service's budget."""
 
-import os
 import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import psutil
 import pytest
 
 from camfleet.simulators.esp32 import SimOptions, device_id, simulate
+from tests.helpers import assembler_env
 from tests.test_mqtt_ingest import broker_block, rows
 from tests.test_mqtt_isolation import register
 
@@ -57,16 +56,7 @@ def _pct(values):
 def test_invented_device_flood_does_not_starve_real_devices(mosquitto, database_url, tmp_path):
     real = [device_id("F100D0", i) for i in range(20)]
     register(database_url, *real)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        MQTT_HOST=mosquitto.host,
-        MQTT_PORT=str(mosquitto.port),
-        DATABASE_URL=database_url,
-        STORAGE_URL=f"file://{tmp_path / 'o'}",
-        MQTT_CLIENT_ID=f"flood-{uuid.uuid4().hex[:6]}",
-        PYTHONUNBUFFERED="1",
-        PREFECT_HOME=str(tmp_path / "ph"),
-    )
+    env = assembler_env(mosquitto, database_url, tmp_path, "flood")
     proc = subprocess.Popen(
         [sys.executable, "-m", "camfleet.cli", "assembler", "--no-prefect"],
         env=env,

@@ -17,6 +17,7 @@ from camfleet.protocol.assembler import Timing
 from camfleet.simulators.esp32 import SimOptions, simulate
 from services.assembler import AssemblerService, ServiceConfig
 from tasks.mqtt import next_wake_time
+from tests.helpers import wait_until
 
 FAST = Timing(capture_timeout=2.0, retransmit_delay=0.4, retransmit_max=2)
 
@@ -41,7 +42,6 @@ def make_service(database_url, prefect_api_url, tmp_path):
         svc = AssemblerService(broker, cfg)
         svc.start()
         assert svc.wait_connected(20)
-        time.sleep(0.2)  # subscriptions acknowledged
         started.append(svc)
         return svc
 
@@ -349,10 +349,12 @@ def test_broker_restart_mid_image(make_service, database_url):
         data = jpeg(5000, 7)
         # graceful restart: the persistent sessions keep subscriptions and queued messages
         d = Device(b, "AABBCC000007")
+        before = svc.stats["messages"]
         d.meta("r.jpg", data)
         d.chunk("r.jpg", data, 0)
         d.chunk("r.jpg", data, 1)
-        time.sleep(0.3)
+        # The service has the first three (the rest arrive after the restart).
+        wait_until(lambda: svc.stats["messages"] >= before + 3, "three messages", 30)
         d.close()
         m.restart()
         d = Device(b, "AABBCC000007")
@@ -367,8 +369,10 @@ def test_broker_restart_mid_image(make_service, database_url):
         opts = SimOptions(devices=2, images=3, id_prefix="C0FFEE", ack_timeout=3, seed=1)
         result = {}
         t = threading.Thread(target=lambda: result.update(r=simulate(b, opts)))
+        before = svc.stats["messages"]
         t.start()
-        time.sleep(0.3)
+        # Killed while the fleet is sending: the service has some of it, not all.
+        wait_until(lambda: svc.stats["messages"] > before, "the fleet's first message", 30)
         m.kill()
         m.restart()
         t.join(90)

@@ -4,7 +4,6 @@ a well-behaved device must still get its ACK_OK and its rows must still be writt
 
 import datetime as dt
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 from camfleet.protocol import assembler as core
 from services.assembler import AssemblerService, ServiceConfig
 from services.assembler.recorder import Recorder
+from tests.helpers import assembler_env
 from tests.test_mqtt_ingest import FAST, Device, broker_block, jpeg, rows, wait_for
 
 
@@ -457,16 +457,7 @@ def test_health_is_ready_after_suback_and_a_dead_thread_exits_70(mosquitto, serv
 def test_cli_without_prefect_api_starts_no_server_acks_and_stops_on_sigterm(
     mosquitto, database_url, tmp_path
 ):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        MQTT_HOST=mosquitto.host,
-        MQTT_PORT=str(mosquitto.port),
-        DATABASE_URL=database_url,
-        STORAGE_URL=f"file://{tmp_path / 'o'}",
-        MQTT_CLIENT_ID=f"cli-{uuid.uuid4().hex[:6]}",
-        PYTHONUNBUFFERED="1",
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-    )
+    env = assembler_env(mosquitto, database_url, tmp_path, "cli")
     proc = subprocess.Popen(
         [sys.executable, "-m", "camfleet.cli", "assembler"],
         env=env,
@@ -523,5 +514,43 @@ def test_one_device_looping_on_status_is_held_to_its_row_quota(mosquitto, servic
     assert svc.stats["rows_over_quota"] == 190 + 45 + 235
 
 
-# A frozen Prefect server (SIGSTOP) during a fleet run: tests/test_prefect_frozen.py, on a
-# private server (the session's shared Prefect harness is never frozen).
+def test_ack_path_does_not_wait_on_a_frozen_prefect_server(
+    mosquitto, database_url, prefect_server, prefect_api_url, tmp_path
+):
+    """SIGSTOP the Prefect server during a fleet run: every image is still ACKed (the
+    devices' own ACK timeout, 10 s, is the bound); the recording catches up after
+    SIGCONT."""
+    from camfleet.simulators.esp32 import SimOptions, simulate
+
+    frozen = prefect_server.processes()
+    b = broker_block(mosquitto)
+    cfg = ServiceConfig(
+        database_url=database_url,
+        storage_url=f"file://{tmp_path / 'o'}",
+        timing=FAST,
+        client_id=f"frz-{uuid.uuid4().hex[:6]}",
+    )
+    svc = AssemblerService(b, cfg)
+    assert svc.recorder is not None  # a Prefect API is configured: runs are recorded
+    svc.start()
+    try:
+        assert svc.wait_connected(20)
+        warm = simulate(b, SimOptions(devices=2, images=1, id_prefix="F4EE2F"))
+        assert warm.images_acked == 2
+        for p in frozen:
+            p.suspend()
+        try:
+            r = simulate(b, SimOptions(devices=20, images=3, id_prefix="F4EE2E", ack_timeout=10))
+        finally:
+            for p in frozen:
+                p.resume()
+        lat = sorted(r.ack_latencies)
+        print(
+            f"\nPrefect frozen: ACK p50 {lat[len(lat) // 2] * 1000:.0f} ms "
+            f"p99 {lat[int(len(lat) * 0.99)] * 1000:.0f} ms"
+        )
+        assert r.images_acked == 60 and r.images_failed == 0 and r.resends == 0
+        q = "select count(*) from captures where flow_run_id is null"
+        assert wait_for(lambda: rows(database_url, q) == [(0,)], timeout=180)
+    finally:
+        svc.stop(timeout=30)

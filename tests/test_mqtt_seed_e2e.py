@@ -7,6 +7,8 @@ import sys
 import time
 import uuid
 
+import pytest
+
 from camfleet import db
 
 SEED_METADATA = (
@@ -73,12 +75,18 @@ def test_seed_mosquitto_pub_commands_get_ack_ok_and_a_stored_row(
     try:
         assert "MQTT Broker: 127.0.0.1" in proc.banner
         assert "ESP32CAM/+/data" in proc.banner
+        # -d logs the broker's SUBACK: from then on the ACK cannot be missed. stdbuf: a
+        # pipe would otherwise hold that line in mosquitto_sub's buffer until it exits.
         sub = subprocess.Popen(
-            ["mosquitto_sub", "-h", mosquitto.host, "-p", str(mosquitto.port),
-             "-t", "ESP32CAM/TESTMAC123/ack", "-C", "1", "-W", "60", "-q", "1"],
+            ["stdbuf", "-oL", "mosquitto_sub", "-h", mosquitto.host, "-p", str(mosquitto.port),
+             "-d", "-t", "ESP32CAM/TESTMAC123/ack", "-C", "1", "-W", "60", "-q", "1"],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
-        time.sleep(0.5)  # let mosquitto_sub subscribe
+        for line in sub.stdout:
+            if "SUBACK" in line:
+                break
+        else:
+            pytest.fail("mosquitto_sub ended before subscribing")
         for msg in (SEED_METADATA, SEED_CHUNK0, SEED_CHUNK1):
             subprocess.run(
                 ["mosquitto_pub", "-h", mosquitto.host, "-p", str(mosquitto.port),
@@ -86,7 +94,7 @@ def test_seed_mosquitto_pub_commands_get_ack_ok_and_a_stored_row(
                 check=True, timeout=10,
             )  # fmt: skip
         out, _ = sub.communicate(timeout=70)
-        ack = json.loads(out.strip().splitlines()[0])
+        ack = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
         assert ack["image_name"] == "test.jpg"
         assert set(ack) == {"image_name", "ACK_OK"}
         assert ack["ACK_OK"]["next_wake_time"].endswith(("AM", "PM"))

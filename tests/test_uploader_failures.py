@@ -234,9 +234,19 @@ def test_a_crash_between_update_and_move_is_finished_without_re_uploading(sshd, 
 def test_run_is_the_seeds_main_loop_and_stops_cleanly(sshd, database_url, base):
     cfg = local_config(sshd, database_url, base, scan_interval_seconds=1)["uploader"]
     uploader = DataUploader({"uploader": cfg})
+    first_scan = threading.Event()
+    scan = uploader.run_once
+
+    def run_once():  # the loop's own step, observed: it has scanned once
+        try:
+            return scan()
+        finally:
+            first_scan.set()
+
+    uploader.run_once = run_once
     loop = threading.Thread(target=uploader.run, daemon=True)
     loop.start()
-    time.sleep(0.2)
+    assert first_scan.wait(60), "the loop never scanned"
     ids = write_events(cfg["pending_dir"], 2)  # they arrive while it sleeps
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and len(listing(cfg["uploaded_dir"])) < 4:

@@ -9,8 +9,11 @@ def assembler(
     mqtt_block: str = typer.Option(
         None, envvar="CAMFLEET_MQTT_BLOCK", help="saved camfleet-mqtt-broker block (else MQTT_*)"
     ),
-    database_url: str = typer.Option(
-        None, help="PostgreSQL URL (else DATABASE_URL / the database block)", show_default=False
+    # A block name, never a URL: a password on the command line is in the process list.
+    database_block: str = typer.Option(
+        None,
+        envvar="CAMFLEET_DATABASE_BLOCK",
+        help="saved camfleet-postgres block (else DATABASE_URL)",
     ),
     storage_url: str = typer.Option(None, help="object store URL (else STORAGE_URL)"),
     client_id: str = typer.Option(
@@ -54,6 +57,19 @@ def assembler(
         None, help="serve GET /healthz on 127.0.0.1:PORT (200 ready, 503 not)"
     ),
     metrics_port: int = typer.Option(0, help="serve Prometheus /metrics on this port (0: off)"),
+    partitions: int = typer.Option(
+        0,
+        envvar="CAMFLEET_ASSEMBLER_PARTITIONS",
+        help="run as one of several replicas: devices are split into this many partitions "
+        "leased in PostgreSQL (every replica the same number, e.g. 64); 0: the only "
+        "assembler of the fleet, no leases",
+    ),
+    replica_id: str = typer.Option(
+        None,
+        envvar="CAMFLEET_ASSEMBLER_REPLICA_ID",
+        help="this replica's name in the partition leases, also appended to its MQTT "
+        "client id (with --partitions; default host-pid)",
+    ),
 ) -> None:
     """Assemble chunked images from ESP32CAM/+/data, store them, write rows, ACK_OK."""
     import logging
@@ -62,10 +78,12 @@ def assembler(
         raise typer.BadParameter("--ack-path is direct or flow")
     if recorder not in ("inline", "process"):
         raise typer.BadParameter("--recorder is inline or process")
+    if partitions < 0:
+        raise typer.BadParameter("--partitions is 0 (single assembler) or more")
     if unknown_devices not in ("register", "refuse"):
         raise typer.BadParameter("--unknown-devices is register or refuse")
 
-    from blocks.mqtt import MqttBroker
+    from camfleet import resolve
     from camfleet.protocol.assembler import Timing
     from camfleet.settings import get_settings
     from services.assembler import AssemblerService, ServiceConfig
@@ -74,17 +92,11 @@ def assembler(
     logging.basicConfig(
         level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    broker = MqttBroker.load(mqtt_block) if mqtt_block else MqttBroker.from_env()
-    dsn = database_url
-    if dsn is None:
-        if s.database_block:
-            from blocks.postgres import PostgresDatabase
-
-            dsn = PostgresDatabase.load(s.database_block).dsn()
-        elif s.database_url is not None:
-            dsn = s.database_url.get_secret_value()
-    if not dsn:
-        raise typer.BadParameter("no database: set DATABASE_URL or --database-url")
+    broker = resolve.mqtt_broker(mqtt_block)
+    try:
+        dsn = resolve.database_url(database_block)
+    except RuntimeError as exc:
+        raise typer.BadParameter(str(exc)) from None
     cfg = ServiceConfig(
         database_url=dsn,
         storage_url=storage_url or s.resolved_storage_url(),
@@ -102,6 +114,8 @@ def assembler(
         new_device_burst=new_device_burst,
         new_device_per_min=new_device_per_min,
         health_port=health_port,
+        partitions=partitions,
+        replica_id=replica_id,
     )
     service = AssemblerService(broker, cfg)
     if metrics_port:

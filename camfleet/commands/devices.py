@@ -20,13 +20,6 @@ _SECRETS = typer.Option(None, "--secrets-block", help="camfleet-secrets block na
 
 
 def _dsn(block: str | None) -> str:
-    # Environment first when no block is named: loading Prefect just to read
-    # DATABASE_URL costs seconds per admin command.
-    from camfleet.settings import get_settings
-
-    settings = get_settings()
-    if not (block or settings.database_block) and settings.database_url is not None:
-        return settings.database_url.get_secret_value()
     from camfleet import resolve
 
     return resolve.database_url(block)

@@ -31,6 +31,16 @@ def signer(
     ),
     max_open_per_device: int = typer.Option(100, help="open grants one device may hold"),
     metrics_port: int = typer.Option(0, help="serve Prometheus /metrics on this port (0: off)"),
+    share_group: str = typer.Option(
+        None,
+        envvar="CAMFLEET_SIGNER_GROUP",
+        help="run as one of several replicas: subscribe through the broker's shared "
+        "subscription $share/GROUP/... and count rate limits in PostgreSQL; each replica "
+        "needs its own --client-id (docs/edge-upload.md, replicas)",
+    ),
+    lease_s: float = typer.Option(
+        15.0, help="seconds an open grant stays leased to this instance past its last renewal"
+    ),
 ) -> None:
     """Answer edge devices' URL requests and verify their uploads (runs until stopped)."""
     import logging
@@ -41,7 +51,7 @@ def signer(
     from camfleet.storage import open_store
     from services.signer import Signer, WorkerDied
     from services.signer_health import HealthServer
-    from services.signer_limits import REQUEST_BURST, RateLimiter
+    from services.signer_limits import REQUEST_BURST, RateLimiter, SharedRateLimiter
 
     logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(message)s")
     run = None
@@ -71,16 +81,24 @@ def signer(
     typer.echo(f"signer: storage {store.describe()}, broker {broker.describe()}")
     if allowed:
         typer.echo(f"signer: bucket-name allowed: {', '.join(allowed)}")
+    dsn = resolve.database_url(database_block)
+    if share_group:
+        typer.echo(f"signer: replica {client_id} of share group {share_group}")
+        limiter = SharedRateLimiter(dsn, requests_per_s, REQUEST_BURST)
+    else:
+        limiter = RateLimiter(requests_per_s, REQUEST_BURST)
     service = Signer(
         store,
-        resolve.database_url(database_block),
+        dsn,
         broker,
         client_id=client_id,
         expires_in=expires_in,
         handoff=run,
         buckets=allowed,
-        rate_limiter=RateLimiter(requests_per_s, REQUEST_BURST),
+        rate_limiter=limiter,
         max_open_per_device=max_open_per_device,
+        share_group=share_group,
+        lease_s=lease_s,
     )
     health = None
     if health_port is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import signal
 import sys
@@ -13,10 +14,20 @@ import typer
 
 # (name, CLI module that must exist, argv after `camfleet`)
 SERVICES = [
-    ("assembler", "camfleet.commands.assembler", ["assembler", "--metrics-port", "{m_assembler}"]),
+    (
+        "assembler",
+        "camfleet.commands.assembler",
+        ["assembler", "--health-port", "{h_assembler}", "--metrics-port", "{m_assembler}"],
+    ),
     ("api", "camfleet.commands.api", ["api", "--host", "{api_host}", "--port", "{api_port}"]),
-    ("signer", "camfleet.commands.signer", ["signer", "--metrics-port", "{m_signer}"]),
+    (
+        "signer",
+        "camfleet.commands.signer",
+        ["signer", "--health-port", "{h_signer}", "--metrics-port", "{m_signer}"],
+    ),
 ]
+# Where each service says it is ready; the fleet-health flow checks them (docs/alerts.md).
+READY_PATHS = {"assembler": "/readyz", "api": "/health", "signer": "/ready"}
 DEPLOYMENTS = ("deployments", "deployments.serve", None)
 DEMO = [("demo", "camfleet.demo", None)]
 
@@ -34,6 +45,59 @@ def metrics_ports(api_port: int) -> dict[str, int]:
         free = wanted <= 65535 and wanted not in ports.values() and _port_free(wanted)
         ports[name] = wanted if free else free_port()
     return ports
+
+
+def signer_replicas(services: list, n: int) -> list:
+    """`services` with the signer as `n` replicas of one share group, each with its own
+    MQTT client id (docs/edge-upload.md, replicas); only the first keeps the health and
+    metrics ports (fleet-health checks it), the others serve neither."""
+    if n <= 1:
+        return services
+    out = []
+    for name, module, args in services:
+        if name != "signer":
+            out.append((name, module, args))
+            continue
+        for i in range(1, n + 1):
+            own = args if i == 1 else ["signer", "--metrics-port", "0"]
+            own = [*own, "--share-group", "camfleet-signer", "--client-id", f"camfleet-signer-{i}"]
+            out.append(("signer" if i == 1 else f"signer-{i}", module, own))
+    return out
+
+
+def assembler_replicas(n: int, metrics: dict[str, int]) -> list[tuple[str, str, list[str]]]:
+    """`--assemblers N`: N replicas leasing device partitions (docs/mqtt-ingest.md,
+    "Several assemblers"); 1 is the single assembler of today, without leases. Replica 1
+    keeps the assembler's health and metrics ports (fleet-health checks it); replica
+    k > 1 gets free ones, its metrics port added to `metrics`."""
+    if n <= 1:
+        return [SERVICES[0]]
+    from camfleet.localsvc import free_port
+    from services.assembler.partitions import DEFAULT_PARTITIONS
+
+    out = []
+    for k in range(1, n + 1):
+        name = "assembler" if k == 1 else f"assembler-{k}"
+        if k == 1:
+            args = list(SERVICES[0][2])
+        else:
+            port = metrics.setdefault(name, free_port())
+            args = ["assembler", "--health-port", str(free_port()), "--metrics-port", str(port)]
+        args += ["--partitions", str(DEFAULT_PARTITIONS), "--replica-id", f"up-{k}"]
+        out.append((name, SERVICES[0][1], args))
+    return out
+
+
+def service_urls(api_host: str, api_port: int, health_ports: dict[str, int]) -> dict[str, str]:
+    """Readiness URLs of the services up starts, for fleet-health's service alerts: the
+    API where it listens (a wildcard address is reached on loopback), the assembler's
+    and the signer's health ports on loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(api_host, api_host)  # noqa: S104
+    host = f"[{host}]" if ":" in host else host
+    urls = {"api": f"http://{host}:{api_port}{READY_PATHS['api']}"}
+    for name, port in health_ports.items():
+        urls[name] = f"http://127.0.0.1:{port}{READY_PATHS[name]}"
+    return urls
 
 
 def _available(module: str) -> bool:
@@ -54,6 +118,7 @@ SHARED_SETTINGS = (
     "CAMFLEET_API_HOST",
     "CAMFLEET_API_PORT",
     "CAMFLEET_PUBLIC_URL",
+    "CAMFLEET_SERVICE_URLS",
 )
 
 
@@ -71,9 +136,16 @@ def up(
     check: bool = typer.Option(
         False, help="Bring up databases and broker, print the status, and exit."
     ),
+    assemblers: int = typer.Option(
+        1, min=1, help="MQTT assembler replicas (more than 1: device partitions leased)."
+    ),
+    signers: int = typer.Option(
+        1, min=1, help="`camfleet signer` replicas sharing the edge devices' requests."
+    ),
 ) -> None:
     """Start everything: Prefect server, migrations, blocks, deployments, services."""
     from camfleet import prefect_profile, stackfile
+    from camfleet.localsvc import free_port
     from camfleet.settings import get_settings
     from camfleet.stack import LocalStack, StackError
     from camfleet.supervisor import Supervisor
@@ -123,7 +195,14 @@ def up(
             metrics = metrics_ports(api_port)
             fmt = {"api_host": settings.api_host, "api_port": str(api_port)}
             fmt |= {f"m_{name}": str(port) for name, port in metrics.items()}
-            planned = SERVICES + [DEPLOYMENTS] + (DEMO if demo else [])
+            started = [name for name, module, _ in SERVICES if _available(module)]
+            health = {name: free_port() for name in ("assembler", "signer") if name in started}
+            fmt |= {f"h_{name}": str(port) for name, port in health.items()}
+            urls = service_urls(settings.api_host, api_port, health)
+            env["CAMFLEET_SERVICE_URLS"] = json.dumps({n: urls[n] for n in started})
+            planned = assembler_replicas(assemblers, metrics)
+            planned += signer_replicas(SERVICES[1:], signers)
+            planned += [DEPLOYMENTS] + (DEMO if demo else [])
             for name, module, args in planned:
                 if not _available(module):
                     continue

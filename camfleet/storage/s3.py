@@ -53,14 +53,14 @@ class S3Store(ObjectStore):
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
         self.region = region
-        self.client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region,
+        # A session of our own (not boto3's default one): its public get_credentials()
+        # is what camfleet/storage/fast_s3.py signs with, the same the client uses.
+        self.session = boto3.session.Session(
             aws_access_key_id=access_key_id,
             aws_secret_access_key=secret_access_key,
-            config=_BOTO_CONFIG,
+            region_name=region,
         )
+        self.client = self.session.client("s3", endpoint_url=endpoint_url, config=_BOTO_CONFIG)
         if create_bucket:
             self.ensure_bucket()
 

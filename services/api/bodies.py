@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -35,6 +34,8 @@ from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator
+
+from camfleet.settings import Settings
 
 log = logging.getLogger("camfleet.api.bodies")
 
@@ -66,18 +67,16 @@ class BodyLimits:
     max_uploads_per_device: int = MAX_UPLOADS_PER_DEVICE
 
     @classmethod
-    def from_env(cls) -> BodyLimits:
-        env = os.environ.get
-        return cls(
-            idle_timeout_s=float(env("CAMFLEET_BODY_IDLE_TIMEOUT_S", BODY_IDLE_TIMEOUT_S)),
-            deadline_s=float(env("CAMFLEET_CAPTURE_BODY_DEADLINE_S", CAPTURE_BODY_DEADLINE_S)),
-            max_concurrent_uploads=int(
-                env("CAMFLEET_MAX_CONCURRENT_UPLOADS", MAX_CONCURRENT_UPLOADS)
-            ),
-            max_uploads_per_device=int(
-                env("CAMFLEET_MAX_UPLOADS_PER_DEVICE", MAX_UPLOADS_PER_DEVICE)
-            ),
-        )
+    def from_settings(cls, settings: Settings | None = None) -> BodyLimits:
+        """CAMFLEET_BODY_* / *_UPLOADS* from camfleet/settings.py; unset ones default."""
+        s = settings or Settings()
+        given = {
+            "idle_timeout_s": s.body_idle_timeout_s,
+            "deadline_s": s.capture_body_deadline_s,
+            "max_concurrent_uploads": s.max_concurrent_uploads,
+            "max_uploads_per_device": s.max_uploads_per_device,
+        }
+        return cls(**{name: value for name, value in given.items() if value is not None})
 
 
 def _error(status: int, error: str, reason: str, headers: dict | None = None):
@@ -87,7 +86,7 @@ def _error(status: int, error: str, reason: str, headers: dict | None = None):
 def limits(app) -> BodyLimits:
     value = getattr(app.state, "body_limits", None)
     if value is None:
-        value = app.state.body_limits = BodyLimits.from_env()
+        value = app.state.body_limits = BodyLimits.from_settings()
     return value
 
 

@@ -29,11 +29,10 @@ import uuid
 from dataclasses import dataclass, field
 
 import asyncpg
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from camfleet import db as camfleet_db
 from camfleet import metrics
+from camfleet.pg_listener import PgListener
 
 log = logging.getLogger("camfleet.api.commands")
 
@@ -56,25 +55,8 @@ MAX_QUEUED_PER_STREAM = 64
 MAX_PENDING_ON_CONNECT = 50
 # Pending MQTT-device triggers re-loaded at start-up: a fleet's worth of the next minutes.
 MAX_MQTT_RELOAD = 20_000
-# How long to wait before reconnecting the LISTEN connection after it dropped.
-LISTENER_RETRY_SECONDS = 1.0
-
-
-class CommandSettings(BaseSettings):
-    """Environment settings of command delivery (docs/triggers.md, "Settings")."""
-
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
-
-    # The seed sends a keepalive every 30 s; proxies drop idle streams after ~60 s.
-    ping_seconds: float = Field(30.0, validation_alias="CAMFLEET_SSE_PING_SECONDS", gt=0)
-    # The seed's mode: devices identified by id only and triggers created without an
-    # API key. Only for a trusted network; an operator must turn it on explicitly.
-    allow_device_id_only: bool = Field(False, validation_alias="CAMFLEET_ALLOW_DEVICE_ID_ONLY")
-    instance_id: str | None = Field(None, validation_alias="CAMFLEET_API_INSTANCE_ID")
-    # MQTT delivery of the same commands for devices whose config has
-    # {"trigger": {"transport": "mqtt"}} (ESP32-CAMs that listen on a cmd topic).
-    mqtt_commands: bool = Field(False, validation_alias="CAMFLEET_TRIGGER_MQTT")
-    mqtt_topic: str = Field("ESP32CAM/{device_id}/cmd", validation_alias="CAMFLEET_TRIGGER_TOPIC")
+# Pause before retrying a failed presence write.
+PRESENCE_RETRY_SECONDS = 1.0
 
 
 @dataclass(eq=False)
@@ -112,7 +94,9 @@ class CommandHub:
         self._added: set[str] = set()
         self._removed: set[str] = set()
         self._dirty = asyncio.Event()
-        self._listener: asyncpg.Connection | None = None
+        self._listener = PgListener(
+            dsn, CHANNEL, self._on_notify, on_reconnect=self._reload, name="command listener"
+        )
         self._tasks: list[asyncio.Task] = []
         self._q = camfleet_db.async_queries()
         self._timers: set[asyncio.TimerHandle] = set()
@@ -123,12 +107,11 @@ class CommandHub:
     async def start(self) -> None:
         async with self.pool.acquire() as conn:
             await self._q.triggers_instance_heartbeat(conn, instance_id=self.instance_id)
-        await self._listen()
+        await self._listener.start()
         await self.load_pending_mqtt()
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name="hub-heartbeat"),
             asyncio.create_task(self._presence_loop(), name="hub-presence"),
-            asyncio.create_task(self._listener_watchdog(), name="hub-listener"),
         ]
         log.info("command hub %s listening on %s", self.instance_id, CHANNEL)
 
@@ -145,31 +128,15 @@ class CommandHub:
         with contextlib.suppress(Exception):
             async with self.pool.acquire() as conn:
                 await self._q.triggers_drop_instance(conn, instance_id=self.instance_id)
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close()
+        await self._listener.stop()
 
-    async def _listen(self) -> None:
-        self._listener = await asyncpg.connect(self.dsn)
-        await self._listener.add_listener(CHANNEL, self._on_notify)
-
-    async def _listener_watchdog(self) -> None:
-        """Reconnect LISTEN after a database restart, then re-load what was missed."""
-        while True:
-            await asyncio.sleep(LISTENER_RETRY_SECONDS)
-            if self._listener is not None and not self._listener.is_closed():
-                continue
-            try:
-                await self._listen()
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("command listener reconnect failed: %s", type(exc).__name__)
-                continue
-            log.info("command listener reconnected; re-loading pending triggers")
-            for stream in list(self._streams.values()):
-                with contextlib.suppress(Exception):
-                    await self.load_pending(stream)
+    async def _reload(self) -> None:
+        """After LISTEN reconnected: re-load the triggers whose notifications were missed."""
+        for stream in list(self._streams.values()):
             with contextlib.suppress(Exception):
-                await self.load_pending_mqtt()
+                await self.load_pending(stream)
+        with contextlib.suppress(Exception):
+            await self.load_pending_mqtt()
 
     async def _heartbeat_loop(self) -> None:
         last_touch = time.monotonic()
@@ -216,7 +183,7 @@ class CommandHub:
                 self._added |= added - self._removed
                 self._removed |= removed - self._added
                 self._dirty.set()
-                await asyncio.sleep(LISTENER_RETRY_SECONDS)
+                await asyncio.sleep(PRESENCE_RETRY_SECONDS)
 
     # --- streams ----------------------------------------------------------------------
 
@@ -285,7 +252,7 @@ class CommandHub:
 
     # --- notifications ----------------------------------------------------------------
 
-    def _on_notify(self, _conn, _pid, _channel, payload: str) -> None:
+    def _on_notify(self, payload: str) -> None:
         self.notifications += 1
         try:
             note = json.loads(payload)

@@ -25,13 +25,12 @@ from collections.abc import AsyncIterator
 import asyncpg
 from fastapi import APIRouter, FastAPI
 
+from camfleet.pg_listener import PgListener
 from services.api.db import queries
 
 log = logging.getLogger("camfleet.api.credentials")
 
 CHANNEL = "camfleet_device_credentials"
-# How long to wait before reconnecting the LISTEN connection after it dropped.
-RETRY_SECONDS = 1.0
 
 
 def still_valid(row, token_hash: str | None) -> bool:
@@ -51,44 +50,25 @@ class CredentialWatch:
         # device id -> {stream: token hash it was opened with}; weak, so a stream that
         # ended (and was dropped by the command hub) needs no unbinding.
         self._streams: dict[str, weakref.WeakKeyDictionary] = {}
-        self._listener: asyncpg.Connection | None = None
+        self._listener = PgListener(
+            dsn, CHANNEL, self._on_notify, on_reconnect=self._recheck_all, name="credential watch"
+        )
         self._tasks: set[asyncio.Task] = set()
-        self._watchdog: asyncio.Task | None = None
         self.closed = 0  # streams closed for a dead credential (for tests and logs)
 
     async def start(self) -> None:
-        await self._listen()
-        self._watchdog = asyncio.create_task(self._keep_listening(), name="credential-watch")
+        await self._listener.start()
 
     async def stop(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watchdog
+        await self._listener.stop()
         for task in list(self._tasks):
             task.cancel()
-        if self._listener is not None:
-            with contextlib.suppress(Exception):
-                await self._listener.close()
 
-    async def _listen(self) -> None:
-        self._listener = await asyncpg.connect(self.dsn)
-        await self._listener.add_listener(CHANNEL, self._on_notify)
-
-    async def _keep_listening(self) -> None:
-        """Reconnect after a database restart; re-check every stream (we may have missed
-        a notification while the connection was down)."""
-        while True:
-            await asyncio.sleep(RETRY_SECONDS)
-            if self._listener is not None and not self._listener.is_closed():
-                continue
-            try:
-                await self._listen()
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("credential listener reconnect failed: %s", type(exc).__name__)
-                continue
-            for device_id in list(self._streams):
-                self._recheck_soon(device_id)
+    async def _recheck_all(self) -> None:
+        """After LISTEN reconnected: a notification may have been missed, check every
+        stream."""
+        for device_id in list(self._streams):
+            self._recheck_soon(device_id)
 
     def bind(self, stream, token_hash: str | None) -> None:
         """Tie `stream` (command_hub.Stream) to the credential it was opened with."""
@@ -97,7 +77,7 @@ class CredentialWatch:
         # notification been handled before the stream was known: check once now.
         self._recheck_soon(stream.device_id)
 
-    def _on_notify(self, _conn, _pid, _channel, device_id: str) -> None:
+    def _on_notify(self, device_id: str) -> None:
         if device_id in self._streams:
             self._recheck_soon(device_id)
 

@@ -16,7 +16,7 @@ concurrent requests cannot all slip under a limit (failed activations included: 
 attempt is charged to the failure budget before its code is checked, and refunded when
 the code was valid).
 
-Values come from `RateLimits.from_env()` (CAMFLEET_RATE_LIMIT_* variables) or
+Values come from `RateLimits.from_settings()` (CAMFLEET_RATE_LIMIT_* in camfleet/settings.py) or
 `create_app(rate_limits=RateLimits(...))`.
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -32,6 +31,7 @@ import limits
 from fastapi import Depends, HTTPException, Request
 from limits.storage import Storage
 
+from camfleet.settings import Settings
 from services.api.auth import DeviceIdentity, UserIdentity, current_device, current_user
 from services.api.counters import CountersUnavailable, open_counters
 
@@ -105,19 +105,14 @@ class RateLimits:
             )
 
     @classmethod
-    def from_env(cls) -> RateLimits:
-        env = os.environ.get
+    def from_settings(cls, settings: Settings | None = None) -> RateLimits:
+        """The CAMFLEET_RATE_LIMIT* settings (camfleet/settings.py); unset ones default."""
+        s = settings or Settings()
+        named = {name: getattr(s, f"rate_limit_{name}") for name in LIMIT_NAMES}
         return cls(
-            device=env("CAMFLEET_RATE_LIMIT_DEVICE", DEFAULT_DEVICE_LIMIT),
-            user=env("CAMFLEET_RATE_LIMIT_USER", DEFAULT_USER_LIMIT),
-            pair=env("CAMFLEET_RATE_LIMIT_PAIR", DEFAULT_PAIR_LIMIT),
-            activate=env("CAMFLEET_RATE_LIMIT_ACTIVATE", DEFAULT_ACTIVATE_LIMIT),
-            activate_fail=env("CAMFLEET_RATE_LIMIT_ACTIVATE_FAIL", DEFAULT_ACTIVATE_FAIL_LIMIT),
-            trigger=env("CAMFLEET_RATE_LIMIT_TRIGGER", DEFAULT_TRIGGER_LIMIT),
-            capture=env("CAMFLEET_RATE_LIMIT_CAPTURE", DEFAULT_CAPTURE_LIMIT),
-            stream=env("CAMFLEET_RATE_LIMIT_STREAM", DEFAULT_STREAM_LIMIT),
-            storage=env("CAMFLEET_RATE_LIMIT_STORAGE", "postgresql"),
-            enabled=env("CAMFLEET_RATE_LIMITS", "on").lower() not in ("off", "0", "false"),
+            **{name: spec for name, spec in named.items() if spec is not None},
+            storage=s.rate_limit_storage,
+            enabled=s.rate_limits,
         )
 
     def items(self, name: str) -> list[limits.RateLimitItem]:
@@ -254,7 +249,7 @@ def limiter(request: Request) -> Limiter:
     app = request.app
     found = getattr(app.state, "limiter", None)
     if found is None:
-        config = getattr(app.state, "rate_limits", None) or RateLimits.from_env()
+        config = getattr(app.state, "rate_limits", None) or RateLimits.from_settings()
         found = app.state.limiter = Limiter(config, open_counters(config.storage, app))
     return found
 

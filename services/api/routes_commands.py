@@ -31,9 +31,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from camfleet.keys import BadName, object_key, safe_id, sanitize_name
 from camfleet.protocol import triggers as core
+from camfleet.settings import Settings
 from services.api import bodies
 from services.api.bodies import Text, UtcDatetime
-from services.api.command_hub import CommandHub, CommandSettings, MqttCommandSender
+from services.api.command_hub import CommandHub, MqttCommandSender
 from services.api.db import queries
 
 log = logging.getLogger("camfleet.api.commands")
@@ -73,18 +74,19 @@ def _raise_nofile_limit() -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Start the command hub (and MQTT sender) on the pool the app lifespan opened."""
     _raise_nofile_limit()
-    settings = CommandSettings()
+    # Command delivery's settings (CAMFLEET_SSE_PING_SECONDS, CAMFLEET_TRIGGER_*...).
+    settings = Settings()
     app.state.command_settings = settings
     from camfleet.resolve import database_url
 
     dsn = getattr(app.state, "database_url", None) or database_url()
     sender = None
-    if settings.mqtt_commands:
+    if settings.trigger_mqtt:
         from camfleet.resolve import mqtt_broker
 
-        sender = MqttCommandSender(mqtt_broker(), settings.mqtt_topic, app.state.pool)
+        sender = MqttCommandSender(mqtt_broker(), settings.trigger_topic, app.state.pool)
         await sender.start()
-    hub = CommandHub(dsn, app.state.pool, instance_id=settings.instance_id, mqtt_sender=sender)
+    hub = CommandHub(dsn, app.state.pool, instance_id=settings.api_instance_id, mqtt_sender=sender)
     await hub.start()
     app.state.command_hub = hub
     try:
@@ -102,7 +104,7 @@ def _error(status: int, error: str, reason: str) -> HTTPException:
     return HTTPException(status_code=status, detail={"error": error, "reason": reason})
 
 
-def _settings(request: Request) -> CommandSettings:
+def _settings(request: Request) -> Settings:
     return request.app.state.command_settings
 
 
@@ -171,7 +173,7 @@ async def command_stream(request: Request, device_id: DeviceId) -> EventSourceRe
                     {
                         "event": "connected",
                         "device_id": device_id,
-                        "ping_seconds": settings.ping_seconds,
+                        "ping_seconds": settings.sse_ping_seconds,
                         "server_time": datetime.now(UTC).isoformat(),
                     }
                 )
@@ -188,7 +190,7 @@ async def command_stream(request: Request, device_id: DeviceId) -> EventSourceRe
 
     return EventSourceResponse(
         events(),
-        ping=settings.ping_seconds,
+        ping=settings.sse_ping_seconds,
         ping_message_factory=lambda: ServerSentEvent(data=json.dumps({"event": "ping"})),
         send_timeout=SSE_SEND_TIMEOUT_SECONDS,
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},

@@ -1,6 +1,7 @@
 """Lifelog device endpoints (seed 004): pair, activate, upload-url, ingest, revoke, rotate.
 
     POST /devices/pair            user API key   -> {device_id, pairing_code, expires_at}
+                                  (body {name, kind}: kind lifelog, the default, or visant)
     POST /devices/activate        pairing code   -> {device_id, device_token}   (once)
     POST /devices/upload-url      X-Device-Token -> {object_key, upload_url, upload_host,
                                                      upload_port, upload_path, ...}
@@ -23,11 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 from urllib.parse import urlsplit
 
 import anyio
@@ -39,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 
 from camfleet import tokens
 from camfleet.keys import BadName, key_within, object_key, sanitize_name
+from camfleet.settings import Settings
 from services.api.auth import DeviceIdentity, UserIdentity, server_secret
 from services.api.bodies import Text, UtcDatetime, limits
 from services.api.db import queries
@@ -86,16 +88,16 @@ class DeviceApiConfig:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_env(cls) -> DeviceApiConfig:
-        types = os.environ.get("CAMFLEET_UPLOAD_CONTENT_TYPES")
+    def from_settings(cls, settings: Settings | None = None) -> DeviceApiConfig:
+        """CAMFLEET_UPLOAD_CONTENT_TYPES, _MAX_UPLOAD_BYTES and _INGEST_CHECK_OBJECT."""
+        s = settings or Settings()
+        types = s.upload_content_types
         return cls(
             content_types=tuple(t.strip() for t in types.split(",") if t.strip())
             if types
             else DEFAULT_CONTENT_TYPES,
-            max_upload_bytes=int(os.environ.get("CAMFLEET_MAX_UPLOAD_BYTES", MAX_UPLOAD_BYTES)),
-            # Off only to measure what the check costs (bench/bench_lifelog_ingest.py).
-            check_object=os.environ.get("CAMFLEET_INGEST_CHECK_OBJECT", "on").lower()
-            not in ("off", "0", "false"),
+            max_upload_bytes=s.max_upload_bytes or MAX_UPLOAD_BYTES,
+            check_object=s.ingest_check_object,
         )
 
 
@@ -103,7 +105,7 @@ def _config(request: Request) -> DeviceApiConfig:
     state = request.app.state
     cfg = getattr(state, "devices_config", None)
     if cfg is None:
-        cfg = state.devices_config = DeviceApiConfig.from_env()
+        cfg = state.devices_config = DeviceApiConfig.from_settings()
     return cfg
 
 
@@ -132,7 +134,7 @@ def _presigner(request: Request):
 
         store, presigner = _store(request), None
         if isinstance(store, S3Store):
-            from services.api.presign import FastS3Presigner
+            from camfleet.storage.fast_s3 import FastS3Presigner
 
             try:
                 presigner = FastS3Presigner(store)
@@ -140,6 +142,22 @@ def _presigner(request: Request):
                 presigner = None
         state.presigner = presigner
     return state.presigner
+
+
+# Names the task ids of items no flow run was given (no Prefect API, or Prefect down):
+# the seed's clients expect a task id in every answer, and the same item always gets the
+# same one until the run that adopts it is known.
+_UNASSIGNED_TASK_NS = uuid.UUID("5b0f1a6e-4c2d-4e8a-9b7f-c4a3f1d2e6b8")
+
+
+def unassigned_task_id(item_id: object) -> str:
+    """The task id answered for an item that has no flow run (yet)."""
+    return str(uuid.uuid5(_UNASSIGNED_TASK_NS, str(item_id)))
+
+
+def _task_id(item_id: object, flow_run_id: object) -> str:
+    """The item's flow run id, or a stable id derived from the item while it has none."""
+    return str(flow_run_id) if flow_run_id is not None else unassigned_task_id(item_id)
 
 
 def _processing(request: Request):
@@ -164,8 +182,16 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
 
 
+# The kinds that authenticate with a device token, so the kinds a person pairs: a
+# Lifelog camera (seed 004, whose pair body carries only a name) and a Visant camera
+# whose agent holds the command stream (seed 003). ESP32-CAMs over MQTT, edge boxes and
+# SFTP uploaders register through their own channels and never hold a device token.
+PairableKind = Literal["lifelog", "visant"]
+
+
 class PairRequest(_Body):
     name: Text | None = Field(None, max_length=64)
+    kind: PairableKind = "lifelog"
 
 
 class ActivateRequest(_Body):
@@ -218,11 +244,12 @@ def body_schema(model: type[BaseModel]) -> dict:
 async def pair(request: Request, body: PairRequest | None = None, user=Depends(limited_user)):
     await limiter(request).hit("pair", user.user_id, "pairing")
     name = body.name if body else None
+    kind = body.kind if body else "lifelog"
     device_id = str(uuid.uuid4())
     secret = server_secret(request)
     async with request.app.state.pool.acquire() as conn, conn.transaction():
         await queries().devices_create_paired_device(
-            conn, device_id=device_id, user_id=user.user_id, name=name
+            conn, device_id=device_id, user_id=user.user_id, name=name, kind=kind
         )
         code = tokens.new_pairing_code()
         row = await queries().devices_create_pairing(
@@ -512,7 +539,11 @@ async def ingest(request: Request):
             raise _error(422, "bad_value", type(exc).__name__) from None
     if row is not None:
         return JSONResponse(
-            {"status": "queued", "item_id": row["record_id"], "task_id": row["flow_run_id"]}
+            {
+                "status": "queued",
+                "item_id": row["record_id"],
+                "task_id": _task_id(row["record_id"], row["flow_run_id"]),
+            }
         )
     if existing is None:
         # Not this seq's row: the same object_key was ingested under another seq.
@@ -521,7 +552,7 @@ async def ingest(request: Request):
         {
             "status": "duplicate",
             "item_id": existing["record_id"],
-            "task_id": existing["flow_run_id"],
+            "task_id": _task_id(existing["record_id"], existing["flow_run_id"]),
         }
     )
 

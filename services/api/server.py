@@ -29,7 +29,7 @@ def _rate_limits():
     from services.api.ratelimit import RateLimits
 
     try:
-        return RateLimits.from_env()
+        return RateLimits.from_settings()
     except ValueError as exc:
         raise RuntimeError(f"rate limits (CAMFLEET_RATE_LIMIT_*): {exc}") from None
 

@@ -55,6 +55,11 @@ Fault isolation (issue 12; docs/mqtt-ingest.md "Hostile devices")
   Prefect API, with a bounded backlog: the ACK path never waits on Prefect.
 * Ready means subscribed: the broker's SUBACK, not the CONNACK (``--health-port``).
 
+Replicas (``--partitions P``, issue 15): devices are partitioned and the partitions
+leased in PostgreSQL (partitions.py, docs/mqtt-ingest.md "Several assemblers"); without
+it this process is the fleet's only assembler and nothing below changes (a replica's
+MQTT session is clean: after a restart its partitions may be another's).
+
 Persistent session: a stable client id with clean_session=False and QoS 1
 subscriptions, so the broker queues a device's chunks while we reconnect (backoff
 1..30 s); `stop()` finishes the stores in flight, ACKs them, then disconnects.
@@ -157,6 +162,10 @@ class ServiceConfig:
     record_backlog: int = RECORD_BACKLOG
     health_port: int | None = None  # GET /healthz on 127.0.0.1:<port>; 0 = any free port
     health_host: str = "127.0.0.1"
+    # Replicas (services/assembler/partitions.py): 0 = the only assembler of its fleet,
+    # no leases; P > 0 = serve the device partitions this replica leases out of P.
+    partitions: int = 0
+    replica_id: str | None = None  # with partitions: stable id (else host-pid, clean session)
 
 
 def redact_url(url: str) -> str:
@@ -219,6 +228,31 @@ class AssemblerService:
         self._exit = os._exit  # tests replace it to observe a crash
         self.health = None
         self.client = None
+        self.leases = None
+        self.subs = None
+        self.replica_id = config.replica_id
+        self.client_id = config.client_id
+        if config.partitions > 0:
+            from services.assembler.partitions import (
+                DeviceSubscriptions,
+                PartitionLeases,
+                busy_partitions,
+            )
+
+            self.replica_id = config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+            self.client_id = f"{config.client_id}-{self.replica_id}"
+            self.leases = PartitionLeases(
+                config.database_url,
+                self.replica_id,
+                config.partitions,
+                on_lost=self._partitions_lost,
+                busy=lambda: busy_partitions(self.core, config.partitions),
+                after_round=self._sync_subscriptions,
+            )
+            self.subs = DeviceSubscriptions(config.topics[1], config.partitions)
+            self._head_seen: dict[str, float] = {}  # device -> last metadata (monotonic)
+            self._synced: tuple = ()
+            self.stats["partition_dropped"] = 0
         # timings for the summary printed at stop (bounded: the last 100k of each)
         self._batch_seconds: deque = deque(maxlen=100_000)
         self._finalize_to_ack: deque = deque(maxlen=100_000)
@@ -254,13 +288,21 @@ class AssemblerService:
                 else ""
             ),
         ]
+        if self.leases is not None:
+            lines.append(
+                f"Replica: {self.replica_id} (client id {self.client_id}), device partitions "
+                f"leased out of {self.cfg.partitions}"
+            )
         if self.health is not None:
             lines.append(f"Health: http://{self.cfg.health_host}:{self.health.port}/healthz")
         return "\n".join([*lines, line])
 
     # -- MQTT ----------------------------------------------------------------------
     def _make_client(self):
-        client = self.broker.client(client_id=self.cfg.client_id, clean_session=False)
+        # A replica's session is clean: after a reconnect or restart its partitions may
+        # be another's, so it subscribes afresh to what it holds then.
+        persistent = self.leases is None
+        client = self.broker.client(client_id=self.client_id, clean_session=not persistent)
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.max_inflight_messages_set(MAX_INFLIGHT_PUBLISHES)
         client.max_queued_messages_set(0)
@@ -280,7 +322,13 @@ class AssemblerService:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        _, self._subscribe_mid = client.subscribe([(t, 1) for t in self.cfg.topics])
+        if self.subs is None:
+            _, self._subscribe_mid = client.subscribe([(t, 1) for t in self.cfg.topics])
+        else:  # status of every device; data of the devices of the partitions held
+            _, self._subscribe_mid = client.subscribe([(self.cfg.topics[0], 1)])
+            self.subs.reset()
+            self._synced = ()
+            self._sync_subscriptions(self.leases.owned())
         if self._connected.is_set():
             log.warning("MQTT reconnected (session present: %s)", flags.session_present)
 
@@ -288,6 +336,8 @@ class AssemblerService:
         # ready only once the broker has acknowledged the subscriptions: a message sent
         # right after "Subscribed" must not be lost
         if mid != self._subscribe_mid:
+            if self.subs is not None:
+                self.subs.acked(mid)
             return
         failed = [rc for rc in reason_codes if getattr(rc, "is_failure", False)]
         if failed:
@@ -298,8 +348,12 @@ class AssemblerService:
         if first:
             print("✓ MQTT connected successfully", flush=True)
             print("✓ Subscribed to topics:", flush=True)
-            for t in self.cfg.topics:
-                print(f"  - {t}", flush=True)
+            if self.subs is None:
+                for t in self.cfg.topics:
+                    print(f"  - {t}", flush=True)
+            else:
+                print(f"  - {self.cfg.topics[0]}", flush=True)
+                print(f"  - {self.cfg.topics[1]} of the leased partitions' devices", flush=True)
             print("✓ Worker started - processing messages...", flush=True)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
@@ -313,6 +367,11 @@ class AssemblerService:
         dev = _topic_device(msg.topic)
         if dev is None or not self.admission.admit(dev):
             return
+        if self.leases is not None:
+            if not self.leases.owns(dev):
+                return  # another replica's device (its status): dropped undecoded
+            if dev not in self.subs:  # a device new to us: its data from now on
+                self.subs.add(client, dev)
         size = len(msg.payload) + len(msg.topic) + INBOX_ENTRY_OVERHEAD
         with self._inbox_lock:
             if self._inbox_bytes + size > self.cfg.inbox_max_bytes:
@@ -343,6 +402,12 @@ class AssemblerService:
             if item is None:
                 if self._worker_done.is_set():
                     return
+            elif item[0] is None:  # partitions lost (lease thread): forget their state
+                from services.assembler.partitions import forget_devices
+
+                n = forget_devices(c, item[1], self.cfg.partitions)
+                if n:
+                    log.info("forgot %d images in assembly of partitions now served elsewhere", n)
             else:
                 topic, payload, t, size = item
                 with self._inbox_lock:
@@ -379,6 +444,19 @@ class AssemblerService:
                 self._log_in(rec.device_id, topic, {"rejected": rec.code, **rec.details}, wall)
             self._apply([rec])
             return
+        if self.leases is not None:
+            if isinstance(msg, core.MetadataMessage):
+                self._head_seen[msg.device_id] = t
+            elif (
+                isinstance(msg, core.ChunkMessage)
+                and self._head_seen.get(msg.device_id, -1.0) < self.leases.gained_at(msg.device_id)
+                and (msg.device_id, msg.image_name) not in self.core._asm  # noqa: SLF001
+            ):
+                # no metadata from this device since its partition became ours: the rest
+                # of an image another replica (or nobody) had started; the device
+                # resends it whole, metadata first, when no ACK comes
+                self.stats["partition_dropped"] += 1
+                return
         self.rows.seen(msg.device_id, wall)
         if isinstance(msg, core.ChunkMessage):
             if not self.cfg.log_control_only:
@@ -418,6 +496,23 @@ class AssemblerService:
             elif isinstance(a, core.RecordDeviceFailure):
                 self.stats["device_failures"] += 1
                 self.rows.queue("device_failure", a)
+
+    def _sync_subscriptions(self, owned: frozenset[int]) -> None:
+        """After each lease round: data subscriptions follow the partitions held and
+        the devices known (only when either changed: a fleet's ids are many)."""
+        if self.client is None or not self.client.is_connected():
+            return  # on_connect syncs
+        known = self.admission.known()
+        key = (owned, len(known))
+        if key == self._synced:
+            return
+        added, dropped = self.subs.sync(self.client, owned, known)
+        self._synced = key
+        if added or dropped:
+            log.info("device subscriptions: +%d -%d", added, dropped)
+
+    def _partitions_lost(self, partitions: frozenset[int]) -> None:
+        self.inbox.put((None, partitions, time.monotonic(), 0))
 
     def _ack_device_failure(self, f: core.RecordDeviceFailure, config) -> None:
         """A device-reported failure is recorded: ACK_OK, so the firmware moves on (it
@@ -677,7 +772,11 @@ class AssemblerService:
 
     def health_status(self) -> dict:
         alive = all(t.is_alive() for t in self._threads)
+        if self.leases is not None:
+            alive = alive and self.leases.alive()
         ready = self._connected.is_set() and alive and self.crashed is None
+        if self.leases is not None:  # a replica whose leases lapsed serves nobody
+            ready = ready and self.leases.valid()
         return {
             "ready": bool(ready and not self._stopping.is_set()),
             "subscribed": self._connected.is_set(),
@@ -689,6 +788,11 @@ class AssemblerService:
             "record_pending": self.recorder.pending() if self.recorder else 0,
             "unknown_dropped": self.admission.dropped,
             "stats": dict(self.stats),
+            **(
+                {"partitions": {**self.leases.status(), **self.subs.status()}}
+                if self.leases is not None
+                else {}
+            ),
         }
 
     def start(self) -> None:
@@ -701,6 +805,8 @@ class AssemblerService:
             self.health.start()
         print(self.banner(), flush=True)
         self._load_known_devices()
+        if self.leases is not None:
+            self.leases.start()
         self.client = self._make_client()
         for name, target in (
             ("assembler-worker", self._worker),
@@ -735,6 +841,8 @@ class AssemblerService:
         if self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()
+        if self.leases is not None:  # the others take our partitions within one round
+            self.leases.stop()
         self._threads[2].join(max(0.1, end - time.monotonic()))
         if self.health is not None:
             self.health.stop()

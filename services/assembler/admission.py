@@ -59,6 +59,11 @@ class DeviceAdmission:
                 if len(self._known) < MAX_KNOWN:
                     self._known.add(d)
 
+    def known(self) -> frozenset[str]:
+        """Every id registered or admitted so far (replicas subscribe to their data)."""
+        with self._lock:
+            return frozenset(self._known)
+
     def admit(self, device_id: str) -> bool:
         if device_id in self._known:  # set lookup: no lock needed for the hot path
             return True

@@ -34,6 +34,17 @@ left join lateral (
 where d.user_id = :user_id
 order by coalesce(d.friendly_name, d.device_id), d.device_id;
 
+-- name: console_alerts
+-- The user's incidents (camfleet/alerts.py): every open one, then those resolved since
+-- :since, newest first. device_alerts_open_uniq and device_alerts_opened_idx keep it short.
+select a.alert_id, a.device_id, d.friendly_name, d.kind as device_kind, a.kind,
+       a.opened_at, a.resolved_at
+from device_alerts a join devices d on d.device_id = a.device_id
+where d.user_id = :user_id and (a.resolved_at is null or a.resolved_at >= :since)
+  and (:device_id::text is null or a.device_id = :device_id)
+order by a.resolved_at is not null, coalesce(a.resolved_at, a.opened_at) desc, a.alert_id desc
+limit :limit;
+
 -- name: console_device^
 select device_id, kind, friendly_name, status, config, last_seen_at, created_at,
        firmware_version
@@ -113,3 +124,17 @@ returning alert_id, opened_at, resolved_at;
 -- name: alerts_recent
 select alert_id, device_id, kind, opened_at, resolved_at, details
 from device_alerts order by opened_at desc limit :limit;
+
+-- name: alerts_open_services
+select service from service_alerts where resolved_at is null;
+
+-- name: alerts_open_service_incident<!
+-- Opens a service's incident unless one is already open (then returns nothing).
+insert into service_alerts (service, details) values (:service, :details)
+on conflict (service) where resolved_at is null do nothing
+returning alert_id, opened_at;
+
+-- name: alerts_resolve_service_incident<!
+update service_alerts set resolved_at = now()
+where service = :service and resolved_at is null
+returning alert_id, opened_at, resolved_at;

@@ -34,7 +34,7 @@ update api_keys set revoked_at = now() where user_id = :user_id and revoked_at i
 -- name: devices_create_paired_device!
 -- A device row waiting for activation: no token yet, so nothing can authenticate as it.
 insert into devices (device_id, kind, user_id, friendly_name, status)
-values (:device_id, 'lifelog', :user_id, :name, 'active');
+values (:device_id, :kind, :user_id, :name, 'active');
 
 -- name: devices_create_pairing<!
 insert into device_pairings (device_id, code_hash, created_by, expires_at)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import anyio
@@ -44,6 +44,12 @@ SORTS = ("name", "kind", "health", "last_seen")
 KINDS = ("esp32", "edge", "visant", "lifelog", "sftp")
 IMAGE_TYPES = {"image/jpeg", "image/png", "image/webp", "image/gif"}
 MAX_SCHEDULE_S = 7 * 24 * 3600
+# Alerts (camfleet/alerts.py incidents): every open one, and those resolved this recently.
+ALERTS_RESOLVED_WITHIN = timedelta(hours=24)
+ALERTS_LIMIT = 20
+# incident kind -> (what it says while open, what it says once resolved): the words of
+# the notifications (camfleet.device.silent / .back, .erroring / .recovered).
+INCIDENT_WORDS = {"silent": ("silent", "back"), "erroring": ("erroring", "recovered")}
 # Pages allow only their own inline script (by nonce) and same-origin images.
 CSP = (
     "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; "
@@ -164,6 +170,31 @@ async def _fleet(request: Request, user: ConsoleUser, kind: str, state: str, sor
     return _filtered(fleet_rows(rows, now), kind, state, sort), now
 
 
+async def _alerts(conn, user: ConsoleUser, now: datetime, device_id: str | None = None):
+    rows = queries().console_alerts(
+        conn,
+        user_id=user.user_id,
+        since=now - ALERTS_RESOLVED_WITHIN,
+        device_id=device_id,
+        limit=ALERTS_LIMIT,
+    )
+    return [alert_view(r) async for r in rows]
+
+
+def alert_view(row) -> dict:
+    """An incident as the console words it: open "silent", resolved "back"."""
+    a = dict(row)
+    opened, resolved = INCIDENT_WORDS.get(a["kind"], (a["kind"], "resolved"))
+    a["open"] = a["resolved_at"] is None
+    a["state"] = opened if a["open"] else resolved
+    return a
+
+
+async def _fleet_alerts(request: Request, user: ConsoleUser) -> list[dict]:
+    async with request.app.state.pool.acquire() as conn:
+        return await _alerts(conn, user, datetime.now(UTC))
+
+
 def _filters(kind: str, state: str, sort: str) -> dict:
     return {
         "kind": kind if kind in KINDS else "",
@@ -184,7 +215,14 @@ async def fleet_page(
     user: ConsoleUser = Depends(console_user),
 ):
     devices, now = await _fleet(request, user, kind, health_state, sort)
-    context = {"user": user, "devices": devices, "now": now, "refresh_s": REFRESH_S}
+    alerts = await _fleet_alerts(request, user)
+    context = {
+        "user": user,
+        "devices": devices,
+        "alerts": alerts,
+        "now": now,
+        "refresh_s": REFRESH_S,
+    }
     return _page(request, "fleet.html", context | _filters(kind, health_state, sort))
 
 
@@ -199,6 +237,13 @@ async def fleet_rows_fragment(
     """The fleet table's body alone: what the page fetches to refresh itself."""
     devices, now = await _fleet(request, user, kind, health_state, sort)
     return _page(request, "_fleet_rows.html", {"devices": devices, "now": now})
+
+
+@router.get("/fleet/alerts", response_class=HTMLResponse)
+async def fleet_alerts_fragment(request: Request, user: ConsoleUser = Depends(console_user)):
+    """The alerts list alone: the fleet page refreshes it with its rows."""
+    alerts = await _fleet_alerts(request, user)
+    return _page(request, "_alerts.html", {"alerts": alerts})
 
 
 @router.get("/devices/{device_id}", response_class=HTMLResponse)
@@ -236,6 +281,7 @@ async def device_page(
         readings = await _all(
             q.console_device_readings(conn, device_id=device_id, user_id=uid, limit=READINGS_LIMIT)
         )
+        alerts = await _alerts(conn, user, datetime.now(UTC), device_id=device_id)
     ui = prefect_ui_url(request)
     captures = [dict(c) | {"run_url": prefect_run_url(ui, c["flow_run_id"])} for c in captures]
     triggers = [dict(t) | {"run_url": prefect_run_url(ui, t["flow_run_id"])} for t in triggers]
@@ -252,6 +298,7 @@ async def device_page(
         "errors": errors,
         "meanings": ERROR_MEANINGS,
         "triggers": triggers,
+        "alerts": alerts,
         "charts": sensor_charts(list(reversed(readings))),
         "message": request.query_params.get("saved") and "Configuration saved.",
     }

@@ -1,0 +1,341 @@
+"""The Prefect server frozen, then killed, then back, under each pipeline (issue 14).
+
+Each test gives its pipeline a private Prefect server (PrefectServerInstance, SQLite in
+its own PREFECT_HOME) and takes it down with tests/faults_prefect_support.PrefectOutage:
+SIGSTOP on all its processes (requests hang: no error, no answer), then SIGKILL, then
+a start on the same port. Each pipeline keeps its promise through it:
+
+- MQTT chunk ingest (assembler, default ACK path): every image of every device is
+  stored and ACKed while the server is frozen and while it is dead; the failed
+  recording runs are logged; once the server is back new captures are recorded
+  (stamped with a flow run id) again, and the mqtt-ingest-record deployment's run
+  adopts those the recorder gave up on. Nothing is lost: one row and one object per
+  image, every one stamped.
+- Edge batch upload (signer + a device without Prefect): every batch is signed,
+  uploaded, verified and deleted on the device while the server is frozen and dead;
+  the failed post-processing hand-off is logged; once the server is back the next
+  batch gets its hand-off flow run.
+
+- Lifelog ingest (the device API): every ingest is answered `queued` while the
+  server is frozen and dead (without a task_id: no run could be created), the failed
+  creation is logged; once the server is back ingests get run ids again, and the run
+  of the first window after it adopts the items ingested during the outage. Every
+  item ends verified (`stored`, its SHA-256 recorded) and owned by a run.
+
+(The SFTP event uploader's kill of a PostgreSQL-backed server under a worker is in
+tests/test_faults_prefect.py.)
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from contextlib import closing
+
+import psycopg2
+import pytest
+
+from camfleet.localsvc import PrefectServerInstance
+from tests.faults_common import wait_until
+from tests.faults_prefect_support import PrefectOutage, prefect_client_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+class _Warnings(logging.Handler):
+    """The warnings one logger emits, whatever handlers Prefect's logging set-up gave
+    it (pytest's caplog only sees records that reach the root logger)."""
+
+    def __init__(self, logger: str) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        self.logger = logging.getLogger(logger)
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def detach(self) -> None:
+        self.logger.removeHandler(self)
+
+    def seen(self, text: str) -> bool:
+        return any(text in m for m in self.messages)
+
+
+def _rows(dsn: str, sql: str, *args) -> list[tuple]:
+    with closing(psycopg2.connect(dsn)) as conn, conn, conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchall()
+
+
+@pytest.fixture
+def outage(tmp_path):
+    with PrefectServerInstance(home=tmp_path / "prefect-server") as server:
+        fault = PrefectOutage(server)
+        with prefect_client_env(server.api_url, tmp_path / "prefect-client"):
+            try:
+                yield fault
+            finally:
+                fault.thaw()
+
+
+def test_mqtt_ingest_acks_everything_through_a_frozen_then_killed_prefect_server(
+    outage, mosquitto, database_url, tmp_path, monkeypatch
+):
+    from camfleet.simulators.esp32 import SimOptions, simulate
+    from services.assembler import AssemblerService, ServiceConfig
+    from tests.test_mqtt_ingest import FAST, broker_block
+
+    b = broker_block(mosquitto)
+    cfg = ServiceConfig(
+        database_url=database_url,
+        storage_url=(tmp_path / "objects").as_uri(),
+        timing=FAST,
+        client_id=f"asm-{uuid.uuid4().hex[:6]}",
+        recorder="process",  # the recorder's child reads PREFECT_API_URL: this server
+    )
+    svc = AssemblerService(b, cfg)
+    assert svc.recorder is not None  # a Prefect API is configured: runs are recorded
+    warnings = _Warnings("camfleet.assembler")
+    stamped = "select count(*) from captures where flow_run_id is not null"
+    acked = 0
+    svc.start()
+    try:
+        assert svc.wait_connected(20)
+
+        def fleet(prefix: str, devices: int = 6, images: int = 2) -> None:
+            nonlocal acked
+            r = simulate(b, SimOptions(devices=devices, images=images, id_prefix=prefix,
+                                       ack_timeout=10))  # fmt: skip
+            assert (r.images_acked, r.images_failed, r.resends) == (devices * images, 0, 0)
+            acked += devices * images
+
+        fleet("F0A001", devices=2, images=1)
+        assert wait_until(lambda: _rows(database_url, stamped) == [(2,)], 120, 0.5)
+
+        outage.freeze()
+        fleet("F0A002")  # the devices do not notice a hung Prefect server
+        outage.kill()
+        fleet("F0A003")  # nor a dead one
+        assert wait_until(lambda: warnings.seen("recording flow run failed"), 180, 0.5), (
+            "a failed recording run must be visible in the service's log"
+        )
+
+        outage.restart()
+        before = _rows(database_url, stamped)[0][0]
+        fleet("F0A004", devices=2, images=1)
+        # Prefect back: the recorder records again, without being restarted.
+        assert wait_until(lambda: _rows(database_url, stamped)[0][0] >= before + 2, 180, 0.5)
+    finally:
+        svc.stop(timeout=30)
+        warnings.detach()
+
+    # Nothing lost, nothing twice: one row and one object per image ACKed.
+    captures = _rows(
+        database_url, "select device_id, device_capture_id, storage_path from captures"
+    )
+    assert len(captures) == acked == len({(d, c) for d, c, _ in captures})
+    objects = {
+        p.relative_to(tmp_path / "objects").as_posix()
+        for p in (tmp_path / "objects").rglob("*")
+        if p.is_file()
+    }
+    assert {path for _, _, path in captures} <= objects
+
+    # The captures whose recording the assembler gave up on while Prefect was away are
+    # adopted by the mqtt-ingest-record deployment's scheduled run (called here as a
+    # worker runs it: no assembler context, the configured database and store).
+    import asyncio
+
+    from camfleet.settings import get_settings
+    from flows.mqtt_ingest import mqtt_ingest_record
+    from tasks import mqtt as tm
+
+    tm.set_context(None)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("STORAGE_URL", (tmp_path / "objects").as_uri())
+    get_settings.cache_clear()
+    try:
+        state = asyncio.run(mqtt_ingest_record(min_age_s=0, return_state=True))
+    finally:
+        tm.set_context(None)
+        get_settings.cache_clear()
+    assert state.is_completed(), state
+    unstamped = "select count(*) from captures where flow_run_id is null"
+    assert _rows(database_url, unstamped) == [(0,)]
+
+
+def test_edge_upload_verifies_everything_through_a_frozen_then_killed_prefect_server(
+    outage, mosquitto, s3, bucket, database_url, tmp_path
+):
+    from camfleet.edge.uploader import EdgeUploader
+    from flows.edge_batch import run_uploads_received
+    from services.signer import Signer
+    from tests.test_edge_transaction import broker_block, captures, device, make_store, write_images
+
+    broker = broker_block(mosquitto)
+    signer = Signer(
+        make_store(s3, bucket),
+        database_url,
+        broker,
+        client_id=f"signer-{uuid.uuid4().hex[:6]}",
+        handoff=run_uploads_received,
+    )
+    warnings = _Warnings("camfleet.signer")
+    handed = "select count(*) from captures where device_id = %s and flow_run_id is not null"
+    written: dict[str, str] = {}
+    signer.start()
+    try:
+        assert signer.wait_connected(10)
+        cfg = device(tmp_path, broker)
+
+        def upload(prefix: str, count: int) -> None:
+            written.update(write_images(cfg.repo_dir, count, prefix=prefix))
+            summaries = EdgeUploader(cfg, broker, min_age_s=0).drain()
+            assert sum(s["deleted"] for s in summaries) == count, summaries
+            assert list(cfg.repo_dir.iterdir()) == list(cfg.buffer_dir.iterdir()) == []
+
+        upload("warm", 2)
+        assert wait_until(lambda: _rows(database_url, handed, cfg.serial) == [(2,)], 120, 0.5)
+
+        outage.freeze()
+        upload("frozen", 7)
+        outage.kill()
+        upload("dead", 6)
+        assert wait_until(lambda: warnings.seen("hand-off failed"), 180, 0.5), (
+            "a failed post-processing hand-off must be visible in the signer's log"
+        )
+
+        outage.restart()
+        before = _rows(database_url, handed, cfg.serial)[0][0]
+        upload("back", 3)
+        # Prefect back: the next batch is handed to a flow run again.
+        assert wait_until(
+            lambda: _rows(database_url, handed, cfg.serial)[0][0] >= before + 3, 180, 0.5
+        )
+    finally:
+        signer.stop()
+        warnings.detach()
+
+    # Nothing lost, nothing twice: every file the camera wrote is one capture with its bytes.
+    rows = captures(database_url, cfg.serial)
+    assert set(rows) == set(written)
+    assert all(rows[name][0] == sha for name, sha in written.items())
+
+
+def test_lifelog_ingest_answers_through_a_frozen_then_killed_prefect_server(
+    outage, database_url, tmp_path, monkeypatch
+):
+    import asyncio
+    import hashlib
+    import time
+
+    from fastapi.testclient import TestClient
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+    from prefect.states import Scheduled
+
+    from camfleet.settings import get_settings
+    from camfleet.storage.local import LocalStore
+    from flows.ingest_processing import DEPLOYMENT, ORPHAN_MIN_AGE_S, lifelog_ingest_processing
+    from services.api.app import create_app
+    from services.api.ingest_batches import PrefectRuns
+    from services.api.ratelimit import RateLimits
+    from services.api.routes_devices import unassigned_task_id
+    from tests.test_devices_api import (
+        JPEG,
+        SECRET,
+        ingest,
+        make_user_key,
+        pair_and_activate,
+        upload,
+    )
+
+    lifelog_ingest_processing.to_deployment(name=DEPLOYMENT).apply()
+    store = LocalStore(tmp_path / "objects", public_url="http://testserver", secret=SECRET)
+    # Short windows, so the outage spans windows whose runs were not created ahead.
+    window_s = 2
+    runs = PrefectRuns(window_s=window_s).window_runs(time.time, create_timeout_s=30)
+    app = create_app(
+        database_url=database_url,
+        secret_key=SECRET,
+        store=store,
+        processing_runs=runs,
+        rate_limits=RateLimits(),
+    )
+    warnings = _Warnings("camfleet.api.ingest")
+    answers: dict[int, dict] = {}
+    try:
+        with TestClient(app) as client:
+            _, token = pair_and_activate(client, make_user_key(database_url))
+
+            def put(seq: int) -> dict:
+                target = upload(client, token, seq, filename=f"2025-12-26T10-15-30Z_{seq:06d}.jpg")
+                r = ingest(client, token, target["object_key"], seq)
+                assert r.status_code == 200 and r.json()["status"] == "queued", r.text
+                answers[seq] = r.json()
+                return answers[seq]
+
+            def has_run(answer: dict) -> bool:
+                return answer["task_id"] != unassigned_task_id(answer["item_id"])
+
+            assert has_run(put(1))  # Prefect up: the window's run id
+
+            outage.freeze()
+            frozen_at = time.time()
+            # Past the windows created ahead of need: these wait for a hung server.
+            assert wait_until(lambda: time.time() > frozen_at + 2 * window_s, 10, 0.1)
+            assert not has_run(put(2))  # answered, without a run
+            outage.kill()
+            assert not has_run(put(3))
+            assert wait_until(
+                lambda: warnings.seen("cannot create the processing flow run"), 180, 0.5
+            ), "a failed run creation must be visible in the API's log"
+
+            outage.restart()
+            seq = 4
+            while not has_run(put(seq)):  # the API tries Prefect again by itself
+                assert seq < 200, "no run id after the Prefect server came back"
+                seq += 1
+                time.sleep(0.5)
+            last = seq
+    finally:
+        warnings.detach()
+    assert not any(has_run(answers[s]) for s in (2, 3))
+
+    async def due_now(run_id):
+        async with get_client() as c:
+            await c.set_flow_run_state(run_id, Scheduled(), force=True)  # its time has come
+            return await c.read_flow_run(run_id)
+
+    def process(run_id) -> dict:
+        run = asyncio.run(due_now(run_id))
+        return run_flow(lifelog_ingest_processing, flow_run=run, parameters=run.parameters)
+
+    # The items of the outage are adopted once they are ORPHAN_MIN_AGE_S old (so an
+    # ingest still committing is never snatched): a worker's run after that.
+    unassigned = "select count(*) from captures where source = 'lifelog' and flow_run_id is null"
+    assert _rows(database_url, unassigned)[0][0] >= 2
+    newest = (
+        "select extract(epoch from now() - max(created_at)) from captures where flow_run_id is null"
+    )
+    assert wait_until(lambda: _rows(database_url, newest)[0][0] > ORPHAN_MIN_AGE_S + 1, 120, 0.5)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("STORAGE_URL", store.root.as_uri())
+    get_settings.cache_clear()
+    try:
+        # The run created before the outage survived it (the server keeps its state).
+        process(answers[1]["task_id"])
+        process(answers[last]["task_id"])
+    finally:
+        get_settings.cache_clear()
+
+    rows = _rows(
+        database_url,
+        "select seq, ingest_status, sha256, flow_run_id from captures where source = 'lifelog'",
+    )
+    assert len(rows) == len(answers)
+    assert {r[0] for r in rows} == set(answers)
+    assert all(status == "stored" for _, status, _, _ in rows), rows
+    assert {sha for _, _, sha, _ in rows} == {hashlib.sha256(JPEG).hexdigest()}
+    assert all(run for _, _, _, run in rows), "an item left without a run"
