@@ -267,3 +267,52 @@ def test_each_replica_sigkilled_in_turn_loses_nothing_and_duplicates_nothing(
         f"edge: {edge_files} files from {EDGE_DEVICES} devices; lost 0, duplicated 0"
     )
     assert len(table) == ASSEMBLERS + SIGNERS
+
+
+# ---- the demo's replicas ---------------------------------------------------------------
+
+
+def test_demo_runs_two_replicas_of_each_unless_told_otherwise():
+    from camfleet.commands.up import replica_counts
+
+    assert replica_counts(demo=True, assemblers=None, signers=None) == (2, 2)
+    assert replica_counts(demo=False, assemblers=None, signers=None) == (1, 1)
+    assert replica_counts(demo=True, assemblers=3, signers=1) == (3, 1)  # flags override
+
+
+def test_demo_esp32_cams_announced_first_are_served_on_their_first_send(tmp_path, database_url):
+    """Two assembler replicas already running (as `camfleet up --demo` starts them, before
+    the demo registers anything): the demo announces its ESP32-CAMs, and their first
+    images are ACKed without a resend. Unannounced, a new device's first image reaches
+    no replica (tests/test_assembler_replicas.py: learnt from its status, subscribed
+    after)."""
+    from camfleet import demo
+
+    with MosquittoInstance() as mq:
+        broker = MqttBroker(host=mq.host, port=mq.port)
+        replicas = [
+            Replica(f"d{i}", broker, database_url, f"file://{tmp_path / 'o'}", tmp_path)
+            for i in (1, 2)
+        ]
+        try:
+            assert wait_for(lambda: balanced(replicas)), [r.health() for r in replicas]
+            demo.announce_esp32_devices(database_url, broker)
+
+            def subscribed():
+                subs = [r.health().get("partitions", {}) for r in replicas]
+                return sum(s.get("device_subscriptions", 0) for s in subs) == demo.ESP32_DEVICES
+
+            assert wait_for(subscribed, 60), [r.health() for r in replicas]
+            opts = SimOptions(
+                devices=demo.ESP32_DEVICES, images=1, id_prefix=demo.ESP32_PREFIX,
+                pictures=True, ack_timeout=ACK_TIMEOUT_S, max_resends=5,
+            )  # fmt: skip
+            result = simulate(broker, opts)
+        finally:
+            for r in replicas:
+                r.stop()
+    assert result.images_acked == demo.ESP32_DEVICES and result.images_failed == 0
+    assert result.resends == 0, "a demo device's first image waited for its resend"
+    registered = rows(database_url, "select device_id from devices where device_id like %s",
+                      f"{demo.ESP32_PREFIX}%")  # fmt: skip
+    assert len(registered) == demo.ESP32_DEVICES
