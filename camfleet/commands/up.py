@@ -148,15 +148,15 @@ def up(
     assemblers: int = typer.Option(
         None,
         min=1,
-        help="MQTT assembler replicas (more than 1: device partitions leased) "
-        f"[default: 1, with --demo {DEMO_REPLICAS}].",
+        help="MQTT assembler replicas, leasing device partitions when more than 1 "
+        f"(default 1; {DEMO_REPLICAS} with --demo).",
         show_default=False,
     ),
     signers: int = typer.Option(
         None,
         min=1,
         help="`camfleet signer` replicas sharing the edge devices' requests "
-        f"[default: 1, with --demo {DEMO_REPLICAS}].",
+        f"(default 1; {DEMO_REPLICAS} with --demo).",
         show_default=False,
     ),
 ) -> None:
