@@ -310,18 +310,26 @@ def test_config_patch_and_health_helpers():
         "trigger": {"label": "x", "enabled": False, "interval_seconds": 30},
         "schedule": {"interval_seconds": 60},
     }
-    now = datetime.now(UTC)
+    seen = datetime(2026, 12, 3, 7, 0, 5, 123456, tzinfo=UTC)
     row = {
+        "device_id": "cam 1/a",
+        "kind": "esp32",
+        "friendly_name": None,
         "interval_seconds": 60,
-        "last_seen_at": now - timedelta(seconds=200),
+        "last_seen_at": seen,
         "latest_capture_at": None,
-        "errors_today": 0,
+        "latest_record_id": "rec/1",
+        "errors_today": 2,
         "captures_today": 0,
+        "failures_today": 1,
         "triggers_ended": 4,
         "triggers_executed": 3,
     }
-    (out,) = fleet_rows([row], now)
-    assert out["health"] == "silent" and out["success_rate"] == 0.75
+    (out,) = fleet_rows([row], seen + timedelta(seconds=200))
+    assert out.health == "silent" and out.success_rate == 0.75 and out.success_text == "75%"
+    assert (out.name, out.device_href, out.thumb_href) == ("cam 1/a", "cam%201%2Fa", "rec%2F1")
+    assert out.last_contact_text == "2026-12-03 07:00:05" and out.failures_today == 3
+    assert out.last_contact_iso == seen.isoformat()
     assert sensor_charts([]) == []
 
 
