@@ -11,7 +11,8 @@ no network, so the time is the server's: queries, health, Jinja rendering):
 
 Every device has captures today, errors and triggers, so every lateral join works.
 Targets (issue 16): fleet page for 1,000 devices <= 300 ms; device page with 10,000
-captures <= 200 ms. Prints median and p95 of --repeat requests and the ratio.
+captures <= 200 ms. Prints median and p95 of --repeat requests, the ratio, and the
+load average before and after (2 cores shared by other work: read the figures with it).
 
     .venv/bin/python bench/bench_console.py [--devices 1000] [--captures 10000] [--repeat 30]
 """
@@ -19,6 +20,7 @@ captures <= 200 ms. Prints median and p95 of --repeat requests and the ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import sys
@@ -130,6 +132,7 @@ def main() -> None:
         store = LocalStore(Path(tmp) / "objects", public_url="http://testserver", secret=SECRET)
         app = create_app(database_url=dsn, secret_key=SECRET, processing_runs=None, store=store)
         print(f"devices {args.devices}, captures on the deep device {args.captures}")
+        print("load average before: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         with TestClient(app) as client:
             sign_in(client, small_key)
             small = dict(client.cookies)
@@ -155,6 +158,7 @@ def main() -> None:
         deep_ok = "OK" if deep <= 200 else "OVER"
         print(f"fleet ratio  {fleet / base:5.1f}x  (target <= 300 ms: {fleet_ok})")
         print(f"device ratio {deep / dbase:5.1f}x  (target <= 200 ms: {deep_ok})")
+        print("load average after:  {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":
