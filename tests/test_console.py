@@ -19,6 +19,7 @@ from camfleet import db, tokens
 from camfleet.storage.local import LocalStore
 from services.api.app import create_app
 from services.api.console import config_patch, fleet_rows, sensor_charts
+from services.api.console.fleet_table import rows_html
 from services.api.console.thumbnails import THUMB_SIZE, thumbnail_key
 
 SECRET = b"test-console-secret-0123456789abcdef"
@@ -330,6 +331,31 @@ def test_config_patch_and_health_helpers():
     assert (out.name, out.device_href, out.thumb_href) == ("cam 1/a", "cam%201%2Fa", "rec%2F1")
     assert out.last_contact_text == "2026-12-03 07:00:05" and out.failures_today == 3
     assert out.last_contact_iso == seen.isoformat()
+
+
+def test_fleet_table_escapes_what_devices_and_users_named():
+    """The fleet rows are written in Python (fleet_table.py), not by the template: a
+    name, id or kind from the database is escaped there as autoescape would."""
+    now = datetime.now(UTC)
+    row = {
+        "device_id": 'cam"1',
+        "kind": "<b>esp32</b>",
+        "friendly_name": "<script>alert(1)</script>",
+        "interval_seconds": 60,
+        "last_seen_at": now,
+        "latest_capture_at": None,
+        "latest_record_id": None,
+        "errors_today": 0,
+        "captures_today": 0,
+        "failures_today": 0,
+        "triggers_ended": 0,
+        "triggers_executed": 0,
+    }
+    html = str(rows_html(fleet_rows([row], now)))
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert 'data-device="cam&#34;1"' in html and "&lt;b&gt;esp32&lt;/b&gt;" in html
+    assert 'href="/console/devices/cam%221"' in html and "no capture" in html
+    assert "No devices match." in str(rows_html([]))
     assert sensor_charts([]) == []
 
 
