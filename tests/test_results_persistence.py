@@ -142,19 +142,18 @@ def test_trigger_flows_same_results_and_no_reused_trigger(prefect_api_url, env, 
     assert expire_triggers(execution_timeout_seconds=0)["expired"] >= 0
 
 
-def test_lifelog_processing_adopts_items_of_an_ended_run(prefect_api_url, env, persistence):
-    from flows.ingest_processing import lifelog_ingest_processing
-
-    add_device(env, "L1")
+def _add_lifelog_items(dsn: str, device: str, count: int) -> str:
+    """`count` ingested Lifelog items (objects stored) of a run Prefect no longer knows
+    (deleted or pruned), an hour old; returns that run id."""
     store = open_store(None)
-    ended = str(uuid.uuid4())  # a run id Prefect no longer knows (deleted or pruned)
-    with db.transaction(env) as conn:
-        for seq in (1, 2):
-            key = f"lifelog/L1/{seq}.jpg"
+    ended = str(uuid.uuid4())
+    with db.transaction(dsn) as conn:
+        for seq in range(1, count + 1):
+            key = f"lifelog/{device}/{seq}.jpg"
             store.put(key, b"jpeg-bytes-%d" % seq, "image/jpeg")
             db.queries.devices_ingest_insert(
                 conn,
-                device_id="L1",
+                device_id=device,
                 object_key=key,
                 seq=seq,
                 captured_at=None,
@@ -165,6 +164,14 @@ def test_lifelog_processing_adopts_items_of_an_ended_run(prefect_api_url, env, p
             )
         with conn.cursor() as cur:
             cur.execute("UPDATE captures SET updated_at = now() - interval '1 hour'")
+    return ended
+
+
+def test_lifelog_processing_adopts_items_of_an_ended_run(prefect_api_url, env, persistence):
+    from flows.ingest_processing import lifelog_ingest_processing
+
+    add_device(env, "L1")
+    ended = _add_lifelog_items(env, "L1", 2)
     summary = lifelog_ingest_processing()
     assert summary == {"items": 2, "verified": 2, "failed": 0}
     rows = fetch(
