@@ -286,7 +286,8 @@ def test_ui_retry_of_expire_triggers_ends_each_trigger_once(retry_env):
     planned = trigger_scheduler(window_seconds=40)["created"]
     with db.transaction(retry_env) as conn, conn.cursor() as cur:  # their time is up
         cur.execute(
-            "UPDATE scheduled_triggers SET scheduled_at = scheduled_at - interval '1 day', expires_at = now() - interval '1 hour'"
+            "UPDATE scheduled_triggers SET scheduled_at = scheduled_at - interval '1 day',"
+            " expires_at = now() - interval '1 hour'"
         )
     fault = WriteFault(retry_env, "scheduled_triggers", "UPDATE")
     _, summary = _fail_then_retry(expire_triggers, {}, fault)
