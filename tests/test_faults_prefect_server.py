@@ -506,3 +506,70 @@ def test_trigger_scheduler_deployment_through_a_frozen_then_killed_prefect_serve
     steps = {(b[0] - a[0]).total_seconds() for a, b in zip(rows, rows[1:], strict=False)}
     assert steps == {float(interval)}, sorted(steps)
     assert all(run for _, run in rows), "a slot without the run that planned it"
+
+
+EVAL_AUDIT_SQL = """
+CREATE TABLE eval_audit (record_id text NOT NULL, at timestamptz NOT NULL DEFAULT now());
+CREATE FUNCTION eval_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.evaluation_status = 'pending' AND NEW.evaluation_status <> 'pending' THEN
+        INSERT INTO eval_audit (record_id) VALUES (NEW.record_id);
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER eval_audit AFTER UPDATE ON captures
+    FOR EACH ROW EXECUTE FUNCTION eval_audit();
+"""
+
+
+def test_evaluate_captures_deployment_through_a_frozen_then_killed_prefect_server(
+    outage, database_url, tmp_path
+):
+
+    from tests.faults_prefect_support import (
+        completed_since,
+        create_zombie_automation,
+        deploy_every,
+        worker,
+    )
+    from tests.test_api_commands_helpers import add_device
+    from tests.test_results_persistence import _add_capture
+
+    api = outage.server.api_url
+    with closing(psycopg2.connect(database_url)) as conn, conn, conn.cursor() as cur:
+        cur.execute(EVAL_AUDIT_SQL)
+    add_device(database_url, "EVFRZ1")
+    env = _worker_env(
+        outage,
+        tmp_path,
+        tmp_path / "no-uploader.json",
+        DATABASE_URL=database_url,
+        STORAGE_URL=(tmp_path / "objects").as_uri(),
+    )
+    deploy_every(env, "evaluate-captures", SCHEDULE_S)
+    create_zombie_automation(api)
+    w = worker(env, tmp_path / "worker.log", "worker-1").start()
+    added = 0
+
+    def captures_arrive(phase: str = "up") -> None:
+        # Ingest does not need Prefect: captures keep arriving, pending evaluation.
+        nonlocal added
+        for _ in range(4):
+            _add_capture(database_url, "EVFRZ1", f"{phase}-{added}")
+            added += 1
+
+    pending = "select count(*) from captures where evaluation_status = 'pending'"
+    try:
+        captures_arrive()
+        assert wait_until(lambda: _rows(database_url, pending) == [(0,)], 240, 0.5), w.log_tail()
+        captures_arrive("before")
+        _, states = _through_the_outage(
+            outage, captures_arrive, lambda back: completed_since(api, back) >= 2, w.log_tail
+        )
+        print("runs caught by the outage:", states)
+        # Every capture, those of the outage too, is evaluated by the runs after it.
+        assert wait_until(lambda: _rows(database_url, pending) == [(0,)], 240, 0.5), w.log_tail()
+    finally:
+        w.stop()
+    audit = _rows(database_url, "select record_id, count(*) from eval_audit group by 1")
+    assert len(audit) == added and {n for _, n in audit} == {1}  # each once, none twice

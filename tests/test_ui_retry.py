@@ -390,3 +390,42 @@ def _written(video: bytes, json_path: Path):
 
     body = json_path.read_bytes()
     return Written(sha256(video), len(video), sha256(body), len(body))
+
+
+@pytest.mark.slow  # ~100 s here: the broker connect is tried and given up four times
+def test_ui_retry_of_edge_batch_upload_uploads_every_image_once(
+    retry_env, mosquitto, s3, bucket, tmp_path
+):
+    """The broker named in ento.conf did not answer (a wrong port): the run fails before
+    touching a file; ento.conf is fixed and the Retry uploads every image, once."""
+    import uuid
+
+    from camfleet.localsvc import free_port
+    from flows.edge_batch import edge_batch_upload, run_uploads_received
+    from services.signer import Signer
+    from tests.test_edge_flow import seed_conf
+    from tests.test_edge_transaction import broker_block, make_store, write_images
+
+    serial = f"ENTO-{uuid.uuid4().hex[:6]}"
+    conf = seed_conf(tmp_path, serial, mosquitto, PORT=free_port(), TLS=False)  # no one there
+    shas = write_images(tmp_path / "cameraImageRepo", 7)
+    signer = Signer(
+        make_store(s3, bucket),
+        retry_env,
+        broker_block(mosquitto),
+        client_id=f"signer-{uuid.uuid4().hex[:6]}",
+        handoff=run_uploads_received,
+    )
+    with signer:
+        assert signer.wait_connected(10)
+        _, summaries = _fail_then_retry(
+            edge_batch_upload,
+            {"config_path": conf, "min_age_s": 0},
+            None,
+            fix=lambda: seed_conf(tmp_path, serial, mosquitto, PORT=mosquitto.port, TLS=False),
+        )
+    assert [s["deleted"] for s in summaries] == [5, 2]
+    rows = fetch(retry_env, "SELECT device_capture_id FROM captures WHERE device_id = %s", serial)
+    assert sorted(r[0] for r in rows) == sorted(shas)  # each once
+    assert list((tmp_path / "cameraImageRepo").iterdir()) == []
+    assert list((tmp_path / "bufferStorage").iterdir()) == []
