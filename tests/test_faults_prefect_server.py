@@ -414,7 +414,9 @@ def test_event_upload_deployment_through_a_frozen_then_killed_prefect_server(
 
     api = outage.server.api_url
     install_lock_audit(database_url)
-    config = local_config(sshd, database_url, tmp_path / "site", settle_seconds=SETTLE_S)
+    config = local_config(
+        sshd, database_url, tmp_path / f"site-{uuid.uuid4().hex[:8]}", settle_seconds=SETTLE_S
+    )
     cfg = config["uploader"]
     env = _worker_env(outage, tmp_path, write_config(tmp_path / "config.json", config))
     deploy_event_upload(env, SCHEDULE_S)

@@ -260,7 +260,7 @@ def test_event_upload_same_with_and_without_persistence(
     from flows.event_upload import event_upload
     from tests.faults_prefect_support import write_config
 
-    config = local_config(sshd, env, tmp_path / "site")
+    config = local_config(sshd, env, tmp_path / f"site-{uuid.uuid4().hex[:8]}")
     cfg = config["uploader"]
     for i in range(3):
         write_event(Path(cfg["pending_dir"]), f"p{i:03d}", video=os.urandom(2048))

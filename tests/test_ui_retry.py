@@ -13,6 +13,7 @@ trigger, and a retried fleet report writes its files.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -362,7 +363,7 @@ def test_ui_retry_of_event_upload_uploads_the_rest_once(retry_env, sshd, tmp_pat
     from tests.faults_prefect_support import check_invariants, install_lock_audit, write_config
 
     install_lock_audit(retry_env)
-    config = local_config(sshd, retry_env, tmp_path / "site")
+    config = local_config(sshd, retry_env, tmp_path / f"site-{uuid.uuid4().hex[:8]}")
     cfg = config["uploader"]
     written = {}
     for i in range(4):
@@ -398,7 +399,6 @@ def test_ui_retry_of_edge_batch_upload_uploads_every_image_once(
 ):
     """The broker named in ento.conf did not answer (a wrong port): the run fails before
     touching a file; ento.conf is fixed and the Retry uploads every image, once."""
-    import uuid
 
     from camfleet.localsvc import free_port
     from flows.edge_batch import edge_batch_upload, run_uploads_received
