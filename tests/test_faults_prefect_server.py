@@ -22,8 +22,16 @@ a start on the same port. Each pipeline keeps its promise through it:
   of the first window after it adopts the items ingested during the outage. Every
   item ends verified (`stored`, its SHA-256 recorded) and owned by a run.
 
-(The SFTP event uploader's kill of a PostgreSQL-backed server under a worker is in
-tests/test_faults_prefect.py.)
+- The routine deployments run by `prefect worker start --pool camfleet-process` (a
+  schedule every 3 s; the outage lands while a run is going): event upload (every
+  package the analyzer writes, during the outage too, is uploaded once, with the
+  invariants of tests/test_faults_prefect.py), the trigger scheduler (the window
+  planned before still covers the outage; afterwards the slots go on without a gap,
+  none twice) and evaluate-captures (captures arriving during the outage are scored
+  after it, each once). The run caught by the outage finishes or is marked Crashed.
+
+(The SFTP event uploader's kill of a PostgreSQL-backed server under a worker, with
+sshd, PostgreSQL and the worker killed too, is in tests/test_faults_prefect.py.)
 """
 
 from __future__ import annotations
