@@ -388,8 +388,9 @@ def prefect_env(api_url: str, home: Path, config_path: Path, base_env: dict[str,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_S),
         # The work pool's flow runs read the uploader config named here (prefect.yaml).
         CAMFLEET_UPLOADER_CONFIG=str(config_path),
-        PWD=str(ROOT),  # prefect.yaml's pull step: run flows from this checkout
     )
+    # No PWD: `prefect deploy` (run from ROOT) records the checkout flows run from.
+    env.pop("PWD", None)
     return env
 
 
@@ -407,14 +408,22 @@ def deploy_event_upload(env: dict[str, str], interval_s: float) -> None:
     prefect.yaml ships the schedule paused (a worker needs the config first); an
     operator with the config in place adds an active one, as here.
     """
-    prefect_run(["work-pool", "create", POOL, "--type", "process"], env)
-    out = prefect_run(["deploy", "--name", "event-upload"], env)
-    assert DEPLOYMENT in out, out
+    deploy_every(env, "event-upload", interval_s)
+
+
+def deploy_every(env: dict[str, str], name: str, interval_s: float) -> str:
+    """prefect.yaml's deployment `name` on the process pool, its schedule replaced by an
+    active one every interval_s (so a test sees many runs in a minute)."""
+    prefect_run(["work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
+    out = prefect_run(["deploy", "--name", name], env)
+    deployment = f"{name}/{name}"
+    assert deployment in out, out
     prefect_run(
-        ["deployment", "schedule", "create", DEPLOYMENT, "--interval", str(interval_s),
+        ["deployment", "schedule", "create", deployment, "--interval", str(interval_s),
          "--replace", "-y"],
         env,
     )  # fmt: skip
+    return deployment
 
 
 def worker(env: dict[str, str], log: Path, name: str, limit: int = 2) -> Child:
@@ -450,6 +459,23 @@ def flow_runs(api_url: str) -> list:
         return anyio.run(read)
     except Exception:  # noqa: BLE001 - the server may be down right now
         return []
+
+
+def completed_since(api_url: str, since) -> int:
+    """Flow runs that started after `since` (a datetime) and completed."""
+    return sum(
+        1 for r in flow_runs(api_url) if r.start_time > since and r.state.type.value == "COMPLETED"
+    )
+
+
+def not_final(api_url: str, run_ids) -> list[str]:
+    """'id: STATE' of each of `run_ids` that is not in a final state yet."""
+    wanted = {str(i) for i in run_ids}
+    return [
+        f"{r.id}: {r.state.type.value}"
+        for r in flow_runs(api_url)
+        if str(r.id) in wanted and not r.state.is_final()
+    ]
 
 
 def run_states(api_url: str) -> dict[str, int]:

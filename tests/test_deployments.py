@@ -2,6 +2,9 @@
 
 A PostgreSQL-backed Prefect server (what several machines would share), one work pool,
 two workers on this machine, and ad-hoc runs started with `prefect deployment run`.
+The deploy runs in a fresh clone (a copy of the repository's files somewhere else)
+with no PWD in its environment: each deployment records that clone as the directory
+its runs start in, and the workers run the flows from there.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ def prefect_on_postgres(postgres):
     postgres.drop_database("prefect_workers")
 
 
-def _prefect(args, env, timeout=180):
+def _prefect(args, env, timeout=180, cwd=ROOT):
     result = subprocess.run(
         [str(Path(sys.executable).parent / "prefect"), "--no-prompt", *args],
         env=env,
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -43,17 +46,26 @@ def _prefect(args, env, timeout=180):
 
 @pytest.mark.timeout(600)
 def test_deploy_all_and_two_workers_share_runs(prefect_on_postgres, database_url, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    from tests.test_up import _fresh_clone
+
+    clone = _fresh_clone(tmp_path / "elsewhere")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "PWD"}
     env.update(
         PREFECT_API_URL=prefect_on_postgres.api_url,
         PREFECT_HOME=str(tmp_path / "home"),
         DATABASE_URL=database_url,
         CAMFLEET_DATA_DIR=str(tmp_path / "data"),
-        PWD=str(ROOT),
     )
     _prefect(["work-pool", "create", "camfleet-process", "--type", "process"], env)
-    deployed = _prefect(["deploy", "--all"], env, timeout=300)
+    deployed = _prefect(["deploy", "--all"], env, timeout=300, cwd=clone)
     assert "fleet-report/fleet-report" in deployed
+    # Every deployment starts its runs in the clone it was deployed from.
+    pulls = _pull_steps(env)
+    assert len(pulls) >= 10, pulls
+    for name, steps in pulls.items():
+        assert steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(clone.resolve())}}
+        ], name
 
     workers = [
         subprocess.Popen(
@@ -102,6 +114,17 @@ def test_deploy_all_and_two_workers_share_runs(prefect_on_postgres, database_url
         for worker in workers:
             os.killpg(worker.pid, 15)
             worker.wait(timeout=30)
+
+
+def _pull_steps(env) -> dict[str, list]:
+    import anyio
+    from prefect.client.orchestration import PrefectClient
+
+    async def read():
+        async with PrefectClient(env["PREFECT_API_URL"]) as client:
+            return {d.name: d.pull_steps for d in await client.read_deployments()}
+
+    return anyio.run(read)
 
 
 def _wait_for_runs(env, count, timeout=400):

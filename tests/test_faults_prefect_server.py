@@ -22,8 +22,16 @@ a start on the same port. Each pipeline keeps its promise through it:
   of the first window after it adopts the items ingested during the outage. Every
   item ends verified (`stored`, its SHA-256 recorded) and owned by a run.
 
-(The SFTP event uploader's kill of a PostgreSQL-backed server under a worker is in
-tests/test_faults_prefect.py.)
+- The routine deployments run by `prefect worker start --pool camfleet-process` (a
+  schedule every 3 s; the outage lands while a run is going): event upload (every
+  package the analyzer writes, during the outage too, is uploaded once, with the
+  invariants of tests/test_faults_prefect.py), the trigger scheduler (the window
+  planned before still covers the outage; afterwards the slots go on without a gap,
+  none twice) and evaluate-captures (captures arriving during the outage are scored
+  after it, each once). The run caught by the outage finishes or is marked Crashed.
+
+(The SFTP event uploader's kill of a PostgreSQL-backed server under a worker, with
+sshd, PostgreSQL and the worker killed too, is in tests/test_faults_prefect.py.)
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import pytest
 
 from camfleet.localsvc import PrefectServerInstance
 from tests.faults_common import wait_until
-from tests.faults_prefect_support import PrefectOutage, prefect_client_env
+from tests.faults_prefect_support import ZOMBIE_AFTER_S, PrefectOutage, prefect_client_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -339,3 +347,239 @@ def test_lifelog_ingest_answers_through_a_frozen_then_killed_prefect_server(
     assert all(status == "stored" for _, status, _, _ in rows), rows
     assert {sha for _, _, sha, _ in rows} == {hashlib.sha256(JPEG).hexdigest()}
     assert all(run for _, _, _, run in rows), "an item left without a run"
+
+
+# ---- deployments run by a worker: the event upload and the trigger scheduler -----------
+
+# Runs come this often, so an outage of a few seconds catches some in flight.
+SCHEDULE_S = 3
+
+
+def _worker_env(outage, tmp_path, config_path, **extra) -> dict[str, str]:
+    from tests.faults_prefect_support import prefect_env
+    from tests.test_faults_prefect import _env
+
+    env = prefect_env(
+        outage.server.api_url, tmp_path / "prefect-worker", config_path, _env(tmp_path)
+    )
+    env.update(extra)
+    return env
+
+
+def _through_the_outage(outage, during, wait_back, log_tail) -> tuple[list, list[str]]:
+    """Freeze the server while a run of the deployment is going, call `during()` while it
+    is frozen and again while it is dead, restart it, wait for `wait_back()`.
+
+    Returns the runs the outage caught and, once each is final, their states: a run
+    caught by the outage either finishes (its client retries reach the server again)
+    or is marked Crashed; none stays Running or Pending for ever.
+    """
+    from datetime import UTC, datetime
+
+    from tests.faults_prefect_support import flow_runs, not_final
+
+    api = outage.server.api_url
+
+    def going() -> list:
+        return [r.id for r in flow_runs(api) if r.state.type.value in ("PENDING", "RUNNING")]
+
+    caught = wait_until(going, 240, 0.1)
+    assert caught, "no run was going: " + log_tail()
+    outage.freeze()
+    during("frozen")
+    outage.kill()
+    during("dead")
+    outage.restart()
+    back = datetime.now(UTC)
+    assert wait_until(lambda: wait_back(back), 300, 1), log_tail()
+    left = wait_until(lambda: not not_final(api, caught), ZOMBIE_AFTER_S + 240, 2)
+    assert left, f"runs caught by the outage never ended: {not_final(api, caught)}"
+    states = sorted(
+        f"{r.state.type.value}: {(r.state.message or '')[:80]}"
+        for r in flow_runs(api)
+        if r.id in caught
+    )
+    return caught, states
+
+
+def test_event_upload_deployment_through_a_frozen_then_killed_prefect_server(
+    outage, sshd, database_url, tmp_path
+):
+    from pathlib import Path
+
+    from camfleet.uploader.simulate import local_config
+    from tests.faults_prefect_support import (
+        EventWriter,
+        check_invariants,
+        completed_since,
+        create_zombie_automation,
+        deploy_event_upload,
+        install_lock_audit,
+        worker,
+        write_config,
+    )
+    from tests.test_faults_prefect import SETTLE_S, _drain, _uploaded_count
+
+    api = outage.server.api_url
+    install_lock_audit(database_url)
+    config = local_config(
+        sshd, database_url, tmp_path / f"site-{uuid.uuid4().hex[:8]}", settle_seconds=SETTLE_S
+    )
+    cfg = config["uploader"]
+    env = _worker_env(outage, tmp_path, write_config(tmp_path / "config.json", config))
+    deploy_event_upload(env, SCHEDULE_S)
+    create_zombie_automation(api)
+    w = worker(env, tmp_path / "worker.log", "worker-1").start()
+    writer = EventWriter(Path(cfg["pending_dir"]), period=0.25)
+
+    def analyzer_goes_on(phase: str) -> None:
+        # The analyzer side never waits for Prefect: packages keep landing.
+        written = len(writer.snapshot())
+        assert wait_until(lambda: len(writer.snapshot()) >= written + 12, 60, 0.1), phase
+
+    try:
+        assert wait_until(lambda: _uploaded_count(cfg) >= 3, 240, 0.5), w.log_tail()
+        _, states = _through_the_outage(
+            outage, analyzer_goes_on, lambda back: completed_since(api, back) >= 2, w.log_tail
+        )
+        print("runs caught by the outage:", states)
+        writer.close()
+        assert _drain(cfg, writer, timeout=300), w.log_tail()
+    finally:
+        writer.close()
+        w.stop()
+
+    # Nothing lost, nothing twice, nothing half-written: every package is uploaded once.
+    check = check_invariants(cfg, database_url, writer.snapshot(), drained=True)
+    assert (check.lost, check.duplicated, check.partial_remote, check.temp_remote) == (
+        0,
+        0,
+        0,
+        0,
+    ), check.problems
+    assert check.unlocked_writes == 0
+    assert check.uploaded == len(writer.snapshot())
+
+
+def test_trigger_scheduler_deployment_through_a_frozen_then_killed_prefect_server(
+    outage, database_url, tmp_path
+):
+    from datetime import UTC, datetime, timedelta
+
+    from tests.faults_prefect_support import (
+        completed_since,
+        create_zombie_automation,
+        deploy_every,
+        worker,
+    )
+    from tests.test_api_commands_helpers import add_device
+
+    api = outage.server.api_url
+    device = f"FRZ{uuid.uuid4().hex[:6].upper()}"
+    interval = 5
+    add_device(database_url, device, {"trigger": {"enabled": True, "interval_seconds": interval}})
+    env = _worker_env(outage, tmp_path, tmp_path / "no-uploader.json", DATABASE_URL=database_url)
+    deploy_every(env, "trigger-scheduler", SCHEDULE_S)
+    create_zombie_automation(api)
+    w = worker(env, tmp_path / "worker.log", "worker-1").start()
+    slots_sql = (
+        "select scheduled_at, flow_run_id from scheduled_triggers"
+        " where device_id = %s and trigger_type = 'scheduled' order by scheduled_at"
+    )
+
+    def slots() -> list[tuple]:
+        return _rows(database_url, slots_sql, device)
+
+    planned_before: list[tuple] = []
+
+    def still_planned_ahead(phase: str) -> None:
+        # The API delivers triggers from the rows alone: while Prefect is away the
+        # window planned before keeps devices triggered (it reaches past now).
+        rows = slots()
+        planned_before[:] = planned_before or rows
+        assert rows and rows[-1][0] > datetime.now(UTC) + timedelta(seconds=interval), phase
+
+    try:
+        assert wait_until(lambda: completed_since(api, datetime(2000, 1, 1, tzinfo=UTC)) >= 1,
+                          240, 0.5), w.log_tail()  # fmt: skip
+        caught, states = _through_the_outage(
+            outage, still_planned_ahead, lambda back: completed_since(api, back) >= 2, w.log_tail
+        )
+        print("runs caught by the outage:", states)
+    finally:
+        w.stop()
+
+    rows = slots()
+    # Every slot planned before the outage is still there; none is missing since: one
+    # slot every `interval` seconds from the first to the last, no gap, none twice.
+    assert {r[0] for r in planned_before} <= {r[0] for r in rows}
+    steps = {(b[0] - a[0]).total_seconds() for a, b in zip(rows, rows[1:], strict=False)}
+    assert steps == {float(interval)}, sorted(steps)
+    assert all(run for _, run in rows), "a slot without the run that planned it"
+
+
+EVAL_AUDIT_SQL = """
+CREATE TABLE eval_audit (record_id text NOT NULL, at timestamptz NOT NULL DEFAULT now());
+CREATE FUNCTION eval_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.evaluation_status = 'pending' AND NEW.evaluation_status <> 'pending' THEN
+        INSERT INTO eval_audit (record_id) VALUES (NEW.record_id);
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER eval_audit AFTER UPDATE ON captures
+    FOR EACH ROW EXECUTE FUNCTION eval_audit();
+"""
+
+
+def test_evaluate_captures_deployment_through_a_frozen_then_killed_prefect_server(
+    outage, database_url, tmp_path
+):
+
+    from tests.faults_prefect_support import (
+        completed_since,
+        create_zombie_automation,
+        deploy_every,
+        worker,
+    )
+    from tests.test_api_commands_helpers import add_device
+    from tests.test_results_persistence import _add_capture
+
+    api = outage.server.api_url
+    with closing(psycopg2.connect(database_url)) as conn, conn, conn.cursor() as cur:
+        cur.execute(EVAL_AUDIT_SQL)
+    add_device(database_url, "EVFRZ1")
+    env = _worker_env(
+        outage,
+        tmp_path,
+        tmp_path / "no-uploader.json",
+        DATABASE_URL=database_url,
+        STORAGE_URL=(tmp_path / "objects").as_uri(),
+    )
+    deploy_every(env, "evaluate-captures", SCHEDULE_S)
+    create_zombie_automation(api)
+    w = worker(env, tmp_path / "worker.log", "worker-1").start()
+    added = 0
+
+    def captures_arrive(phase: str = "up") -> None:
+        # Ingest does not need Prefect: captures keep arriving, pending evaluation.
+        nonlocal added
+        for _ in range(4):
+            _add_capture(database_url, "EVFRZ1", f"{phase}-{added}")
+            added += 1
+
+    pending = "select count(*) from captures where evaluation_status = 'pending'"
+    try:
+        captures_arrive()
+        assert wait_until(lambda: _rows(database_url, pending) == [(0,)], 240, 0.5), w.log_tail()
+        captures_arrive("before")
+        _, states = _through_the_outage(
+            outage, captures_arrive, lambda back: completed_since(api, back) >= 2, w.log_tail
+        )
+        print("runs caught by the outage:", states)
+        # Every capture, those of the outage too, is evaluated by the runs after it.
+        assert wait_until(lambda: _rows(database_url, pending) == [(0,)], 240, 0.5), w.log_tail()
+    finally:
+        w.stop()
+    audit = _rows(database_url, "select record_id, count(*) from eval_audit group by 1")
+    assert len(audit) == added and {n for _, n in audit} == {1}  # each once, none twice

@@ -142,19 +142,18 @@ def test_trigger_flows_same_results_and_no_reused_trigger(prefect_api_url, env, 
     assert expire_triggers(execution_timeout_seconds=0)["expired"] >= 0
 
 
-def test_lifelog_processing_adopts_items_of_an_ended_run(prefect_api_url, env, persistence):
-    from flows.ingest_processing import lifelog_ingest_processing
-
-    add_device(env, "L1")
+def _add_lifelog_items(dsn: str, device: str, count: int) -> str:
+    """`count` ingested Lifelog items (objects stored) of a run Prefect no longer knows
+    (deleted or pruned), an hour old; returns that run id."""
     store = open_store(None)
-    ended = str(uuid.uuid4())  # a run id Prefect no longer knows (deleted or pruned)
-    with db.transaction(env) as conn:
-        for seq in (1, 2):
-            key = f"lifelog/L1/{seq}.jpg"
+    ended = str(uuid.uuid4())
+    with db.transaction(dsn) as conn:
+        for seq in range(1, count + 1):
+            key = f"lifelog/{device}/{seq}.jpg"
             store.put(key, b"jpeg-bytes-%d" % seq, "image/jpeg")
             db.queries.devices_ingest_insert(
                 conn,
-                device_id="L1",
+                device_id=device,
                 object_key=key,
                 seq=seq,
                 captured_at=None,
@@ -165,6 +164,14 @@ def test_lifelog_processing_adopts_items_of_an_ended_run(prefect_api_url, env, p
             )
         with conn.cursor() as cur:
             cur.execute("UPDATE captures SET updated_at = now() - interval '1 hour'")
+    return ended
+
+
+def test_lifelog_processing_adopts_items_of_an_ended_run(prefect_api_url, env, persistence):
+    from flows.ingest_processing import lifelog_ingest_processing
+
+    add_device(env, "L1")
+    ended = _add_lifelog_items(env, "L1", 2)
     summary = lifelog_ingest_processing()
     assert summary == {"items": 2, "verified": 2, "failed": 0}
     rows = fetch(
@@ -185,3 +192,166 @@ def test_fleet_report_same_with_and_without_persistence(
     second = fleet_report(days=1, out_dir=str(tmp_path / "b"))
     assert first == second and first["captures"] >= 1
     assert (tmp_path / "b" / "captures.parquet").exists()  # written again, not cached
+
+
+# ---- the flows run from services' threads and by workers -----------------------------
+
+
+@pytest.fixture(params=[True, False], ids=["persist", "no-persist"])
+def persistence_everywhere(request, tmp_path, monkeypatch, prefect_api_url):
+    """Result persistence on, then off, for this process's every thread and children:
+    the assembler's and the signer's flows run in threads without a settings context
+    of their own, which fall back to the one built from the environment."""
+    from prefect.context import refresh_global_settings_context
+
+    monkeypatch.setenv("PREFECT_RESULTS_PERSIST_BY_DEFAULT", str(request.param).lower())
+    monkeypatch.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(tmp_path / "results"))
+    refresh_global_settings_context()
+    try:
+        with temporary_settings(
+            {
+                PREFECT_RESULTS_PERSIST_BY_DEFAULT: request.param,
+                PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path / "results",
+            }
+        ):
+            yield request.param
+    finally:
+        monkeypatch.undo()
+        refresh_global_settings_context()
+
+
+def test_fleet_health_same_with_and_without_persistence(prefect_api_url, env, persistence):
+    from camfleet import alerts
+    from flows.fleet_health import fleet_health
+    from tests.test_alerts import add_device as add_seen_device
+
+    add_seen_device(env, "H1", interval=60, seen_ago=600)  # silent
+    assert fleet_health(service_urls={})["transitions"] == [(alerts.SILENT, "H1")]
+    assert fleet_health(service_urls={})["transitions"] == []  # the incident is open
+    assert fetch(env, "SELECT count(*), count(resolved_at) FROM device_alerts") == [(1, 0)]
+
+
+def test_prune_flow_runs_same_with_and_without_persistence(
+    prefect_api_url, persistence, monkeypatch, tmp_path
+):
+    import asyncio
+    import os
+
+    from flows.maintenance import RETENTION_ENV, prune_flow_runs
+
+    old = tmp_path / "results" / "old-result"
+    old.parent.mkdir(parents=True, exist_ok=True)
+    old.write_text("a result of a run long pruned")
+    os.utime(old, (0, 0))
+    monkeypatch.setenv(RETENTION_ENV, "3")
+    first = asyncio.run(prune_flow_runs())
+    second = asyncio.run(prune_flow_runs())
+    assert (first["retention_days"], first["result_files_deleted"]) == (3, 1)
+    assert second["result_files_deleted"] == 0 and not old.exists()
+
+
+def test_event_upload_same_with_and_without_persistence(
+    prefect_api_url, env, persistence, sshd, tmp_path
+):
+    import asyncio
+    import os
+
+    from camfleet.uploader.simulate import local_config, write_event
+    from flows.event_upload import event_upload
+    from tests.faults_prefect_support import write_config
+
+    config = local_config(sshd, env, tmp_path / f"site-{uuid.uuid4().hex[:8]}")
+    cfg = config["uploader"]
+    for i in range(3):
+        write_event(Path(cfg["pending_dir"]), f"p{i:03d}", video=os.urandom(2048))
+    path = str(write_config(tmp_path / "config.json", config))
+    first = asyncio.run(event_upload(config_path=path))
+    write_event(Path(cfg["pending_dir"]), "p100", video=os.urandom(2048))
+    second = asyncio.run(event_upload(config_path=path))  # only the new one
+    assert first["counts"] == {"uploaded": 3}, first
+    assert second["counts"] == {"uploaded": 1}, second
+    assert fetch(env, "SELECT count(*) FROM events WHERE status = 'completed'") == [(4,)]
+    assert len(list(Path(cfg["uploaded_dir"]).glob("*.json"))) == 4
+
+
+def test_mqtt_flows_same_with_and_without_persistence(
+    persistence_everywhere, mosquitto, database_url, tmp_path, monkeypatch
+):
+    """`mqtt-ingest` (the assembler's `--ack-path flow`) and `mqtt-ingest-record` (the
+    default path's recorder, then the deployment's adopting run)."""
+    import asyncio
+
+    from camfleet.simulators.esp32 import SimOptions, simulate
+    from flows.mqtt_ingest import mqtt_ingest_record
+    from services.assembler import AssemblerService, ServiceConfig
+    from tasks import mqtt as tm
+    from tests.faults_common import wait_until
+    from tests.test_mqtt_ingest import FAST, broker_block
+
+    b = broker_block(mosquitto)
+    for ack_path, prefix in (("flow", "AF0001"), ("direct", "AD0001")):
+        svc = AssemblerService(
+            b,
+            ServiceConfig(
+                database_url=database_url,
+                storage_url=(tmp_path / "objects").as_uri(),
+                timing=FAST,
+                client_id=f"asm-{uuid.uuid4().hex[:6]}",
+                ack_path=ack_path,
+            ),
+        )
+        svc.start()
+        try:
+            assert svc.wait_connected(20)
+            r = simulate(b, SimOptions(devices=3, images=2, id_prefix=prefix))
+            assert (r.images_acked, r.images_failed) == (6, 0)
+            stamped = "select count(flow_run_id) from captures where device_id like %s"
+            assert wait_until(
+                lambda: fetch(database_url, stamped, prefix[:2] + "%") == [(6,)], 120, 0.5
+            )
+        finally:
+            svc.stop(timeout=30)
+    rows = fetch(database_url, "select ingest_status, count(*) from captures group by 1")
+    assert rows == [("stored", 12)]
+
+    # The deployment's run finds nothing to adopt: every capture has its run.
+    tm.set_context(None)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("STORAGE_URL", (tmp_path / "objects").as_uri())
+    get_settings.cache_clear()
+    try:
+        assert asyncio.run(mqtt_ingest_record(min_age_s=0))["captures"] == 0
+    finally:
+        tm.set_context(None)
+        get_settings.cache_clear()
+
+
+def test_edge_flows_same_with_and_without_persistence(
+    persistence_everywhere, mosquitto, s3, bucket, database_url, tmp_path
+):
+    """`edge-batch-upload` on the device and `edge-uploads-received`, the signer's
+    hand-off of each verified batch."""
+    from flows.edge_batch import edge_batch_upload, run_uploads_received
+    from services.signer import Signer
+    from tests.faults_common import wait_until
+    from tests.test_edge_flow import seed_device
+    from tests.test_edge_transaction import broker_block, make_store
+
+    serial, conf, shas = seed_device(tmp_path, mosquitto, 7)
+    signer = Signer(
+        make_store(s3, bucket),
+        database_url,
+        broker_block(mosquitto),
+        client_id=f"signer-{uuid.uuid4().hex[:6]}",
+        handoff=run_uploads_received,
+    )
+    handed = "select device_capture_id, flow_run_id from captures where device_id = %s"
+    with signer:
+        assert signer.wait_connected(10)
+        summaries = edge_batch_upload(conf, min_age_s=0)
+        assert [s["deleted"] for s in summaries] == [5, 2]
+        assert edge_batch_upload(conf, min_age_s=0) == []  # nothing left: an idle run
+        assert wait_until(
+            lambda: all(run for _, run in fetch(database_url, handed, serial)), 120, 0.5
+        )
+    assert {name for name, _ in fetch(database_url, handed, serial)} == set(shas)
