@@ -543,17 +543,31 @@ def parse_message(topic: str, payload: bytes, limits: Limits = Limits()) -> Mess
         ) from None
     if kind == "ack":
         return AckMessage(topic_device, obj if isinstance(obj, dict) else None)
+    obj, normalized = _checked_object(obj, topic_device)
+    dev = obj["device_id"]
+    if kind == "status":
+        return _parse_status(obj, dev, normalized)
+    name = obj.get("image_name")
+    if not isinstance(name, str) or not name or len(name) > MAX_IMAGE_NAME_LEN:
+        raise ProtocolError(error(2101, dev, None, "schema", field="image_name"))
+    if not name.isprintable():
+        raise ProtocolError(error(2101, dev, None, "schema", field="image_name"))
+    if "chunk_id" in obj:
+        return _parse_chunk(obj, dev, name, limits)
+    return _parse_metadata(obj, dev, name, limits, normalized)
+
+
+def _checked_object(obj: Any, topic_device: str) -> tuple[dict, tuple[str, ...]]:
+    """The message as a dict whose device_id is the topic's, with the values PostgreSQL
+    refuses normalized (here, at the edge, so that no row built from this message can
+    poison a batched write later; the 2101 warning names them)."""
     if not isinstance(obj, dict):
         raise ProtocolError(error(2101, topic_device, None, "not_an_object"))
-    # values PostgreSQL refuses are normalized here, at the edge, so that no row built
-    # from this message can poison a batched write later (2101 warning names them)
     for f in ("device_id", "image_name"):  # echoed in topics and ACKs: refused, not cleaned
         v = obj.get(f)
         if isinstance(v, str) and _clean_text(v) is not None:
             raise ProtocolError(error(2101, topic_device, None, "schema", field=f))
     obj, normalized = normalize_json(obj)
-    normalized = tuple(normalized)
-
     dev = obj.get("device_id")
     if not isinstance(dev, str):
         raise ProtocolError(error(2101, topic_device, None, "schema", field="device_id"))
@@ -561,47 +575,45 @@ def parse_message(topic: str, payload: bytes, limits: Limits = Limits()) -> Mess
         raise ProtocolError(
             error(2101, topic_device, None, "device_id_mismatch", payload_device_id=dev[:64])
         )
+    return obj, tuple(normalized)
 
-    if kind == "status":
-        status = obj.get("status")
-        pending = obj.get("pendingImg")
-        if not isinstance(status, str) or len(status) > 64:
-            raise ProtocolError(error(2101, dev, None, "schema", field="status"))
-        if pending is not None and (not _is_int(pending) or not 0 <= pending < 1_000_000):
-            raise ProtocolError(error(2101, dev, None, "schema", field="pendingImg"))
-        return StatusMessage(dev, status, pending, obj, normalized)
 
-    name = obj.get("image_name")
-    if not isinstance(name, str) or not name or len(name) > MAX_IMAGE_NAME_LEN:
-        raise ProtocolError(error(2101, dev, None, "schema", field="image_name"))
-    if not name.isprintable():
-        raise ProtocolError(error(2101, dev, None, "schema", field="image_name"))
+def _parse_status(obj: dict, dev: str, normalized: tuple[str, ...]) -> StatusMessage:
+    status = obj.get("status")
+    pending = obj.get("pendingImg")
+    if not isinstance(status, str) or len(status) > 64:
+        raise ProtocolError(error(2101, dev, None, "schema", field="status"))
+    if pending is not None and (not _is_int(pending) or not 0 <= pending < 1_000_000):
+        raise ProtocolError(error(2101, dev, None, "schema", field="pendingImg"))
+    return StatusMessage(dev, status, pending, obj, normalized)
 
-    if "chunk_id" in obj:
-        cid = obj["chunk_id"]
-        if not _is_int(cid):
-            raise ProtocolError(error(2101, dev, name, "schema", field="chunk_id"))
-        if not 0 <= cid < limits.max_chunks:
-            raise ProtocolError(error(2101, dev, name, "chunk_id_out_of_range", chunk_id=cid))
-        b64 = obj.get("payload")
-        if b64 is None or b64 == "":
-            raise ProtocolError(error(2102, dev, name, chunk_id=cid))
-        if not isinstance(b64, str):
-            raise ProtocolError(error(2103, dev, name, "not_a_string", chunk_id=cid))
-        try:
-            data = base64.b64decode(b64, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise ProtocolError(
-                error(2103, dev, name, chunk_id=cid, error=str(exc)[:200])
-            ) from None
-        if not data:
-            raise ProtocolError(error(2102, dev, name, chunk_id=cid))
-        if len(data) > limits.max_chunk_bytes:
-            raise ProtocolError(
-                error(2101, dev, name, "chunk_too_large", chunk_id=cid, size=len(data))
-            )
-        return ChunkMessage(dev, name, cid, data)
 
+def _parse_chunk(obj: dict, dev: str, name: str, limits: Limits) -> ChunkMessage:
+    cid = obj["chunk_id"]
+    if not _is_int(cid):
+        raise ProtocolError(error(2101, dev, name, "schema", field="chunk_id"))
+    if not 0 <= cid < limits.max_chunks:
+        raise ProtocolError(error(2101, dev, name, "chunk_id_out_of_range", chunk_id=cid))
+    b64 = obj.get("payload")
+    if b64 is None or b64 == "":
+        raise ProtocolError(error(2102, dev, name, chunk_id=cid))
+    if not isinstance(b64, str):
+        raise ProtocolError(error(2103, dev, name, "not_a_string", chunk_id=cid))
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProtocolError(error(2103, dev, name, chunk_id=cid, error=str(exc)[:200])) from None
+    if not data:
+        raise ProtocolError(error(2102, dev, name, chunk_id=cid))
+    if len(data) > limits.max_chunk_bytes:
+        raise ProtocolError(error(2101, dev, name, "chunk_too_large", chunk_id=cid, size=len(data)))
+    return ChunkMessage(dev, name, cid, data)
+
+
+def _parse_metadata(
+    obj: dict, dev: str, name: str, limits: Limits, normalized: tuple[str, ...]
+) -> MetadataMessage | DeviceFailure:
+    """An image's declaration, or the device's report of a failed capture."""
     size = obj.get("image_size")
     total = obj.get("total_chunk_count")
     csize = obj.get("max_chunks_size")
@@ -615,6 +627,21 @@ def parse_message(topic: str, payload: bytes, limits: Limits = Limits()) -> Mess
             if _is_int(v) and 0 <= v <= 1 << 31:
                 meta[f] = v
         return DeviceFailure(dev, name, err, meta, normalized + more)
+    _check_declaration(size, total, csize, dev, name, limits)
+    meta, more = _metadata_fields(obj, dev, name)
+    if err is not None:
+        meta["error"] = err
+    meta["image_size"] = size
+    meta["total_chunk_count"] = total
+    if csize is not None:
+        meta["max_chunks_size"] = csize
+    return MetadataMessage(dev, name, size, total, csize, meta, normalized + more)
+
+
+def _check_declaration(
+    size: Any, total: Any, csize: Any, dev: str, name: str, limits: Limits
+) -> None:
+    """An image's declared size and chunk count: integers, within limits, consistent."""
     if not _is_int(size) or not _is_int(total):
         raise ProtocolError(error(2101, dev, name, "schema", field="image_size/total_chunk_count"))
     if csize is not None and not _is_int(csize):
@@ -640,14 +667,6 @@ def parse_message(topic: str, payload: bytes, limits: Limits = Limits()) -> Mess
                 total_chunk_count=total,
             )
         )
-    meta, more = _metadata_fields(obj, dev, name)
-    if err is not None:
-        meta["error"] = err
-    meta["image_size"] = size
-    meta["total_chunk_count"] = total
-    if csize is not None:
-        meta["max_chunks_size"] = csize
-    return MetadataMessage(dev, name, size, total, csize, meta, normalized + more)
 
 
 def _metadata_fields(obj: dict, dev: str, name: str) -> tuple[dict[str, Any], tuple[str, ...]]:
