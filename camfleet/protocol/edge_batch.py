@@ -367,7 +367,21 @@ def parse_url_request(
     if checksums is not None and not isinstance(checksums, dict):
         raise RequestRefused("checksums must be an object keyed by file name")
     checked = bool(names) and checksums is not None
+    files, rejected = _check_files(names, checksums, max_file_bytes)
+    return UrlRequest(
+        serial=serial,
+        bucket_name=bucket,
+        request_id=request_id,
+        files=tuple(files),
+        rejected=tuple(rejected),
+        checked=checked,
+    )
 
+
+def _check_files(
+    names: list, checksums: dict | None, max_file_bytes: int
+) -> tuple[list[FileSpec], list[Rejection]]:
+    """The request's files that may go ahead, and why each of the others may not."""
     files: list[FileSpec] = []
     rejected: list[Rejection] = []
     seen: set[str] = set()
@@ -395,14 +409,7 @@ def parse_url_request(
                 rejected.append(Rejection(name, "sha256 must be 64 lowercase hex digits"))
                 continue
         files.append(FileSpec(name, size, sha))
-    return UrlRequest(
-        serial=serial,
-        bucket_name=bucket,
-        request_id=request_id,
-        files=tuple(files),
-        rejected=tuple(rejected),
-        checked=checked,
-    )
+    return files, rejected
 
 
 def url_answer(
