@@ -321,40 +321,9 @@ async def upload_capture(request: Request) -> dict:
     Order matters (issue 13): the token is checked before the body is read; the body is
     read under the upload slots, size cap and timeouts; the row is claimed before the
     object is written, so a duplicate never overwrites and a refusal leaves no object."""
-    from tasks.images import NotAnImage, inspect_image
-
-    slots = bodies.upload_slots(request.app)
-    token_device = await _token_device(request)
-    with slots.take(token_device):
-        body = await _read_body(request, MAX_CAPTURE_BODY_BYTES)
-    try:
-        upload = CaptureUpload.model_validate(_json_object(body))
-    except ValidationError as exc:
-        raise _error(422, "invalid_request", _validation_reason(exc)) from None
-    try:
-        device_id = safe_id(upload.device_id)
-        trigger_id = safe_id(upload.trigger_id, "trigger id") if upload.trigger_id else None
-    except BadName as exc:
-        raise _error(422, "invalid_request", str(exc)) from None
-    await _authorize_device(request, device_id)
-    image = _decode_image(upload.image_base64)
-    del body
-    if len(image) > MAX_IMAGE_BYTES:
-        raise _error(413, "too_large", f"image larger than {MAX_IMAGE_BYTES} bytes")
-    try:
-        info = await anyio.to_thread.run_sync(inspect_image, image)
-    except NotAnImage as exc:
-        raise _error(415, "not_an_image", str(exc)) from None
-
+    upload, device_id, trigger_id, image, info = await _checked_upload(request)
     pool = request.app.state.pool
-    trigger = None
-    if trigger_id:
-        async with pool.acquire() as conn:
-            trigger = await queries().triggers_get(conn, trigger_id=trigger_id)
-        if trigger is None:
-            raise _error(404, "unknown_trigger", f"no trigger {trigger_id!r}")
-        if trigger["device_id"] != device_id:
-            raise _error(403, "forbidden", "the trigger belongs to another device")
+    trigger = await _trigger_of(pool, trigger_id, device_id) if trigger_id else None
 
     sha256 = hashlib.sha256(image).hexdigest()
     captured_at = upload.captured_at or datetime.now(UTC)
@@ -407,3 +376,46 @@ async def upload_capture(request: Request) -> dict:
     if trigger_id:
         answer["trigger_status"] = trigger_status
     return answer
+
+
+async def _checked_upload(request: Request):
+    """The upload's body, read and checked: (upload, device_id, trigger_id, image, info).
+
+    The token is checked before the body is read, the body read under the device's
+    upload slot and the size cap, and the image inspected in a worker thread."""
+    from tasks.images import NotAnImage, inspect_image
+
+    slots = bodies.upload_slots(request.app)
+    token_device = await _token_device(request)
+    with slots.take(token_device):
+        body = await _read_body(request, MAX_CAPTURE_BODY_BYTES)
+    try:
+        upload = CaptureUpload.model_validate(_json_object(body))
+    except ValidationError as exc:
+        raise _error(422, "invalid_request", _validation_reason(exc)) from None
+    try:
+        device_id = safe_id(upload.device_id)
+        trigger_id = safe_id(upload.trigger_id, "trigger id") if upload.trigger_id else None
+    except BadName as exc:
+        raise _error(422, "invalid_request", str(exc)) from None
+    await _authorize_device(request, device_id)
+    image = _decode_image(upload.image_base64)
+    del body
+    if len(image) > MAX_IMAGE_BYTES:
+        raise _error(413, "too_large", f"image larger than {MAX_IMAGE_BYTES} bytes")
+    try:
+        info = await anyio.to_thread.run_sync(inspect_image, image)
+    except NotAnImage as exc:
+        raise _error(415, "not_an_image", str(exc)) from None
+    return upload, device_id, trigger_id, image, info
+
+
+async def _trigger_of(pool, trigger_id: str, device_id: str):
+    """The trigger a capture answers: it must exist and belong to the uploading device."""
+    async with pool.acquire() as conn:
+        trigger = await queries().triggers_get(conn, trigger_id=trigger_id)
+    if trigger is None:
+        raise _error(404, "unknown_trigger", f"no trigger {trigger_id!r}")
+    if trigger["device_id"] != device_id:
+        raise _error(403, "forbidden", "the trigger belongs to another device")
+    return trigger
