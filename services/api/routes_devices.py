@@ -478,6 +478,28 @@ async def _head_bytes(request: Request, key: str) -> bytes | None:
     return None  # S3 checks the signed Content-Type itself
 
 
+async def _checked_object_size(request: Request, key: str, content_type: str) -> int:
+    """The stored object's size, once it is known to exist, to fit the upload cap and to
+    start like the image type it claims; a refusal otherwise (503 while storage is down:
+    the device retries later)."""
+    cfg = _config(request)
+    try:
+        info = await _head(request, key)
+    except Exception as exc:
+        log.warning("storage HEAD failed: %s", type(exc).__name__)
+        raise _error(
+            503, "storage_unavailable", "object storage unreachable", {"Retry-After": "5"}
+        ) from None
+    if info is None:
+        raise _error(404, "object_not_found", "no object at object_key: PUT it to upload_url first")
+    if info.size > cfg.max_upload_bytes:
+        raise _error(413, "too_large", f"object over {cfg.max_upload_bytes} bytes")
+    head = await _head_bytes(request, key)
+    if head is not None and not looks_like(head, content_type):
+        raise _error(415, "not_an_image", f"the stored object is not {content_type}")
+    return info.size
+
+
 @router.post("/ingest", openapi_extra=body_schema(IngestRequest))
 async def ingest(request: Request):
     device = await authorized_device(request)
@@ -493,25 +515,7 @@ async def ingest(request: Request):
     content_type = body.content_type.lower()
     if content_type not in cfg.content_types:
         raise _error(415, "unsupported_content_type", "content_type is not an allowed image type")
-    size = None
-    if cfg.check_object:
-        try:
-            info = await _head(request, key)
-        except Exception as exc:  # storage down: the device retries later
-            log.warning("storage HEAD failed: %s", type(exc).__name__)
-            raise _error(
-                503, "storage_unavailable", "object storage unreachable", {"Retry-After": "5"}
-            ) from None
-        if info is None:
-            raise _error(
-                404, "object_not_found", "no object at object_key: PUT it to upload_url first"
-            )
-        if info.size > cfg.max_upload_bytes:
-            raise _error(413, "too_large", f"object over {cfg.max_upload_bytes} bytes")
-        size = info.size
-        head = await _head_bytes(request, key)
-        if head is not None and not looks_like(head, content_type):
-            raise _error(415, "not_an_image", f"the stored object is not {content_type}")
+    size = await _checked_object_size(request, key, content_type) if cfg.check_object else None
     captured_at = body.captured_at
     if captured_at is not None and captured_at.tzinfo is None:
         captured_at = captured_at.replace(tzinfo=UTC)
