@@ -156,6 +156,6 @@ def expose_signer(signer, port: int):
         "signer",
         port,
         signer.stats,
-        # FairInbox (services/signer_limits.py): its length is the queued requests
+        # FairInbox (services/signer/limits.py): its length is the queued requests
         gauges={"queue_depth": lambda: len(signer._inbox)},  # noqa: SLF001
     )

@@ -37,8 +37,8 @@ import pytest
 
 from camfleet import db
 from camfleet.localsvc import MosquittoInstance
-from services.signer_leases import Leases
-from services.signer_limits import SharedRateLimiter
+from services.signer.leases import Leases
+from services.signer.limits import SharedRateLimiter
 from tests.faults_common import ChildProcess, wait_until
 from tests.faults_edge_support import Bucket, Camera, Watcher, check_invariants, device_fleet
 
