@@ -249,13 +249,24 @@ class Verification:
         }
 
     @staticmethod
-    def _resolve_grant(conn, grant: eb.Grant, size, sha, capture_id, key: str | None) -> None:
+    def _resolve_grant(
+        conn,
+        grant: eb.Grant,
+        size,
+        sha,
+        capture_id,
+        key: str | None,
+        status: str = "verified",
+        reason: str | None = None,
+    ) -> None:
+        """The grant's final state, in the caller's transaction (`key`: where the
+        delivered bytes are, when not the grant's own key)."""
         db.queries.edge_grant_resolve(
             conn,
             device_id=grant.serial,
             file_name=grant.name,
-            status="verified",
-            failed_reason=None,
+            status=status,
+            failed_reason=reason,
             stored_size=size,
             stored_sha256=sha,
             capture_id=capture_id,
@@ -269,17 +280,7 @@ class Verification:
                 _, lost = self._holding(conn, [(pending,)])
                 if lost:
                     raise LeaseLost
-                db.queries.edge_grant_resolve(
-                    conn,
-                    device_id=grant.serial,
-                    file_name=grant.name,
-                    status=status,
-                    failed_reason=reason,
-                    stored_size=size,
-                    stored_sha256=sha,
-                    capture_id=None,
-                    object_key=None,
-                )
+                self._resolve_grant(conn, grant, size, sha, None, None, status, reason)
                 if self._error_allowed(grant.serial):
                     self._insert_error(
                         conn, grant.serial, grant.name, code, "error", reason, {"key": grant.key}
