@@ -150,6 +150,11 @@ class Signer(MqttShell, GrantRequests, Verification, LeaseTending, DeviceErrors,
         share_group: str | None = None,
         lease_s: float = LEASE_S,
     ) -> None:
+        """The settings and the state every part of the signer shares.
+
+        Over 60 lines only because it is a list: one line a setting or a piece of state,
+        kept in one place so that each part's attributes are found here.
+        """
         self.store = store
         # Replicas: requests arrive through the broker's shared subscription
         # `$share/{group}/...` (each request to one instance), and each open grant is

@@ -283,8 +283,16 @@ class GrantRequests:
             post = store.presigned_post(key, max_bytes=max_bytes, expires_in=self.expires_in)
             grants.append((grant, post.fields, post.url))
 
+        self._store_grants(conn, serial, request, [g for g, _, _ in grants])
+        return group, grants, already
+
+    def _store_grants(
+        self, conn, serial: str, request: eb.UrlRequest, grants: list[eb.Grant]
+    ) -> None:
+        """Grant rows, leased to us, and the refused names' error rows (caller's
+        transaction: nothing is published before it commits)."""
         db.queries.edge_ensure_device(conn, device_id=serial)
-        for grant, _, _ in grants:
+        for grant in grants:
             db.queries.edge_grant_upsert(
                 conn,
                 device_id=serial,
@@ -299,7 +307,7 @@ class GrantRequests:
                 bucket=grant.bucket,
             )
         # Ours to verify (a re-grant takes the name over from whoever held it).
-        self._leases.take(conn, serial, [g.name for g, _, _ in grants])
+        self._leases.take(conn, serial, [g.name for g in grants])
         for rejection in request.rejected:
             if not self._error_allowed(serial):
                 break
@@ -312,7 +320,6 @@ class GrantRequests:
                 f"file name refused: {rejection.reason}",
                 {"filename": eb._printable(rejection.filename, 255)},
             )
-        return group, grants, already
 
     @staticmethod
     def _names_known(conn, request: eb.UrlRequest) -> dict[str, _Known]:
