@@ -122,6 +122,47 @@ def claim_demo_devices(dsn: str, user_id: str, device_ids: list[str]) -> set[str
         return {row[0] for row in rows}  # a lazy cursor: read before the connection closes
 
 
+def announce_esp32_devices(dsn: str | None, broker=None) -> None:
+    """Register the demo's ESP32-CAMs and have each say it is alive, before they send.
+
+    With assembler replicas (`camfleet up --demo` runs 2), a replica subscribes to the
+    data of the registered devices of the partitions it leases, and to a new device's
+    data once its status arrives: an image sent right after a new device's first status
+    would reach no replica and wait for the device's resend. Registered here (read by a
+    replica at start and every KNOWN_REFRESH_S) and announced over MQTT (learnt at
+    once), the devices' first images are served on their first send. Best effort: a
+    replica that starts later reads them from the database.
+    """
+    ids = [d for d in demo_device_ids() if d != EDGE_SERIAL]
+    if dsn:
+        from camfleet import db
+
+        with db.transaction(dsn) as conn:
+            for device in ids:
+                db.queries.ingest_ensure_device(conn, device_id=device)
+    if broker is None:
+        from blocks.mqtt import MqttBroker
+
+        broker = MqttBroker.from_env()
+    client = broker.client(client_id=f"camfleet-demo-{os.getpid()}")
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        sent = [
+            client.publish(
+                f"ESP32CAM/{device}/status",
+                json.dumps({"device_id": device, "status": "Alive", "pendingImg": 0}),
+                qos=1,
+            )
+            for device in ids
+        ]
+        for info in sent:
+            info.wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 def _database_url() -> str | None:
     from camfleet.settings import get_settings
 
@@ -134,6 +175,10 @@ def run(api_url: str, work_dir: Path) -> None:
     logs = work_dir / "logs"
     logs.mkdir(exist_ok=True)
     _wait_for_api(api_url)
+    try:
+        announce_esp32_devices(_database_url())
+    except Exception as exc:  # noqa: BLE001 - the first images then wait for a resend
+        log.warning("could not announce the demo's ESP32-CAMs: %s", type(exc).__name__)
     state_path = work_dir / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     if "user_key" not in state:

@@ -95,9 +95,13 @@ class ServiceStatsCollector:
     callable returning recent durations in seconds, exposed as p50/p99 gauges.
     """
 
-    def __init__(self, service: str, stats, gauges=None, latencies=None) -> None:
+    def __init__(self, service: str, stats, gauges=None, latencies=None, helps=None) -> None:
         self.service, self.stats = service, stats
         self.gauges, self.latencies = gauges or {}, latencies or {}
+        self.helps = helps or {}  # name -> help text (else "<service> <name>")
+
+    def _help(self, name: str) -> str:
+        return self.helps.get(name, f"{self.service} {name}")
 
     def _values(self) -> dict:
         stats = self.stats() if callable(self.stats) else self.stats
@@ -109,11 +113,11 @@ class ServiceStatsCollector:
 
         for name, value in sorted(self._values().items()):
             yield CounterMetricFamily(
-                f"camfleet_{self.service}_{name}", f"{self.service} {name}", value=value
+                f"camfleet_{self.service}_{name}", self._help(name), value=value
             )
         for name, read in self.gauges.items():
             yield GaugeMetricFamily(
-                f"camfleet_{self.service}_{name}", f"{self.service} {name}", value=read()
+                f"camfleet_{self.service}_{name}", self._help(name), value=read()
             )
         for name, read in self.latencies.items():
             recent = sorted(read())
@@ -128,15 +132,64 @@ class ServiceStatsCollector:
             yield family
 
 
-def expose_service(service: str, port: int, stats, gauges=None, latencies=None, host="127.0.0.1"):
+def expose_service(
+    service: str, port: int, stats, gauges=None, latencies=None, host="127.0.0.1", helps=None
+):
     """Register a service's stats and serve /metrics on `port` (0 picks a free one)."""
-    REGISTRY.register(ServiceStatsCollector(service, stats, gauges, latencies))
+    REGISTRY.register(ServiceStatsCollector(service, stats, gauges, latencies, helps))
     return start_metrics_server(port, host)
+
+
+class PartitionCollector:
+    """An assembler replica's device partitions (`--partitions P`, services/assembler/
+    partitions.py), read at scrape time from its leases' and subscriptions' status:
+
+    - `camfleet_assembler_partition_owned{partition}`: 1 for each partition this replica
+      leases now, 0 for the others (P series, P bounded by the flag: 64 by default);
+      summed over replicas, every partition is 1 once failover is done;
+    - gauges: partitions owned, partitions in all, live replicas, device subscriptions,
+      seconds left on the leases; counters: partitions gained and lost, lease rounds
+      that failed (the database was unreachable).
+    """
+
+    def __init__(self, leases, subs) -> None:
+        self.leases, self.subs = leases, subs
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        status = {**self.leases.status(), **self.subs.status()}
+        owned = set(status["owned"])
+        family = GaugeMetricFamily(
+            "camfleet_assembler_partition_owned",
+            "1 while this replica leases the device partition",
+            labels=["partition"],
+        )
+        for partition in range(status["partitions"]):
+            family.add_metric([str(partition)], 1.0 if partition in owned else 0.0)
+        yield family
+        for name, key, text in (
+            ("partitions_owned", "owned_count", "device partitions this replica leases"),
+            ("partitions", "partitions", "device partitions of the fleet (--partitions)"),
+            ("live_replicas", "live_replicas", "assembler replicas alive (heartbeats)"),
+            ("device_subscriptions", "device_subscriptions", "devices whose data it takes"),
+            ("lease_valid_seconds", "lease_valid_s", "seconds its leases may still be used"),
+        ):
+            yield GaugeMetricFamily(f"camfleet_assembler_{name}", text, value=status[key])
+        for name, key, text in (
+            ("partitions_gained", "gained_total", "partitions leased after another's"),
+            ("partitions_lost", "lost_total", "partitions given up or lapsed"),
+            ("lease_rounds_failed", "failed_rounds", "lease rounds the database failed"),
+        ):
+            yield CounterMetricFamily(f"camfleet_assembler_{name}", text, value=status[key])
 
 
 def expose_assembler(service, port: int):
     """`camfleet assembler --metrics-port`: messages, batches, ACKs, NACKs, db errors,
-    inbox depth, backlog bytes and last-chunk-to-ACK latency."""
+    inbox depth, backlog bytes and last-chunk-to-ACK latency; for a replica
+    (`--partitions`), the partitions it leases (PartitionCollector)."""
+    if getattr(service, "leases", None) is not None:
+        REGISTRY.register(PartitionCollector(service.leases, service.subs))
     return expose_service(
         "assembler",
         port,
@@ -149,13 +202,22 @@ def expose_assembler(service, port: int):
     )
 
 
+SIGNER_HELPS = {
+    # grant leases of signer replicas (services/signer/leases.py)
+    "claimed": "open grants taken over: at start, or from an instance whose lease expired",
+    "lease_lost": "watched grants another instance holds now (verified there, not here)",
+}
+
+
 def expose_signer(signer, port: int):
     """`camfleet signer --metrics-port`: requests, refused, granted, verified, failed,
-    published, handed off, and its request queue depth."""
+    published, handed off, grants claimed and leases lost (replicas), and its request
+    queue depth."""
     return expose_service(
         "signer",
         port,
         signer.stats,
         # FairInbox (services/signer/limits.py): its length is the queued requests
         gauges={"queue_depth": lambda: len(signer._inbox)},  # noqa: SLF001
+        helps=SIGNER_HELPS,
     )

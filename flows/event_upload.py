@@ -31,6 +31,8 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.context import SyncClientContext
+from prefect.utilities.annotations import quote
 
 from camfleet.uploader import phases
 from camfleet.uploader.config import UploaderConfig
@@ -126,8 +128,15 @@ async def event_upload(
     phase = PhaseRunner(ledger, task_retries, retry_delay_seconds)
     session = EventSession(config.database_dsn())  # both connect on first use
     connection = SftpConnection(server)
+    # One sync Prefect client for every phase task: without it each sync task called
+    # from this async flow builds its own client (and TLS context), the largest share
+    # of the flow's own CPU in bench/bench_sftp_upload.py's profile.
+    client_context = SyncClientContext.get_or_create()
+    client_context.__enter__()
     try:
-        jobs = scan_pending(config, (server.remote_video_dir, server.remote_json_dir), ledger)
+        jobs = scan_pending(
+            config, (server.remote_video_dir, server.remote_json_dir), quote(ledger)
+        )
         claimed = (
             phase(Phase.CLAIM, claim_events, session, jobs, config.pending_dir, ledger, on=jobs)
             or []
@@ -144,12 +153,13 @@ async def event_upload(
             phase(Phase.UPDATE, mark_completed, session, uploaded, ledger, on=uploaded) or []
         )
         if completed or completed_before:
-            move_to_uploaded(completed + completed_before, config, ledger)
+            move_to_uploaded(quote(completed + completed_before), config, quote(ledger))
         if ledger.rejects:
-            set_aside_rejected(config, ledger, jobs)
+            set_aside_rejected(config, quote(ledger), quote(jobs))
         if ledger.has_failures():
-            record_outcomes(session, ledger)
+            record_outcomes(session, quote(ledger))
     finally:
+        client_context.__exit__(None, None, None)
         connection.close()
         session.close()
     await aupdate_progress_artifact(progress, 100.0)
@@ -228,7 +238,9 @@ class PhaseRunner:
         if not on:
             return None
         try:
-            return self.task(task_fn)(*args)
+            # quote: the job lists and the ledger hold no futures, so Prefect need not
+            # walk them (per event, per task) looking for some.
+            return self.task(task_fn)(*(quote(a) for a in args))
         except Exception as exc:
             self.fail(on, phase, exc)
             return None
@@ -246,7 +258,8 @@ def upload_in_lanes(
     lanes = phases.split_lanes(jobs, config.concurrency)
     upload = phase.task(upload_lane)
     futures = [
-        upload.submit(connection, lane, config.pending_dir, ledger, session.holds) for lane in lanes
+        upload.submit(connection, quote(lane), config.pending_dir, quote(ledger), session.holds)
+        for lane in lanes
     ]
     uploaded: set[str] = set()
     for lane, future in zip(lanes, futures, strict=True):

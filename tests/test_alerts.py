@@ -260,3 +260,54 @@ def test_default_service_urls_from_up_and_refusing_nonsense(monkeypatch, tmp_pat
         monkeypatch.setenv(SERVICE_URLS_ENV, bad)
         with pytest.raises(ValueError):
             default_service_urls()
+
+
+def test_alerts_list_shows_service_incidents_beside_device_ones(
+    prefect_api_url, database_url, monkeypatch
+):
+    """`camfleet alerts list`: a service that stopped answering is listed with the silent
+    camera, each marked open until it resolves."""
+    from typer.testing import CliRunner
+
+    from camfleet.cli import app
+    from camfleet.commands.alerts import recent_incidents
+    from camfleet.settings import get_settings
+
+    add_device(database_url, "CAM-LIST", interval=60, seen_ago=500)
+    assert evaluate(database_url) == [(alerts.SILENT, "CAM-LIST")]
+    signer = {"signer": "http://127.0.0.1:2/ready"}
+    with db.transaction(database_url) as conn:
+        alerts.evaluate_services(conn, signer, {"signer": "ConnectError"})
+    with db.transaction(database_url) as conn:
+        rows = recent_incidents(conn, 10)
+    assert [r[:3] + r[4:] for r in rows] == [
+        ("service", "signer", "not-ready", "open"),  # newest first
+        ("device", "CAM-LIST", "silent", "open"),
+    ]
+
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.delenv("CAMFLEET_DATABASE_BLOCK", raising=False)
+    get_settings.cache_clear()
+
+    def listed() -> dict[str, list[str]]:
+        get_settings.cache_clear()
+        out = CliRunner().invoke(app, ["alerts", "list"], env={"COLUMNS": "300"})
+        assert out.exit_code == 0, out.output
+        incidents = out.output.split("recent incidents", 1)[1]
+        return {
+            cells[1]: cells
+            for line in incidents.splitlines()
+            if len(cells := [c.strip() for c in line.strip("│┃ ").split("│")]) == 5
+        }
+
+    try:
+        shown = listed()
+        assert shown["signer"][0] == "service" and shown["signer"][2] == "not-ready"
+        assert shown["signer"][4] == "open"
+        assert shown["CAM-LIST"][0] == "device" and shown["CAM-LIST"][4] == "open"
+        with db.transaction(database_url) as conn:  # the signer answers again
+            alerts.evaluate_services(conn, signer, {})
+        shown = listed()
+        assert shown["signer"][4] != "open" and shown["CAM-LIST"][4] == "open"
+    finally:
+        get_settings.cache_clear()

@@ -19,6 +19,7 @@ from camfleet import db, tokens
 from camfleet.storage.local import LocalStore
 from services.api.app import create_app
 from services.api.console import config_patch, fleet_rows, sensor_charts
+from services.api.console.fleet_table import rows_html
 from services.api.console.thumbnails import THUMB_SIZE, thumbnail_key
 
 SECRET = b"test-console-secret-0123456789abcdef"
@@ -310,18 +311,51 @@ def test_config_patch_and_health_helpers():
         "trigger": {"label": "x", "enabled": False, "interval_seconds": 30},
         "schedule": {"interval_seconds": 60},
     }
-    now = datetime.now(UTC)
+    seen = datetime(2026, 12, 3, 7, 0, 5, 123456, tzinfo=UTC)
     row = {
+        "device_id": "cam 1/a",
+        "kind": "esp32",
+        "friendly_name": None,
         "interval_seconds": 60,
-        "last_seen_at": now - timedelta(seconds=200),
+        "last_seen_at": seen,
         "latest_capture_at": None,
-        "errors_today": 0,
+        "latest_record_id": "rec/1",
+        "errors_today": 2,
         "captures_today": 0,
+        "failures_today": 1,
         "triggers_ended": 4,
         "triggers_executed": 3,
     }
-    (out,) = fleet_rows([row], now)
-    assert out["health"] == "silent" and out["success_rate"] == 0.75
+    (out,) = fleet_rows([row], seen + timedelta(seconds=200))
+    assert out.health == "silent" and out.success_rate == 0.75 and out.success_text == "75%"
+    assert (out.name, out.device_href, out.thumb_href) == ("cam 1/a", "cam%201%2Fa", "rec%2F1")
+    assert out.last_contact_text == "2026-12-03 07:00:05" and out.failures_today == 3
+    assert out.last_contact_iso == seen.isoformat()
+
+
+def test_fleet_table_escapes_what_devices_and_users_named():
+    """The fleet rows are written in Python (fleet_table.py), not by the template: a
+    name, id or kind from the database is escaped there as autoescape would."""
+    now = datetime.now(UTC)
+    row = {
+        "device_id": 'cam"1',
+        "kind": "<b>esp32</b>",
+        "friendly_name": "<script>alert(1)</script>",
+        "interval_seconds": 60,
+        "last_seen_at": now,
+        "latest_capture_at": None,
+        "latest_record_id": None,
+        "errors_today": 0,
+        "captures_today": 0,
+        "failures_today": 0,
+        "triggers_ended": 0,
+        "triggers_executed": 0,
+    }
+    html = str(rows_html(fleet_rows([row], now)))
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert 'data-device="cam&#34;1"' in html and "&lt;b&gt;esp32&lt;/b&gt;" in html
+    assert 'href="/console/devices/cam%221"' in html and "no capture" in html
+    assert "No devices match." in str(rows_html([]))
     assert sensor_charts([]) == []
 
 

@@ -4,6 +4,7 @@ ESP32 fleet sends images (real Mosquitto and PostgreSQL, scraped over HTTP)."""
 from __future__ import annotations
 
 import re
+import time
 import uuid
 
 import httpx
@@ -170,3 +171,139 @@ def test_signer_metrics_serve_its_counts_and_queue_depth(mosquitto, database_url
         for c in list(metrics.REGISTRY._collector_to_names):  # noqa: SLF001
             if isinstance(c, metrics.ServiceStatsCollector):
                 metrics.REGISTRY.unregister(c)
+
+
+def _unregister_collectors() -> None:
+    for c in list(metrics.REGISTRY._collector_to_names):  # noqa: SLF001
+        if isinstance(c, metrics.ServiceStatsCollector | metrics.PartitionCollector):
+            metrics.REGISTRY.unregister(c)
+
+
+def _owned(text: str, partitions: int) -> set[int]:
+    return {
+        p
+        for p in range(partitions)
+        if value(text, f'camfleet_assembler_partition_owned{{partition="{p}"}}') == 1
+    }
+
+
+def test_assembler_replica_metrics_show_the_partitions_it_leases(mosquitto, database_url, tmp_path):
+    """An assembler replica (`--partitions 8`) alone leases all 8; a second replica
+    joins (its leases driven here): /metrics shows half of them handed over."""
+    from services.assembler.partitions import PartitionLeases
+
+    cfg = ServiceConfig(
+        database_url=database_url,
+        storage_url=f"file://{tmp_path / 'objects'}",
+        timing=FAST,
+        client_id=f"asm-{uuid.uuid4().hex[:8]}",
+        use_prefect=False,
+        partitions=8,
+        replica_id="metrics-r1",
+    )
+    svc = AssemblerService(broker_block(mosquitto), cfg)
+    port = free_port()
+    server, _thread = metrics.expose_assembler(svc, port)
+    other = PartitionLeases(database_url, "metrics-r2", 8)
+    svc.start()
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+
+        def scrape_when(ok):
+            text = httpx.get(url, timeout=10).text
+            return text if ok(text) else None
+
+        alone = wait_for(lambda: scrape_when(lambda t: _owned(t, 8) == set(range(8))), 60)
+        assert alone, httpx.get(url, timeout=10).text[-2000:]
+        assert value(alone, "camfleet_assembler_partitions_owned") == 8
+        assert value(alone, "camfleet_assembler_partitions") == 8
+        assert value(alone, "camfleet_assembler_live_replicas") == 1
+        assert value(alone, "camfleet_assembler_lease_valid_seconds") > 0
+        other.prepare()
+
+        def halves(text):
+            other.round()  # the second replica's lease round, as its own thread would
+            mine = _owned(text, 8)
+            return len(mine) == 4 and mine.isdisjoint(other.owned()) and other.owned()
+
+        shared = wait_for(lambda: scrape_when(halves), 60)
+        assert shared, (httpx.get(url, timeout=10).text[-2000:], other.owned())
+        assert value(shared, "camfleet_assembler_live_replicas") == 2
+        assert value(shared, "camfleet_assembler_partitions_owned") == 4
+        assert value(shared, "camfleet_assembler_partitions_lost_total") >= 4
+    finally:
+        other.stop(release=True)
+        svc.stop(timeout=30)
+        server.shutdown()
+        _unregister_collectors()
+
+
+def test_signer_metrics_count_grants_claimed_and_leases_lost(mosquitto, database_url, tmp_path):
+    """A signer replica takes over an open grant whose holder stopped renewing
+    (`claimed`); another instance then holds it and the upload arrives: this one does
+    not record it (`lease_lost`). Both counters as /metrics serves them."""
+    import hashlib
+
+    from camfleet import db
+    from camfleet.storage.local import LocalStore
+    from services.signer import Signer
+    from services.signer.leases import Leases
+
+    serial, name, data = "ENTO-MLEASE", "lease.jpg", b"\xff\xd8lease-metrics\xff\xd9"
+    key = f"edge/{serial}/{name}"
+    with db.transaction(database_url) as conn:
+        db.queries.edge_ensure_device(conn, device_id=serial)
+        db.queries.edge_grant_upsert(
+            conn,
+            device_id=serial,
+            file_name=name,
+            object_key=key,
+            request_id="r-metrics",
+            checked=True,
+            declared_size=len(data),
+            declared_sha256=hashlib.sha256(data).hexdigest(),
+            max_bytes=len(data),
+            expires_at=time.time() + 300,
+            bucket=None,
+        )
+        Leases("signer-gone", lease_s=0.5).take(conn, serial, [name])  # then it died
+    store = LocalStore(tmp_path / "objects")
+    signer = Signer(
+        store,
+        database_url,
+        broker_block(mosquitto),
+        client_id="s-lease-metrics",
+        share_group="camfleet-signer",
+        lease_s=1.5,
+    )
+    port = free_port()
+    server, _thread = metrics.expose_signer(signer, port)
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def counted(name_, at_least=1):
+        text = httpx.get(url, timeout=10).text
+        return text if value(text, name_) >= at_least else None
+
+    try:
+        text = httpx.get(url, timeout=10).text
+        assert "# HELP camfleet_signer_claimed_total open grants taken over" in text
+        assert value(text, "camfleet_signer_lease_lost_total") == 0
+        signer.start()
+        claimed = wait_for(lambda: counted("camfleet_signer_claimed_total"), 60)
+        assert claimed, "the expired grant was never taken over"
+        # Another instance holds the grant now (a device asked again, it answered).
+        with db.transaction(database_url) as conn, conn.cursor() as cur:
+            cur.execute(
+                "update edge_upload_grants set leased_by = 'signer-other',"
+                " lease_expires_at = now() + interval '1 hour'"
+                " where device_id = %s and file_name = %s",
+                (serial, name),
+            )
+        store.put(key, data)  # the device's upload arrives
+        lost = wait_for(lambda: counted("camfleet_signer_lease_lost_total"), 60)
+        assert lost, "the grant held elsewhere was not counted as lost"
+        assert value(lost, "camfleet_signer_verified_total") == 0  # not recorded here
+    finally:
+        signer.stop()
+        server.shutdown()
+        _unregister_collectors()

@@ -239,6 +239,103 @@ def test_demo_flow_runs_of_every_pipeline_show_completed_in_the_ui(demo):
     assert shot.read_bytes().startswith(b"\x89PNG")
 
 
+# Every demo device listed on the fleet page: the ids whose row's thumbnail has loaded.
+THUMBED_ROWS = (
+    "[...document.querySelectorAll('#fleet-rows tr[data-device]')].filter(r => {"
+    " const i = r.querySelector('img.thumb'); return i && i.complete && i.naturalWidth > 0;"
+    " }).map(r => r.dataset.device)"
+)
+
+
+@pytest.mark.timeout(600)
+def test_demo_console_in_chromium_pictures_runs_and_a_stranger_refused(demo):
+    """Issue 16's browser check, during `camfleet up --demo`, in headless Chromium: the
+    demo user signs in; the fleet page has a loaded thumbnail for every demo device
+    (ESP32s, edge camera, Visant camera, Lifelog wearables); an ESP32's page opened from
+    it links a capture to its full image and to its Prefect flow run, which the Prefect
+    UI shows; another user of the same stack reaches neither the page nor the image."""
+    from camfleet.demo import demo_device_ids
+    from tests.cdp import Browser
+    from tests.test_console_browser import sign_in
+
+    state = _demo_state(demo)
+    camera = state["visant"][0]
+    wanted = set(demo_device_ids()) | {camera}
+    stranger = subprocess.run(
+        [sys.executable, "-m", "camfleet.cli", "users", "create-key", "demo-stranger"],
+        env=demo.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert stranger.returncode == 0, stranger.stderr
+    browser = Browser()
+    try:
+        sign_in(browser, demo.api, state["user_key"])
+        # The page refreshes its rows itself: wait for the demo's first pictures.
+        js_wanted = json.dumps(sorted(wanted))
+        try:
+            browser.wait_for(
+                f"(() => {{ const have = {THUMBED_ROWS}; const rows = document.querySelectorAll"
+                "('#fleet-rows tr[data-device]').length;"
+                f" return {js_wanted}.every(d => have.includes(d)) && have.length === rows"
+                " && have.length; })()",
+                timeout=300,
+            )
+        except AssertionError as exc:
+            rows = browser.eval("document.querySelector('#fleet-rows').innerText")
+            raise AssertionError(f"rows without a thumbnail or missing:\n{rows}") from exc
+        wearables = browser.eval(
+            "[...document.querySelectorAll('#fleet-rows tr')].filter("
+            "r => r.children[2]?.textContent === 'lifelog').length"
+        )
+        assert wearables == 2, "the demo's two Lifelog wearables have a thumbnail each"
+        if shots := os.environ.get("CAMFLEET_SCREENSHOTS"):
+            browser.screenshot(Path(shots) / "console-demo-fleet.png")
+
+        # An ESP32's page, opened from its row: a capture, its full image, its flow run
+        # (the MQTT record flow stores the run on each capture it records).
+        esp32 = demo_device_ids()[0]
+        browser.eval(f"document.querySelector('a[href=\"/console/devices/{esp32}\"]').click(); 1")
+        browser.wait_for(f"location.pathname === '/console/devices/{esp32}'")
+        figure = "document.querySelector('#captures figure:has(a.flow-run):has(img)')"
+        deadline = time.monotonic() + 180
+        while not browser.eval(f"!!{figure}"):  # recorded a little after it is stored
+            assert time.monotonic() < deadline, browser.eval("document.body.innerText")[:3000]
+            time.sleep(5)
+            browser.goto(f"{demo.api}/console/devices/{esp32}")
+        browser.eval(f"{figure}.scrollIntoView(); 1")  # thumbnails load lazily
+        browser.wait_for(f"{figure}.querySelector('img').naturalWidth > 0", timeout=60)
+        if shots:
+            browser.screenshot(Path(shots) / "console-demo-device.png")
+        image_url = browser.eval(f"{figure}.querySelector('a[href$=\"/image\"]').href")
+        run_url = browser.eval(f"{figure}.querySelector('a.flow-run').href")
+        assert run_url.startswith(f"{demo.ui}/runs/flow-run/"), run_url
+        browser.goto(image_url)
+        assert browser.eval("document.contentType") == "image/jpeg"
+        assert browser.wait_for("document.images.length && document.images[0].naturalWidth")
+
+        run_id = run_url.rsplit("/", 1)[1]
+        run = httpx.get(f"{demo.ui}/api/flow_runs/{run_id}", timeout=30)
+        assert run.status_code == 200, run.text
+        browser.goto(run_url)  # the Prefect UI renders the run by its name
+        browser.wait_for(f"document.body.innerText.includes({run.json()['name']!r})", timeout=120)
+
+        # Another user, in the same browser after signing out: neither page nor image.
+        browser.goto(f"{demo.api}/console/")
+        browser.eval("document.querySelector('header form').submit(); 1")
+        browser.wait_for("location.pathname === '/console/login'")
+        sign_in(browser, demo.api, stranger.stdout.strip())
+        assert esp32 not in browser.eval("document.body.innerText")
+        status = browser.eval(
+            f"Promise.all([fetch('/console/devices/{esp32}'), fetch({image_url!r})])"
+            ".then(rs => rs.map(r => r.status))"
+        )
+        assert status == [404, 404]
+    finally:
+        browser.close()
+
+
 def _demo_state(demo: Demo) -> dict:
     """The demo's own state (its user key, its paired Visant camera), once written."""
     path = demo.work / "data" / "demo" / "state.json"

@@ -3,7 +3,7 @@
 camfleet alerts webhook URL [--name camfleet-alerts]   save a webhook block + automations
 camfleet alerts slack URL                              the same with a Slack webhook
 camfleet alerts setup                                  (re)create the automations
-camfleet alerts list                                   automations and open incidents
+camfleet alerts list                                   automations, device and service incidents
 camfleet alerts test                                   emit a test event -> notification
 camfleet alerts check                                  run the fleet-health flow once
 """
@@ -103,14 +103,25 @@ def list_alerts(
         console.print(f"incidents: no database ({type(exc).__name__})")
         return
     incidents = Table(title="recent incidents")
-    for column in ("device", "kind", "opened", "resolved"):
+    for column in ("source", "name", "kind", "opened", "resolved"):
         incidents.add_column(column)
     with db.transaction(dsn) as conn:
-        for _id, device, kind, opened, resolved, _details in db.queries.alerts_recent(
-            conn, limit=recent
-        ):
-            incidents.add_row(device, kind, str(opened), str(resolved or "open"))
+        for row in recent_incidents(conn, recent):
+            incidents.add_row(*row)
     console.print(incidents)
+
+
+def recent_incidents(conn, limit: int) -> list[tuple[str, str, str, str, str]]:
+    """Device and service incidents (migrations 0130, 0180), newest first, as shown:
+    (source, device id or service name, kind, opened, resolved or "open")."""
+    from camfleet import db
+
+    return [
+        (source, subject, kind, str(opened), str(resolved or "open"))
+        for source, subject, kind, opened, resolved in db.queries.alerts_recent_incidents(
+            conn, limit=limit
+        )
+    ]
 
 
 @alerts_app.command("test")

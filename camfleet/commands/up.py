@@ -30,6 +30,9 @@ SERVICES = [
 READY_PATHS = {"assembler": "/readyz", "api": "/health", "signer": "/ready"}
 DEPLOYMENTS = ("deployments", "deployments.serve", None)
 DEMO = [("demo", "camfleet.demo", None)]
+# The demo runs replicas of the MQTT services, so a newcomer sees them share the fleet
+# (leases in PostgreSQL, docs/scaling.md); --assemblers / --signers still override.
+DEMO_REPLICAS = 2
 
 
 def metrics_ports(api_port: int) -> dict[str, int]:
@@ -88,6 +91,12 @@ def assembler_replicas(n: int, metrics: dict[str, int]) -> list[tuple[str, str, 
     return out
 
 
+def replica_counts(demo: bool, assemblers: int | None, signers: int | None) -> tuple[int, int]:
+    """Replicas of the assembler and the signer: as asked, else 1 (2 with the demo)."""
+    default = DEMO_REPLICAS if demo else 1
+    return assemblers or default, signers or default
+
+
 def service_urls(api_host: str, api_port: int, health_ports: dict[str, int]) -> dict[str, str]:
     """Readiness URLs of the services up starts, for fleet-health's service alerts: the
     API where it listens (a wildcard address is reached on loopback), the assembler's
@@ -137,10 +146,18 @@ def up(
         False, help="Bring up databases and broker, print the status, and exit."
     ),
     assemblers: int = typer.Option(
-        1, min=1, help="MQTT assembler replicas (more than 1: device partitions leased)."
+        None,
+        min=1,
+        help="MQTT assembler replicas, leasing device partitions when more than 1 "
+        f"(default 1; {DEMO_REPLICAS} with --demo).",
+        show_default=False,
     ),
     signers: int = typer.Option(
-        1, min=1, help="`camfleet signer` replicas sharing the edge devices' requests."
+        None,
+        min=1,
+        help="`camfleet signer` replicas sharing the edge devices' requests "
+        f"(default 1; {DEMO_REPLICAS} with --demo).",
+        show_default=False,
     ),
 ) -> None:
     """Start everything: Prefect server, migrations, blocks, deployments, services."""
@@ -153,6 +170,7 @@ def up(
 
     settings = get_settings()
     api_port = api_port or settings.api_port
+    assemblers, signers = replica_counts(demo, assemblers, signers)
     stack = LocalStack(settings, prefect_port=prefect_port, mqtt_port=mqtt_port)
     running = stackfile.read(stack.data_dir)
     if running:

@@ -18,6 +18,7 @@ are stored and ACKed, only their flow_run_id stays empty.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import multiprocessing
 import signal
@@ -31,6 +32,9 @@ log = logging.getLogger("camfleet.assembler")
 
 RECORD_INTERVAL_S = 2.0
 RECORD_MAX = 2000
+# Prefect refuses flow-run parameters over 512 KiB serialized (422): a backlog after an
+# outage is recorded in runs that stay below this, never in one refused run
+RECORD_MAX_BYTES = 384 * 1024
 RECORD_ATTEMPTS = 5
 RECORD_BACKLOG = 20_000
 RECORD_DROP_LOG_EVERY = 1000
@@ -104,7 +108,12 @@ class Recorder:
 
     async def _record_once(self) -> bool:
         with self._lock:
-            take = [self._queue.popleft() for _ in range(min(RECORD_MAX, len(self._queue)))]
+            take, size = [], 0
+            while self._queue and len(take) < RECORD_MAX:
+                size += len(json.dumps(self._queue[0][0])) + 2
+                if take and size > RECORD_MAX_BYTES:
+                    break
+                take.append(self._queue.popleft())
         if not take:
             return True
         records = [r for r, _ in take]
@@ -125,6 +134,7 @@ class Recorder:
             retry = [(r, n + 1) for r, n in take if n + 1 < RECORD_ATTEMPTS]
             with self._lock:
                 self._queue.extendleft(reversed(retry))
+                self.stats["record_dropped"] += len(take) - len(retry)  # out of attempts
             log.warning("recording flow run failed for %d captures", len(records))
         return ok
 

@@ -39,6 +39,7 @@ class Handoff:
         self._thread = threading.Thread(target=self._loop, name="edge-handoff", daemon=True)
         self.flow_runs: list[str] = []
         self.dropped = 0
+        self._retry_at = 0.0  # after a failed hand-off, not before this
 
     def start(self) -> None:
         self._thread.start()
@@ -78,26 +79,34 @@ class Handoff:
                 batch, self._items = self._items[:HANDOFF_BATCH], self._items[HANDOFF_BATCH:]
                 self._first_at = time.monotonic() if self._items else None
                 stopping = self._stop
-            if batch:
-                self._hand(batch)
-            if stopping and not self._items:
+            handed = self._hand(batch) if batch else True
+            if stopping and (not self._items or not handed):  # Prefect down at stop: no loop
                 return
 
     def _ready(self) -> bool:
-        if not self._items:
+        if not self._items or time.monotonic() < self._retry_at:
             return False
         waited = time.monotonic() - (self._first_at or time.monotonic())
         return len(self._items) >= HANDOFF_BATCH or waited >= HANDOFF_MAX_WAIT_S
 
-    def _hand(self, batch: list[dict]) -> None:
+    def _hand(self, batch: list[dict]) -> bool:
         try:
             flow_run_id = self._run(batch)
         except Exception as exc:  # Prefect unreachable: the captures are stored regardless
             log.warning("signer: post-processing hand-off failed: %s", type(exc).__name__)
-            return
+            with self._lock:  # tried again later, within the bounded backlog (counted)
+                self._items[:0] = batch
+                over = len(self._items) - MAX_HANDOFF_BACKLOG
+                if over > 0:
+                    del self._items[:over]
+                    self.dropped += over
+                self._first_at = time.monotonic()
+                self._retry_at = self._first_at + HANDOFF_MAX_WAIT_S
+            return False
         if flow_run_id:
             self.flow_runs.append(flow_run_id)
             with self._pool.connection() as conn:
                 db.queries.edge_captures_set_flow_run(
                     conn, flow_run_id=flow_run_id, record_ids=[c["record_id"] for c in batch]
                 )
+        return True

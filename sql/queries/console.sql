@@ -125,6 +125,16 @@ returning alert_id, opened_at, resolved_at;
 select alert_id, device_id, kind, opened_at, resolved_at, details
 from device_alerts order by opened_at desc limit :limit;
 
+-- name: alerts_recent_incidents
+-- Device and service incidents together, newest first (`camfleet alerts list`): a
+-- service that stopped answering is as much an incident as a silent camera.
+(select 'device' as source, device_id as subject, kind, opened_at, resolved_at
+ from device_alerts order by opened_at desc limit :limit)
+union all
+(select 'service', service, 'not-ready', opened_at, resolved_at
+ from service_alerts order by opened_at desc limit :limit)
+order by opened_at desc limit :limit;
+
 -- name: alerts_open_services
 select service from service_alerts where resolved_at is null;
 
