@@ -203,7 +203,7 @@ def expose_assembler(service, port: int):
 
 
 SIGNER_HELPS = {
-    # grant leases of signer replicas (services/signer_leases.py)
+    # grant leases of signer replicas (services/signer/leases.py)
     "claimed": "open grants taken over: at start, or from an instance whose lease expired",
     "lease_lost": "watched grants another instance holds now (verified there, not here)",
 }
@@ -217,7 +217,7 @@ def expose_signer(signer, port: int):
         "signer",
         port,
         signer.stats,
-        # FairInbox (services/signer_limits.py): its length is the queued requests
+        # FairInbox (services/signer/limits.py): its length is the queued requests
         gauges={"queue_depth": lambda: len(signer._inbox)},  # noqa: SLF001
         helps=SIGNER_HELPS,
     )

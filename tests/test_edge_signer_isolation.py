@@ -42,8 +42,8 @@ from camfleet.edge.uploader import EdgeUploader
 from camfleet.localsvc import free_port
 from camfleet.protocol import edge_batch as eb
 from services.signer import Signer, WorkerDied
-from services.signer_health import HealthServer
-from services.signer_limits import FairInbox, RateLimiter
+from services.signer.health import HealthServer
+from services.signer.limits import FairInbox, RateLimiter
 from tests.faults_common import wait_until
 from tests.test_edge_transaction import (
     Listener,

@@ -45,8 +45,9 @@ from camfleet.edge.uploader import (
 )
 from camfleet.localsvc import MosquittoInstance, PostgresInstance, S3Instance, free_port
 from camfleet.protocol import edge_batch as eb
+from camfleet.storage.fast_s3 import ObjectReader
 from camfleet.storage.s3 import S3Store
-from services.signer import CHECK_FIRST_S, CHECK_WORKERS, ObjectReader, Signer, stored_digest
+from services.signer import CHECK_FIRST_S, CHECK_WORKERS, Signer
 from tests.helpers import wait_until
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -759,11 +760,11 @@ def test_read_back_hashes_the_stored_bytes_like_boto3(s3, bucket, store):
         assert reader is not None
         try:
             assert reader.digest("devices/ENTO-R/a.jpg") == expect
-            assert stored_digest(st, "devices/ENTO-R/a.jpg") == expect  # boto3's answer
+            assert st.digest("devices/ENTO-R/a.jpg") == expect  # boto3's answer
             assert reader.digest("devices/ENTO-R/missing.jpg") is None
             # Larger than the grant allows: refused by its size, the body is not read.
             assert reader.digest("devices/ENTO-R/a.jpg", max_bytes=1000) == (len(data), None)
-            assert stored_digest(st, "devices/ENTO-R/a.jpg", 1000) == (len(data), None)
+            assert st.digest("devices/ENTO-R/a.jpg", 1000) == (len(data), None)
             for _ in range(3):
                 assert reader.digest("devices/ENTO-R/a.jpg", max_bytes=len(data)) == expect
             assert len(reader._connections) == 1  # one kept-alive connection per thread

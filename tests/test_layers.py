@@ -135,10 +135,7 @@ def test_the_scan_sees_the_imports_it_must(tmp_path):
 # runs the test S3 server. Unlike the layer rule this counts lazy imports too.
 S3_LIBRARIES = frozenset({"boto3", "botocore"})
 S3_HOMES = ("camfleet/storage/", "camfleet/localsvc/")
-S3_EXCEPTIONS: dict[str, str] = {
-    "services/signer.py": "stored_digest's boto3 get_object path; moves into "
-    "camfleet/storage with the signer's split into a package (issue 17)",
-}
+S3_EXCEPTIONS: dict[str, str] = {}
 APPLICATION_DIRS = ("camfleet", "services", "flows", "tasks", "deployments", "blocks")
 
 

@@ -247,7 +247,7 @@ def test_signer_metrics_count_grants_claimed_and_leases_lost(mosquitto, database
     from camfleet import db
     from camfleet.storage.local import LocalStore
     from services.signer import Signer
-    from services.signer_leases import Leases
+    from services.signer.leases import Leases
 
     serial, name, data = "ENTO-MLEASE", "lease.jpg", b"\xff\xd8lease-metrics\xff\xd9"
     key = f"edge/{serial}/{name}"

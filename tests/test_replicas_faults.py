@@ -8,7 +8,7 @@ One private Mosquitto, one fresh database, real processes:
   tests/test_assembler_replicas.py), fed by 100 simulated ESP32-CAMs that send rounds of
   one uniquely named image each and resend an unACKed image as the firmware does;
 - 3 `camfleet signer --share-group G --lease-s S` replicas (grant leases,
-  services/signer_leases.py; the harness of tests/test_signer_replicas.py), serving 20
+  services/signer/leases.py; the harness of tests/test_signer_replicas.py), serving 20
   edge devices draining their cameras into moto's S3.
 
 Each replica is SIGKILLed in turn (assembler, signer, assembler, ...), while both fleets

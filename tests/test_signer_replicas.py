@@ -2,7 +2,7 @@
 
 Three `camfleet signer --share-group` processes share the device requests through
 Mosquitto's shared subscription and the verification work through grant leases in
-`edge_upload_grants` (services/signer_leases.py). Twenty simulated edge devices (a
+`edge_upload_grants` (services/signer/leases.py). Twenty simulated edge devices (a
 child process running camfleet's `EdgeUploader` per device, tests/faults_edge_support)
 drain their cameras through them. What is checked:
 
@@ -37,8 +37,8 @@ import pytest
 
 from camfleet import db
 from camfleet.localsvc import MosquittoInstance
-from services.signer_leases import Leases
-from services.signer_limits import SharedRateLimiter
+from services.signer.leases import Leases
+from services.signer.limits import SharedRateLimiter
 from tests.faults_common import ChildProcess, wait_until
 from tests.faults_edge_support import Bucket, Camera, Watcher, check_invariants, device_fleet
 

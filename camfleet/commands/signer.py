@@ -50,8 +50,8 @@ def signer(
     from camfleet.settings import get_settings
     from camfleet.storage import open_store
     from services.signer import Signer, WorkerDied
-    from services.signer_health import HealthServer
-    from services.signer_limits import REQUEST_BURST, RateLimiter, SharedRateLimiter
+    from services.signer.health import HealthServer
+    from services.signer.limits import REQUEST_BURST, RateLimiter, SharedRateLimiter
 
     logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(message)s")
     run = None

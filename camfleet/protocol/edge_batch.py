@@ -2,7 +2,7 @@
 
 Two plain classes and a few parsers, fed parsed messages and the current time, that
 answer with what to do; MQTT, HTTP, S3, SQL and Prefect live in thin shells
-(`camfleet/edge/` on the device, `services/signer.py` in the cloud).
+(`camfleet/edge/` on the device, `services/signer/` in the cloud).
 
 Wire format (deployed devices depend on it; topic templates are configurable)
 -----------------------------------------------------------------------------

@@ -91,6 +91,21 @@ class ObjectStore(ABC):
             return info.sha256
         return sha256_hex(self.get(key))
 
+    def digest(self, key: str, max_bytes: int | None = None) -> tuple[int, str | None] | None:
+        """(size, SHA-256) computed from the stored bytes; None when absent.
+
+        An object larger than `max_bytes` is not read: (size, None), enough to refuse it.
+        The edge signer's read-back (`camfleet.storage.fast_s3.ObjectReader` is the fast
+        path for S3 with static credentials).
+        """
+        info = self.head(key)
+        if info is None:
+            return None
+        if max_bytes is not None and info.size > max_bytes:
+            return info.size, None
+        sha = self.checksum(key)  # LocalStore streams from disk
+        return (info.size, sha) if sha else None
+
     def presigned_put(
         self, key: str, content_type: str, expires_in: int = 300, max_bytes: int | None = None
     ) -> PresignedPut:

@@ -18,6 +18,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from camfleet.keys import object_key
 from camfleet.storage.base import (
+    STREAM_CHUNK_BYTES,
     ObjectInfo,
     ObjectStore,
     PresignedPost,
@@ -99,6 +100,24 @@ class S3Store(ObjectStore):
             if exc.response["Error"]["Code"] in {"NoSuchKey", "404"}:
                 raise KeyError(key) from None
             raise StorageError(f"S3 get {key!r} failed: {exc}") from exc
+
+    def digest(self, key, max_bytes=None):
+        """One GET, hashed as it streams (the generic path would HEAD, then GET)."""
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in {"NoSuchKey", "404", "NotFound"}:
+                return None
+            raise StorageError(f"S3 get {key!r} failed: {exc}") from exc
+        body = response["Body"]
+        if max_bytes is not None and response.get("ContentLength", 0) > max_bytes:
+            body.close()
+            return response["ContentLength"], None
+        digest, size = hashlib.sha256(), 0
+        for chunk in body.iter_chunks(STREAM_CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+        return size, digest.hexdigest()
 
     def head(self, key):
         try:

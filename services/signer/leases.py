@@ -1,0 +1,209 @@
+"""Leases on open edge grants: several signer instances, each grant verified by one.
+
+Every open grant in `edge_upload_grants` is leased to the signer instance that issued
+it (`leased_by` = the instance's MQTT client id, unique per instance). Only the holder
+records the grant's verification or failure: `held()` locks the rows in the
+verification's own transaction, so a grant another instance claimed meanwhile is never
+recorded (nor its `{"file"}` published) twice. Holders renew their leases while they
+live; an instance that dies (SIGKILL, lost machine) stops renewing, and once its leases
+expire the others claim them with `FOR UPDATE SKIP LOCKED` and watch them as their
+own. An instance that stops cleanly releases its leases; one restarted under the same
+client id takes its own back at once (a client id serves one process at a time: the
+broker disconnects the older session of a duplicate).
+
+A device that asks again for a name gets a fresh grant leased to whichever instance
+answered: the lease follows the latest grant, and the earlier holder drops its watch
+when it finds the lease gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from camfleet import db
+from camfleet.protocol import edge_batch as eb
+from services.signer.watch import Pending
+
+log = logging.getLogger("camfleet.signer")
+
+# How long a lease outlives its holder's last renewal. Leases are renewed, and expired
+# ones claimed, every third of that (one statement each: an idle fleet costs every
+# instance two tiny statements per 5 s), so a killed instance's grants are claimed by
+# the others within 4/3 LEASE_S (20 s); the device meanwhile waits for its
+# verification (VERIFY_TIMEOUT_S, 30 s) and would ask again after that anyway.
+LEASE_S = 15.0
+
+
+class Leases:
+    """One signer instance's side of the grant leases (SQL: sql/queries/edge_leases.sql)."""
+
+    def __init__(self, owner: str, lease_s: float = LEASE_S) -> None:
+        if lease_s <= 0:
+            raise ValueError("lease_s must be positive")
+        self.owner = owner
+        self.lease_s = float(lease_s)
+        self.tend_every_s = self.lease_s / 3
+
+    def take(self, conn, serial: str, names: Iterable[str]) -> None:
+        """Lease the grants just issued for `names` (caller's transaction)."""
+        names = list(names)
+        if names:
+            db.queries.edge_grants_lease(
+                conn,
+                owner=self.owner,
+                lease_s=self.lease_s,
+                device_id=serial,
+                file_names=names,
+            )
+
+    def claim(self, conn, max_rows: int, own: bool = False) -> list[tuple]:
+        """Open grants nobody holds, now ours (rows as `edge_grants_open`'s).
+
+        `own`: also this owner's leases from an earlier life (at start).
+        """
+        if max_rows <= 0:
+            return []
+        return list(
+            db.queries.edge_grants_claim(
+                conn, owner=self.owner, lease_s=self.lease_s, own=own, max_rows=max_rows
+            )
+        )
+
+    def renew(self, conn) -> int:
+        """Extend every open lease of ours; the number renewed."""
+        return db.queries.edge_grants_renew(conn, owner=self.owner, lease_s=self.lease_s)
+
+    def held(self, conn, serial: str, names: Iterable[str]) -> set[str]:
+        """Of `names`, those whose open grant we hold, locked until the transaction ends."""
+        names = sorted(set(names))
+        if not names:
+            return set()
+        rows = db.queries.edge_grants_held(
+            conn, device_id=serial, file_names=names, owner=self.owner
+        )
+        return {row[0] for row in rows}
+
+    def release(self, conn) -> int:
+        """Hand our open grants to whoever looks next (a clean stop)."""
+        return db.queries.edge_grants_release(conn, owner=self.owner)
+
+
+class LeaseLost(Exception):
+    """Another instance holds the grant now: this one records nothing for it."""
+
+
+class LeaseTending:
+    """The signer's side of its leases: resume, renew, take over, check, release.
+
+    A part of `Signer` (services/signer/__init__.py): it uses the signer's pool, watch
+    table and lock, and `self._leases` (a `Leases`).
+    """
+
+    def _resume_open_grants(self) -> None:
+        """At start: our own open grants from before a restart, and those nobody holds."""
+        with self.pool.connection() as conn:
+            rows = self._leases.claim(conn, self._room(), own=True)
+        self._watch_claimed(rows, "resumed")
+
+    def _tend_leases(self) -> None:
+        """Renew our leases; take over open grants whose holder stopped renewing."""
+        self._next_lease_tend = time.monotonic() + self._leases.tend_every_s
+        try:
+            with self.pool.connection() as conn:
+                self._leases.renew(conn)
+                rows = self._leases.claim(conn, self._room())
+        except Exception as exc:  # the database is down: try again next time
+            log.warning("signer: renewing grant leases failed: %s", type(exc).__name__)
+            return
+        self._watch_claimed(rows, "took over")
+
+    def _release_leases(self) -> None:
+        try:
+            with self.pool.connection() as conn:
+                self._leases.release(conn)
+        except Exception as exc:  # they expire instead
+            log.warning("signer: releasing grant leases failed: %s", type(exc).__name__)
+
+    def _room(self) -> int:
+        with self._lock:
+            return self.max_pending - len(self._pending)
+
+    def _watch_claimed(self, rows: list[tuple], how: str) -> None:
+        """Watch claimed grants as if granted here (rows as `edge_grants_open`'s)."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        now = self.clock()
+        watched = 0
+        for (
+            serial,
+            name,
+            key,
+            request_id,
+            checked,
+            size,
+            sha,
+            max_bytes,
+            expires_at,
+            bucket,
+        ) in rows:
+            group = None if checked else (request_id or "resumed")
+            if bucket is not None and bucket not in self._stores:
+                bucket = None  # no longer allowed: looked for in the signer's own bucket
+            grant = eb.Grant(
+                serial, name, key, max_bytes, expires_at, request_id, size, sha, bucket
+            )
+            siblings = (serial, request_id or "")
+            with self._lock:
+                if (serial, name) in self._pending:  # ours already (our lease had lapsed)
+                    continue
+                self._watch(Pending(grant, group, now, siblings=siblings))
+            watched += 1
+            if group is not None:
+                groups.setdefault((serial, group), []).append(name)
+        with self._lock:
+            for (serial, group), names in groups.items():
+                self._publishing.open_request(serial, group, names, now)
+            self.stats.claimed += watched
+        if watched:
+            log.info("signer: %s %d open grants", how, watched)
+
+    def _holding(self, conn, items: list[tuple]) -> tuple[list[tuple], list[Pending]]:
+        """(items whose grant we hold, now locked by `conn`'s transaction; lost pendings).
+
+        A recheck is a grant verified before, confirmed for the device that asked: no
+        open grant, nothing leased; the instance that answered the request does it.
+        """
+        names: dict[str, list[str]] = {}
+        for item in items:
+            pending = item[0]
+            if not pending.recheck:
+                names.setdefault(pending.grant.serial, []).append(pending.grant.name)
+        held = {
+            (serial, name)
+            for serial, wanted in names.items()
+            for name in self._leases.held(conn, serial, wanted)
+        }
+        kept, lost = [], []
+        for item in items:
+            grant = item[0].grant
+            if item[0].recheck or (grant.serial, grant.name) in held:
+                kept.append(item)
+            else:
+                lost.append(item[0])
+        return kept, lost
+
+    def _drop_lost(self, lost: list[Pending]) -> None:
+        """Stop watching grants another instance holds now (its own watch records them)."""
+        if not lost:
+            return
+        now = self.clock()
+        with self._lock:
+            for pending in lost:
+                self._unwatch(pending)
+                # An unchecked request's group no longer waits for this name here.
+                self._publishing.resolved(
+                    pending.grant.serial, pending.group, pending.grant.name, False, now
+                )
+            self.stats.lease_lost += len(lost)
+        log.info("signer: %d grants are held by another instance now", len(lost))
