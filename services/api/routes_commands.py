@@ -332,9 +332,7 @@ async def upload_capture(request: Request) -> dict:
     key = object_key("captures", device_id, f"{captured_at:%Y/%m/%d}", f"{name}.{ext}")
     store = _store(request)
 
-    metadata = dict(upload.metadata)
-    metadata.setdefault("width", info.width)
-    metadata.setdefault("height", info.height)
+    metadata = {"width": info.width, "height": info.height, **upload.metadata}
     written = False
     try:
         async with pool.acquire() as conn, conn.transaction():

@@ -176,6 +176,10 @@ def redact_url(url: str) -> str:
 
 class AssemblerService:
     def __init__(self, broker, config: ServiceConfig, store=None):
+        """The settings, the collaborators and the state the service's threads share.
+
+        Over 60 lines only because it is a list: one line a collaborator or a piece of
+        state, kept in one place so that every thread's attributes are found here."""
         from camfleet.storage import open_store
 
         self.broker = broker

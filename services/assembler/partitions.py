@@ -209,29 +209,8 @@ class PartitionLeases:
         """One renewal round (the lease thread calls it every RENEW_INTERVAL_S)."""
         t0 = time.monotonic()
         announced = self._owned  # the worker may hold state for these
-        args = {"me": self.replica_id, "ttl": self.ttl_s, "p": self.partitions}
         try:
-            conn = self._connection()
-            with conn, conn.cursor() as cur:
-                cur.execute(_HEARTBEAT, args)
-                if self.rounds % 60 == 0:
-                    cur.execute(_FORGET_DEAD, {"forget": FORGET_REPLICA_S})
-                cur.execute(_LIVE)
-                (live,) = cur.fetchone()
-                cur.execute(_RENEW, args)
-                held = {r[0] for r in cur.fetchall()}
-                share = fair_share(self.partitions, live)
-                if len(held) < share:
-                    cur.execute(_CLAIM, {**args, "n": share - len(held)})
-                    held |= {r[0] for r in cur.fetchall()}
-                release = self._to_release(held, share)
-                if release:
-                    # stop using them first: from here on messages of these partitions
-                    # are dropped, then the database lets the others claim them
-                    held -= release
-                    self._owned = frozenset(held)
-                    self.on_lost(frozenset(release))
-                    cur.execute(_RELEASE, {**args, "parts": sorted(release)})
+            live, held, release = self._renew_and_claim()
         except psycopg2.Error as exc:
             self.failed_rounds += 1
             self.last_error = type(exc).__name__
@@ -242,6 +221,39 @@ class PartitionLeases:
         self.rounds += 1
         self.live_replicas = live
         self.last_error = None
+        self._account(t0, announced, live, held, release)
+
+    def _renew_and_claim(self) -> tuple[int, set[int], set[int]]:
+        """In one transaction: heartbeat, renew what we hold, claim up to our fair share,
+        give back idle partitions beyond it. Returns (live replicas, held, released)."""
+        args = {"me": self.replica_id, "ttl": self.ttl_s, "p": self.partitions}
+        conn = self._connection()
+        with conn, conn.cursor() as cur:
+            cur.execute(_HEARTBEAT, args)
+            if self.rounds % 60 == 0:
+                cur.execute(_FORGET_DEAD, {"forget": FORGET_REPLICA_S})
+            cur.execute(_LIVE)
+            (live,) = cur.fetchone()
+            cur.execute(_RENEW, args)
+            held = {r[0] for r in cur.fetchall()}
+            share = fair_share(self.partitions, live)
+            if len(held) < share:
+                cur.execute(_CLAIM, {**args, "n": share - len(held)})
+                held |= {r[0] for r in cur.fetchall()}
+            release = self._to_release(held, share)
+            if release:
+                # stop using them first: from here on messages of these partitions
+                # are dropped, then the database lets the others claim them
+                held -= release
+                self._owned = frozenset(held)
+                self.on_lost(frozenset(release))
+                cur.execute(_RELEASE, {**args, "parts": sorted(release)})
+        return live, held, release
+
+    def _account(
+        self, t0: float, announced: frozenset, live: int, held: set[int], release: set[int]
+    ) -> None:
+        """After a round: what was gained, what was lost while our lease lapsed."""
         now = time.monotonic()
         # new, or back after our lease lapsed (even for a moment during this round:
         # owns() said False meanwhile, so an image's head may have been dropped)
