@@ -212,13 +212,10 @@ async def store_objects(batch_id: str) -> int:
     batch, ctx = get_batch(batch_id), context()
     todo = [i for i in batch.items if not i.stored]
     loop = asyncio.get_running_loop()
-    if hasattr(ctx.store, "put_many"):  # local store: one directory fsync per batch
-        results = await loop.run_in_executor(_pool, _put_many, ctx.store, todo)
-    else:
-        results = await asyncio.gather(
-            *(loop.run_in_executor(_pool, _put, ctx.store, i) for i in todo),
-            return_exceptions=True,
-        )
+    results = await asyncio.gather(
+        *(loop.run_in_executor(_pool, _put, ctx.store, i) for i in todo),
+        return_exceptions=True,
+    )
     failed = [(i, r) for i, r in zip(todo, results, strict=True) if isinstance(r, Exception)]
     for i, r in failed:
         i.error_message = f"{type(r).__name__}: {str(r)[:200]}"
@@ -232,22 +229,6 @@ def _put(store, item: Item) -> None:
     if info.sha256 and info.sha256 != item.image.sha256:
         raise RuntimeError("store returned a different sha256")
     item.stored = True
-
-
-def _put_many(store, items: list[Item]) -> list[Exception | None]:
-    """The batch's objects through `store.put_many`: an item is stored only once its
-    bytes and directory entry are durable, so nothing is ACKed before that."""
-    infos = store.put_many([(i.key, i.image.data, "image/jpeg") for i in items])
-    results: list[Exception | None] = []
-    for item, info in zip(items, infos, strict=True):
-        if not isinstance(info, Exception) and info.sha256 != item.image.sha256:
-            info = RuntimeError("store returned a different sha256")
-        if isinstance(info, Exception):
-            results.append(info)
-        else:
-            item.stored = True
-            results.append(None)
-    return results
 
 
 # -- database -----------------------------------------------------------------------

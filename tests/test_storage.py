@@ -188,7 +188,7 @@ def test_local_store_put_many_writes_every_object_and_reports_each_failure(tmp_p
 
 def test_store_step_does_not_ack_an_image_whose_object_failed(tmp_path, database_url, monkeypatch):
     """The assembler's store step (tasks.mqtt, the default direct ACK path) on a local
-    store: the images put_many stored get rows and ACK_OK, the one it could not store
+    store: the images stored get rows and ACK_OK, the one that could not be stored
     gets E_STORE and no ACK, so its device keeps it and resends."""
     from camfleet import db
     from camfleet.protocol.assembler import FinalizeImage
