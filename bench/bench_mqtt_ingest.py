@@ -11,7 +11,8 @@ machine's cores). The Python simulator (--baseline-publisher python, and always 
 (b), whose devices must wait for ACK_OK and answer NACKs like the firmware) runs in
 --publishers separate processes; its publishers together used 2-3x the subscriber's CPU
 (62-97 % of a core against 18-29 % at load 6-7, 2026-12-03), taking CPU on two shared
-cores that the subscriber could use. The mosquitto_pub devices use a few % of a core.
+cores that the subscriber could use. The 100 mosquitto_pub devices used 15-26 % of a
+core together (2026-12-03, load 4.5-7.4), the subscriber 50-60 %.
 With the devices in one Python process the baseline measured what the devices could
 send (1.9-2.6k chunks/s, where one fast publisher moves 7.5-9.5k through Mosquitto to a
 counting subscriber: issue 20). On a loaded machine (other users at 100-480 % of the
