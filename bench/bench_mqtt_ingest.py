@@ -2,20 +2,21 @@
 
 What the baseline is the limit of: (a) is the rate at which ONE Python paho subscriber
 can take the chunk stream off one Mosquitto on this machine, i.e. the ceiling for any
-single-process Python ingester. The load generator must not be the limit: the devices
-run in --publishers separate processes (default 3, each a slice of the fleet with its
-own MQTT connection, chunks base64+JSON-encoded before an image's first chunk goes
-out), and each run prints the CPU of every process and names the one that was
-CPU-bound. With the devices in one process the baseline measured what the devices could
+single-process Python ingester. The load generator must not be the limit: by default
+(--baseline-publisher mosquitto_pub) (a)'s devices are compiled clients, one
+`mosquitto_pub -l` per device topic fed its pre-encoded lines (metadata + 45 chunk
+JSON lines per image) from a file, so (a) measures the broker and the subscriber; each
+run prints the CPU of every process and names the one that was CPU-bound (or the
+machine's cores). The Python simulator (--baseline-publisher python, and always for
+(b), whose devices must wait for ACK_OK and answer NACKs like the firmware) runs in
+--publishers separate processes; its publishers together used 2-3x the subscriber's CPU
+(62-97 % of a core against 18-29 % at load 6-7, 2026-12-03), taking CPU on two shared
+cores that the subscriber could use. The 100 mosquitto_pub devices used 15-26 % of a
+core together (2026-12-03, load 4.5-7.4), the subscriber 50-60 %.
+With the devices in one Python process the baseline measured what the devices could
 send (1.9-2.6k chunks/s, where one fast publisher moves 7.5-9.5k through Mosquitto to a
-counting subscriber: issue 20). Measured 2026-12-03 with three publisher processes under
-other users' load (load average 7-10), no process of ours was near a full core
-(subscriber 14-23 %, Mosquitto 6-9 %, the publishers 44-70 % together): the machine's
-two cores, taken by other users (60-140 %), were the limit of (a) and (b) alike, so
-the ratio, not the rate, is the figure to compare. The Python publishers together used
-2-3x the subscriber's CPU (62-97 % of a core against 18-29 % at load 6-7): on two
-shared cores they take CPU the subscriber could use, so a compiled publisher (e.g.
-`mosquitto_pub -l` fed pre-encoded lines) is the next step for (a).
+counting subscriber: issue 20). On a loaded machine (other users at 100-480 % of the
+two cores) the cores are the limit of (a) and (b) alike: compare ratios, not rates.
 
 On one private Mosquitto (started here, loopback only), with --devices simulated
 ESP32-CAMs sending --images 45-chunk images each at QoS 1:
@@ -39,7 +40,8 @@ chunk, NACKs, and the assembler's peak RSS next to the bytes of images in flight
 into DIR/assembler.svg and DIR/assembler.txt (collapsed stacks).
 
     .venv/bin/python bench/bench_mqtt_ingest.py [--devices 100] [--images 10] \
-        [--publishers 3] [--repeat 3] [--no-prefect-too] [--profile DIR]
+        [--publishers 3] [--repeat 3] [--baseline-publisher mosquitto_pub|python] \
+        [--no-prefect-too] [--profile DIR]
 
 Targets (issue 20): ratio >= 0.85, ACK_OK p99 <= 0.5 s at 100 devices, RSS within
 150 MB + 1.2 x in flight; the ratio within 0.1 of its quiet value under `camfleet up`
@@ -227,8 +229,66 @@ class Publishers:
             p.join(30)
 
 
+# The baseline's devices as compiled clients: one `mosquitto_pub -l` per device topic,
+# fed its pre-encoded stream (per image: the metadata, then the 45 chunk JSON lines the
+# simulator sends) from a file. Each runs under `sh`, which waits for "go", runs it,
+# then stays until the benchmark has read its CPU (the finished child's time counts).
+MOSQUITTO_PUB_SH = 'read _; mosquitto_pub "$@" < "$0"; read _'
+
+
+class CompiledPublishers:
+    def __init__(self, broker, devices: int, images: int, prefix: str, workdir: Path):
+        import base64
+        import json
+        import random
+
+        from camfleet.simulators.esp32 import device_id, fake_jpeg
+
+        self.procs, self.workdir = [], workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        for i in range(devices):
+            dev, rnd = device_id(prefix, i), random.Random(i)
+            lines = []
+            for j in range(images):
+                data, name = fake_jpeg(IMAGE_BYTES, rnd), f"image_{j}.jpg"
+                meta = {"device_id": dev, "image_name": name, "image_size": len(data)}
+                meta |= {"max_chunks_size": 1024, "total_chunk_count": CHUNKS_PER_IMAGE}
+                lines.append(json.dumps(meta, separators=(",", ":")))
+                for cid in range(CHUNKS_PER_IMAGE):
+                    part = base64.b64encode(data[cid * 1024 : (cid + 1) * 1024]).decode()
+                    chunk = {"device_id": dev, "image_name": name, "chunk_id": cid}
+                    chunk |= {"max_chunk_size": 1024, "payload": part}
+                    lines.append(json.dumps(chunk, separators=(",", ":")))
+            path = workdir / f"{dev}.lines"
+            path.write_text("\n".join(lines) + "\n")
+            cmd = ["sh", "-c", MOSQUITTO_PUB_SH, str(path), "-h", broker.host]
+            cmd += ["-p", str(broker.port), "-q", "1", "-i", f"pub-{dev}"]
+            cmd += ["-t", f"ESP32CAM/{dev}/data", "-l"]
+            self.procs.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True))
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def run(self, timeout: float = 600) -> dict:
+        t0 = time.time()
+        for p in self.procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        return {"start": t0}
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.stdin.write("done\n")
+            p.stdin.close()
+        for p in self.procs:
+            p.wait(30)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
 # -- (a) the plain subscriber -------------------------------------------------------------
-def bench_plain(broker, pg, devices, images, publishers, prefix):
+def bench_plain(broker, pg, devices, images, publishers, prefix, compiled=None):
+    """compiled: a work directory -> the devices are `mosquitto_pub` processes."""
     expected = devices * images * CHUNKS_PER_IMAGE
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(COUNTER)
@@ -247,7 +307,10 @@ def bench_plain(broker, pg, devices, images, publishers, prefix):
         text=True,
     )
     assert counter.stdout.readline().strip() == "ready"
-    pubs = Publishers(broker, publishers, devices, images, prefix, wait_ack=False)
+    if compiled is not None:
+        pubs = CompiledPublishers(broker, devices, images, prefix, compiled)
+    else:
+        pubs = Publishers(broker, publishers, devices, images, prefix, wait_ack=False)
     groups = {"broker": broker.pid, "subscriber": counter.pid, "publishers": pubs.pids}
     with CpuMeter(groups) as meter:
         sim = pubs.run()
@@ -410,6 +473,13 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=10)
     ap.add_argument("--publishers", type=int, default=3, help="load-generator processes")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument(
+        "--baseline-publisher",
+        choices=("mosquitto_pub", "python"),
+        default="mosquitto_pub" if shutil.which("mosquitto_pub") else "python",
+        help="(a)'s devices: one compiled mosquitto_pub per device (default when "
+        "installed, so (a) measures the broker and subscriber) or the Python simulator",
+    )
     variants = {  # flag -> (label, assembler options, device-id prefix)
         "no_prefect_too": ("(c) --no-prefect", ("--no-prefect",), "D1"),
         "log_control_only_too": ("(c) --log-control-only", ("--log-control-only",), "C0"),
@@ -422,9 +492,14 @@ def main() -> None:
     args = ap.parse_args()
     d, m = args.devices, args.images
     mb = 1024 * 1024
+    if args.baseline_publisher == "mosquitto_pub":
+        a_pub = f"{d} mosquitto_pub -l processes (one per device topic)"
+    else:
+        a_pub = f"{args.publishers} Python publisher processes"
     print(
         f"camfleet MQTT ingest benchmark: {d} devices x {m} images x {CHUNKS_PER_IMAGE} chunks"
-        f" (1 KiB, QoS 1), {args.publishers} publisher processes, {os.cpu_count()} CPUs,"
+        f" (1 KiB, QoS 1), (a) devices: {a_pub}, (b) devices: {args.publishers} Python"
+        f" publisher processes, {os.cpu_count()} CPUs,"
         f" {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load {load_average()}"
     )
     plain, full = [], []
@@ -441,7 +516,10 @@ def main() -> None:
         with PrefectServerInstance(services=False, database_url=prefect_db) as prefect:
             os.environ["PREFECT_API_URL"] = prefect.api_url
             for i in range(args.repeat):
-                a = bench_plain(broker, pg, d, m, args.publishers, f"BA{i:02X}00")
+                compiled = (
+                    Path(tmp) / f"pub{i}" if args.baseline_publisher == "mosquitto_pub" else None
+                )
+                a = bench_plain(broker, pg, d, m, args.publishers, f"BA{i:02X}00", compiled)
                 print(
                     f"[{i + 1}] (a) plain subscriber {a['chunks_s']:7,.0f} chunks/s  "
                     f"{a['meter'].line()}",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 import httpx
@@ -12,7 +14,7 @@ import pytest
 
 from camfleet.keys import BadName, key_within, object_key, sanitize_name
 from camfleet.storage import PresignNotSupported, open_store
-from camfleet.storage.local import LocalStore
+from camfleet.storage.local import KeyUnavailable, LocalStore
 from camfleet.storage.s3 import S3Store
 from camfleet.storage.supabase import SupabaseStore
 from tests.supabase_storage_server import SupabaseStorageServer
@@ -165,3 +167,63 @@ def test_local_store_writes_through_its_tmp_dir_and_sweeps_stale_leftovers(tmp_p
         store.put(f"{TMP_DIR}/x.jpg", b"x")
     LocalStore(tmp_path)  # opening a store sweeps what a crash left long ago
     assert not stale.exists() and fresh.exists()
+
+
+def test_local_store_put_many_writes_every_object_and_reports_each_failure(tmp_path):
+    store = LocalStore(tmp_path / "objects")
+    store.put("esp32/D9/a.jpg", JPEG)  # a file: a key beneath it cannot be stored
+    objects = [(f"esp32/D{k % 3}/img{k}.jpg", JPEG + bytes([k]), "image/jpeg") for k in range(7)]
+    objects.insert(3, ("esp32/D9/a.jpg/under.jpg", JPEG, "image/jpeg"))
+    results = store.put_many(objects)
+    assert len(results) == len(objects)
+    assert isinstance(results[3], KeyUnavailable)
+    for (key, data, _), info in zip(objects, results, strict=True):
+        if key.endswith("under.jpg"):
+            continue
+        assert info.key == key and info.size == len(data)
+        assert info.sha256 == hashlib.sha256(data).hexdigest()
+        assert store.get(key) == data
+    assert not [p for p in (tmp_path / "objects").rglob(".upload-*")]
+
+
+def test_store_step_does_not_ack_an_image_whose_object_failed(tmp_path, database_url, monkeypatch):
+    """The assembler's store step (tasks.mqtt, the default direct ACK path) on a local
+    store: the images stored get rows and ACK_OK, the one that could not be stored
+    gets E_STORE and no ACK, so its device keeps it and resends."""
+    from camfleet import db
+    from camfleet.protocol.assembler import FinalizeImage
+    from flows.mqtt_ingest import run_batch_direct
+    from tasks import mqtt as tm
+
+    store = LocalStore(tmp_path / "objects")
+    images = []
+    for k, dev in enumerate(("AA0000000001", "AA0000000002", "AA0000000003")):
+        data = JPEG + bytes([k])
+        sha = hashlib.sha256(data).hexdigest()
+        images.append((FinalizeImage(dev, f"i{k}.jpg", f"i{k}.jpg", data, sha, 1, {}), 0.0))
+    batch = tm.new_batch(images)
+    bad = batch.items[1]
+    Path(store.root, bad.key).mkdir(parents=True)  # a directory where its file would go
+    published, errors = [], []
+    pool = db.Pool(database_url)
+    monkeypatch.setattr(tm, "RETRY_DELAYS_S", [0.0] * tm.TASK_RETRIES)  # retry at once
+    tm.set_context(
+        tm.IngestContext(
+            store=store,
+            pool=pool,
+            publish=lambda topic, payload: published.append(topic),
+            on_error=lambda code, item, message, details=None: errors.append((code, item)),
+        )
+    )
+    try:
+        asyncio.run(run_batch_direct(batch.batch_id))
+    finally:
+        tm.set_context(None)
+        tm.forget_batch(batch.batch_id)
+        pool.close()
+    good = [batch.items[0], batch.items[2]]
+    assert [i.acked for i in batch.items] == [True, False, True]
+    assert sorted(published) == sorted(f"ESP32CAM/{i.image.device_id}/ack" for i in good)
+    assert [(code, item.key) for code, item in errors] == [(tm.E_STORE, bad.key)]
+    for i in good:
+        assert store.get(i.key) == i.image.data
