@@ -14,7 +14,7 @@ import pytest
 
 from camfleet.keys import BadName, key_within, object_key, sanitize_name
 from camfleet.storage import PresignNotSupported, open_store
-from camfleet.storage.local import KeyUnavailable, LocalStore
+from camfleet.storage.local import LocalStore
 from camfleet.storage.s3 import S3Store
 from camfleet.storage.supabase import SupabaseStore
 from tests.supabase_storage_server import SupabaseStorageServer
@@ -167,23 +167,6 @@ def test_local_store_writes_through_its_tmp_dir_and_sweeps_stale_leftovers(tmp_p
         store.put(f"{TMP_DIR}/x.jpg", b"x")
     LocalStore(tmp_path)  # opening a store sweeps what a crash left long ago
     assert not stale.exists() and fresh.exists()
-
-
-def test_local_store_put_many_writes_every_object_and_reports_each_failure(tmp_path):
-    store = LocalStore(tmp_path / "objects")
-    store.put("esp32/D9/a.jpg", JPEG)  # a file: a key beneath it cannot be stored
-    objects = [(f"esp32/D{k % 3}/img{k}.jpg", JPEG + bytes([k]), "image/jpeg") for k in range(7)]
-    objects.insert(3, ("esp32/D9/a.jpg/under.jpg", JPEG, "image/jpeg"))
-    results = store.put_many(objects)
-    assert len(results) == len(objects)
-    assert isinstance(results[3], KeyUnavailable)
-    for (key, data, _), info in zip(objects, results, strict=True):
-        if key.endswith("under.jpg"):
-            continue
-        assert info.key == key and info.size == len(data)
-        assert info.sha256 == hashlib.sha256(data).hexdigest()
-        assert store.get(key) == data
-    assert not [p for p in (tmp_path / "objects").rglob(".upload-*")]
 
 
 def test_store_step_does_not_ack_an_image_whose_object_failed(tmp_path, database_url, monkeypatch):

@@ -7,16 +7,12 @@ made with the server secret, so it is as narrow as an S3 presigned URL.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import os
 import stat
 import tempfile
-import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -40,29 +36,6 @@ UPLOAD_ROUTE = "/storage/upload/"
 # far longer than any single write takes.
 TMP_DIR = ".tmp"
 STALE_TMP_S = 3600
-
-
-# put_many writes a batch's files concurrently: concurrent fdatasyncs share journal
-# commits. Created on first use (and then kept), one pool for every store.
-PUT_MANY_THREADS = 8
-_WRITERS: ThreadPoolExecutor | None = None
-_WRITERS_LOCK = threading.Lock()
-
-
-def _writers() -> ThreadPoolExecutor:
-    global _WRITERS
-    with _WRITERS_LOCK:
-        if _WRITERS is None:
-            _WRITERS = ThreadPoolExecutor(PUT_MANY_THREADS, thread_name_prefix="local-store")
-        return _WRITERS
-
-
-def _fsync_dir(directory: Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class KeyUnavailable(Exception):
@@ -130,17 +103,8 @@ class LocalStore(ObjectStore):
         return path
 
     def _write_atomically(self, key: str, write, exclusive: bool = False) -> Path:
-        """Write through a temporary file renamed into place, durable on return.
-        `exclusive`: never replace an existing object (KeyUnavailable instead), for
-        write-once uploads."""
-        path = self._write_file(key, write, exclusive)
-        _fsync_dir(path.parent)  # the rename is durable only once the entry is on disk
-        return path
-
-    def _write_file(self, key: str, write, exclusive: bool = False) -> Path:
-        """The object's bytes durable (fdatasync) and renamed into place; its directory
-        entry is NOT yet durable: the caller fsyncs the directory before reporting it
-        stored."""
+        """Write through a temporary file renamed into place. `exclusive`: never replace
+        an existing object (KeyUnavailable instead), for write-once uploads."""
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +118,9 @@ class LocalStore(ObjectStore):
                 write(out)
                 out.flush()
                 # Data plus the metadata needed to read it back (size, blocks) of a
-                # fresh file: all a full fsync would add is the timestamps.
+                # fresh file: all a full fsync would add is the timestamps. (Batching
+                # the directory fsyncs of a batch was measured no faster on ext4,
+                # 2026-12-03: the data flush is the cost.)
                 os.fdatasync(out.fileno())
             if exclusive:
                 try:
@@ -170,67 +136,17 @@ class LocalStore(ObjectStore):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        # The rename is durable only once the directory entry is on disk.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
         return path
 
     def put(self, key, data, content_type="application/octet-stream"):
         self._write_atomically(key, lambda out: out.write(data))
         return ObjectInfo(key, len(data), sha256_hex(data), content_type)
-
-    def put_many(self, objects: Iterable[tuple[str, bytes, str]]) -> list[ObjectInfo | Exception]:
-        """Put (key, data, content_type) objects, made durable together: each file is
-        written and fdatasync'ed (concurrently, so the journal commits them in groups)
-        and renamed into place, then every directory that received one is fsync'ed
-        ONCE. One result per object, in order: its ObjectInfo only once its bytes and
-        its directory entry are durable, else the exception that kept it from being
-        stored (the others are unaffected). Meant for a batch that is acknowledged as
-        a whole after this returns. Measured 2026-12-03 on ext4 (100 x 45 KB): no
-        faster than 8 threads of put() (0.96-1.78x its time), since the file's data
-        flush, not the directory fsync, is the cost; so the MQTT store step keeps put()."""
-        objects = list(objects)
-        # Each directory is fsync'ed by the thread that renamed its last object, so the
-        # syncs of different directories overlap the writes of others (no batch-wide
-        # barrier), and a directory shared by several objects is synced once.
-        remaining: dict[Path, int] = {}
-        for key, _, _ in objects:
-            with contextlib.suppress(Exception):  # a bad key: write() raises it below
-                parent = self._path(key).parent
-                remaining[parent] = remaining.get(parent, 0) + 1
-        lock = threading.Lock()
-        synced: dict[Path, Future] = {d: Future() for d in remaining}
-
-        def write(obj):
-            key, data, _ = obj
-            path = self._path(key)
-            try:
-                path = self._write_file(key, lambda out: out.write(data))
-                return path, sha256_hex(data)
-            finally:
-                with lock:
-                    remaining[path.parent] -= 1
-                    last = remaining[path.parent] == 0
-                if last:
-                    try:
-                        _fsync_dir(path.parent)
-                        synced[path.parent].set_result(None)
-                    except OSError as exc:  # its renames may not survive a crash
-                        synced[path.parent].set_exception(exc)
-
-        results: list = []
-        for fut in [_writers().submit(write, obj) for obj in objects]:
-            try:
-                results.append(fut.result())
-            except Exception as exc:
-                results.append(exc)
-        dir_errors = {d: f.exception() for d, f in synced.items()}
-        out: list[ObjectInfo | Exception] = []
-        for (key, data, content_type), r in zip(objects, results, strict=True):
-            if isinstance(r, Exception):
-                out.append(r)
-            elif dir_errors[r[0].parent] is not None:
-                out.append(dir_errors[r[0].parent])
-            else:
-                out.append(ObjectInfo(key, len(data), r[1], content_type))
-        return out
 
     def put_stream(self, key, stream, max_bytes: int, exclusive: bool = False) -> ObjectInfo:
         """Copy a stream (an upload body) to `key`, refusing more than `max_bytes`;
