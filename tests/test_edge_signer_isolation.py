@@ -418,3 +418,26 @@ def test_camfleet_device_works_with_a_seed_style_cloud(tmp_path, store, mosquitt
         stop.set()
         worker.join(10)
         cloud.close()
+
+
+def test_handoff_keeps_handing_off_while_the_database_refuses_the_run_stamp():
+    """The hand-off thread stamps each run's id on its captures; with PostgreSQL gone
+    that write fails. The thread must go on handing off the next batches (before, it
+    died silently and the signer stayed "live" with no hand-off), and say so."""
+    from camfleet import db
+    from services.signer.handoff import Handoff
+
+    down = db.Pool(f"postgresql://camfleet@127.0.0.1:{free_port()}/gone?connect_timeout=2", 1)
+    runs: list[list[dict]] = []
+    handoff = Handoff(lambda batch: runs.append(batch) or f"run-{len(runs)}", down)
+    handoff.start()
+    try:
+        handoff.add([{"record_id": "cap-1"}])
+        assert wait_until(lambda: handoff.stamp_failed == 1, 60), "first batch not handed off"
+        handoff.add([{"record_id": "cap-2"}])
+        assert wait_until(lambda: len(runs) == 2, 60), "the hand-off thread stopped"
+        assert wait_until(lambda: handoff.stamp_failed == 2, 30)
+        assert handoff.alive()
+    finally:
+        handoff.stop()
+        down.close()

@@ -257,8 +257,9 @@ class Signer(MqttShell, GrantRequests, Verification, LeaseTending, DeviceErrors,
         return self._connected.wait(timeout)
 
     def live(self) -> bool:
-        """The worker and the MQTT network thread are running (or not started yet)."""
-        if self._crashed:
+        """The worker, the hand-off and the MQTT network thread are running (or not
+        started yet)."""
+        if self._crashed or (self._handoff is not None and not self._handoff.alive()):
             return False
         if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
             return False
@@ -283,6 +284,7 @@ class Signer(MqttShell, GrantRequests, Verification, LeaseTending, DeviceErrors,
             "claimed_grants": self.stats.claimed,
             "lease_lost": self.stats.lease_lost,
             "handoff_backlog": self._handoff.backlog() if self._handoff else 0,
+            "handoff_stamp_failed": self._handoff.stamp_failed if self._handoff else 0,
         }
 
     def __enter__(self) -> Signer:
