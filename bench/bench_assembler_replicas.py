@@ -46,6 +46,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -169,13 +170,20 @@ def start_simulator(broker, devices, images, prefix, ack_timeout) -> subprocess.
             "--image-bytes", str(IMAGE_BYTES), "--broker", f"{broker.host}:{broker.port}",
             "--id-prefix", prefix, "--json", "--ack-timeout", str(ack_timeout),
             "--clients", "4"]  # fmt: skip
-    return subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
-    )
+    # stderr to a file, so that reading stdout to its end cannot block on a full pipe
+    err = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in simulator_result
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+    proc.err_file = err
+    return proc
 
 
-def simulator_result(proc: subprocess.Popen) -> dict:
-    stdout, stderr = proc.communicate(timeout=1800)
+def simulator_result(proc: subprocess.Popen, stdout: str) -> dict:
+    """Its --json summary. Reaps it: until then its CPU times stay readable (a zombie)
+    for the run's CpuMeter, which is why the reading thread only reads stdout."""
+    proc.wait(1800)
+    proc.err_file.seek(0)
+    stderr = proc.err_file.read()
+    proc.err_file.close()
     if proc.returncode not in (0, 1):
         raise RuntimeError(stderr[-2000:])
     return json.loads(stdout.strip().splitlines()[-1])
@@ -247,7 +255,7 @@ def run(pg, broker, mosq_ps, name, replicas, args, kill=False, round_=0):
         out: dict = {}
         t0 = time.monotonic()
         sim_proc = start_simulator(broker, args.devices, args.images, prefix, args.ack_timeout)
-        sim = threading.Thread(target=lambda: out.setdefault("r", simulator_result(sim_proc)))
+        sim = threading.Thread(target=lambda: out.setdefault("stdout", sim_proc.stdout.read()))
         groups = {
             "assemblers": [p.proc.pid for p in procs],
             "broker": mosq_ps,
@@ -285,7 +293,7 @@ def run(pg, broker, mosq_ps, name, replicas, args, kill=False, round_=0):
         m1 = mosq_ps.cpu_times()
         pg1 = pg_cpu(pg)
         clock.close()
-        r = out["r"]
+        r = simulator_result(sim_proc, out["stdout"])
         if kill:
             served = {}
             for t, dev in clock.acks:
@@ -397,7 +405,7 @@ def main():
     with (
         PostgresInstance(fast=True) as pg,
         MosquittoInstance() as m,
-        __import__("tempfile").TemporaryDirectory() as work,
+        tempfile.TemporaryDirectory() as work,
     ):
         args.workdir = work
         broker = MqttBroker(host=m.host, port=m.port)

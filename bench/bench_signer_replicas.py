@@ -16,14 +16,17 @@ Prints files/s and CPU per file of each side by side and the ratios (targets: fi
 of 3 >= 0.9x of 1, CPU per file of 3 <= 1.2x of 1), CPU per file of the signers alone
 and of the whole pipeline (devices + signers + S3 server + broker + PostgreSQL).
 
-What the 1-signer baseline is the limit of: one `camfleet signer` process (its read-back
-GET, SHA-256 and `captures` row per file) together with moto's S3 server (one Python
-process that takes every POST and read-back) and the devices (this process's threads);
-whichever of them is at its one-core ceiling, or the machine's cores when other users
-take them. Each run prints the load average and the CPU of every process group beside
-its figures (signers, broker, PostgreSQL, moto S3, the devices as load generator, the
-rest of the box) and names the one that limited it (bench/benchstat.py); the summary
-prints the range of each figure over the rounds.
+What the 1-signer baseline is the limit of: not the signer (its read-back GET, SHA-256
+and `captures` row cost ~2 ms per file) but moto's S3 server (one Python process that
+takes every POST and read-back) and the devices (this process's threads, one core at
+most), or the machine's cores when other users take them. A small run on 2026-12-03
+(--files 60 --devices 4 --rounds 2, load average ~5): moto 52-61 % of a core, devices
+51-52 %, the signer 11-15 %, PostgreSQL 7 %, the machine's cores the limit.
+
+Each run prints the load average and the CPU of every process group beside its figures
+(signers, broker, PostgreSQL, moto S3, the devices as load generator, the rest of the
+box) and names the one that limited it (bench/benchstat.py); the summary prints the
+range of each figure over the rounds.
 
     .venv/bin/python bench/bench_signer_replicas.py [--files 400] [--devices 8] [--rounds 3]
 """
