@@ -21,7 +21,11 @@ process, one core at most) taking every chunk from Mosquitto, with the simulated
 (one process, 4 MQTT clients) each waiting for its ACK_OK before the next image. So its
 images/s is set by whichever of the assembler, the broker, PostgreSQL or the device
 simulator is at its one-core ceiling, or, when none is, by the ACK round trips; on a
-shared machine the cores themselves may be the limit. Every run prints the load average
+shared machine the cores themselves may be the limit. A small run on 2026-12-03 (12
+devices x 2 images, load average ~1.7) found the device simulator at 78-82 % of a core
+(its start-up included, which weighs more in a short run) and one assembler at 13 %:
+check whether the simulator is the limit at full size before reading the ratios as the
+assembler's. Every run prints the load average
 and the CPU of each process group beside its figures (assemblers, broker, PostgreSQL,
 the device simulator as load generator, the rest of the box) and names the one that
 limited it (bench/benchstat.py); the configurations run --rounds times (default 3), one,
