@@ -25,11 +25,11 @@ shared machine the cores themselves may be the limit. A small run on 2026-12-03 
 devices x 2 images, load average ~1.7) found the device simulator at 78-82 % of a core
 (its start-up included, which weighs more in a short run) and one assembler at 13 %:
 check whether the simulator is the limit at full size before reading the ratios as the
-assembler's. Every run prints the load average
-and the CPU of each process group beside its figures (assemblers, broker, PostgreSQL,
-the device simulator as load generator, the rest of the box) and names the one that
-limited it (bench/benchstat.py); the configurations run --rounds times (default 3), one,
-three, kill, one, ... and the summary prints the range of each figure over the rounds.
+assembler's. Every run prints the load average and the CPU of each process group beside
+its figures (assemblers, broker, PostgreSQL, the device simulator as load generator, the
+rest of the box) and names the one that limited it (bench/benchstat.py); the
+configurations run --rounds times (default 3), one, three, kill, one, ... and the
+summary prints the range of each figure over the rounds.
 
     .venv/bin/python bench/bench_assembler_replicas.py [--devices 60] [--images 6] [--rounds 3]
 
