@@ -16,7 +16,22 @@ for (F) how long after the SIGKILL the survivors held every partition and the la
 the victim's devices got an ACK_OK.  Devices resend an unACKed image after
 --ack-timeout (default 2 x RETRANSMIT_DELAY_MS = 6 s, the issue's bound).
 
-    .venv/bin/python bench/bench_assembler_replicas.py [--devices 60] [--images 6]
+What the 1-instance baseline is the limit of: one `camfleet assembler` (a single Python
+process, one core at most) taking every chunk from Mosquitto, with the simulated devices
+(one process, 4 MQTT clients) each waiting for its ACK_OK before the next image. So its
+images/s is set by whichever of the assembler, the broker, PostgreSQL or the device
+simulator is at its one-core ceiling, or, when none is, by the ACK round trips; on a
+shared machine the cores themselves may be the limit. A small run on 2026-12-03 (12
+devices x 2 images, load average ~1.7) found the device simulator at 78-82 % of a core
+(its start-up included, which weighs more in a short run) and one assembler at 13 %:
+check whether the simulator is the limit at full size before reading the ratios as the
+assembler's. Every run prints the load average and the CPU of each process group beside
+its figures (assemblers, broker, PostgreSQL, the device simulator as load generator, the
+rest of the box) and names the one that limited it (bench/benchstat.py); the
+configurations run --rounds times (default 3), one, three, kill, one, ... and the
+summary prints the range of each figure over the rounds.
+
+    .venv/bin/python bench/bench_assembler_replicas.py [--devices 60] [--images 6] [--rounds 3]
 
 Measured 2026-12-03, 2 CPUs shared with other agents (load average 14-23), two runs:
 3 replicas 1.09x / 1.12x the total assembler CPU per image of one (target <= 1.2x),
@@ -32,8 +47,10 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -45,6 +62,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchstat import CpuMeter, load_average, span  # noqa: E402
 
 from blocks.mqtt import MqttBroker  # noqa: E402
 from camfleet import db  # noqa: E402
@@ -103,9 +123,10 @@ class Assembler:
         return set(health(self.port).get("partitions", {}).get("owned", []))
 
     def kill(self):
+        # Not reaped here but in stop(): until then its CPU times stay readable (a
+        # zombie), so the run's CpuMeter still counts what it used before it died.
         self.cpu_at_kill = self.cpu()
         self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
 
     def stop(self):
         if self.proc.poll() is None:
@@ -147,16 +168,29 @@ class AckClock:
         self.c.loop_stop()
 
 
-def simulate(broker, devices, images, prefix, ack_timeout):
+def start_simulator(broker, devices, images, prefix, ack_timeout) -> subprocess.Popen:
     args = [sys.executable, "-m", "camfleet.cli", "simulate", "esp32",
             "--devices", str(devices), "--images", str(images),
             "--image-bytes", str(IMAGE_BYTES), "--broker", f"{broker.host}:{broker.port}",
             "--id-prefix", prefix, "--json", "--ack-timeout", str(ack_timeout),
             "--clients", "4"]  # fmt: skip
-    out = subprocess.run(args, capture_output=True, text=True, timeout=1800, cwd=ROOT)
-    if out.returncode not in (0, 1):
-        raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # stderr to a file, so that reading stdout to its end cannot block on a full pipe
+    err = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in simulator_result
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
+    proc.err_file = err
+    return proc
+
+
+def simulator_result(proc: subprocess.Popen, stdout: str) -> dict:
+    """Its --json summary. Reaps it: until then its CPU times stay readable (a zombie)
+    for the run's CpuMeter, which is why the reading thread only reads stdout."""
+    proc.wait(1800)
+    proc.err_file.seek(0)
+    stderr = proc.err_file.read()
+    proc.err_file.close()
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(stderr[-2000:])
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def captures(dsn) -> int:
@@ -181,11 +215,11 @@ def db_costs(dsn) -> dict:
     return {"commits": commits, "inserted": inserted, "updated": updated, "bytes": sizes}
 
 
-def run(pg, broker, mosq_ps, name, replicas, args, kill=False):
+def run(pg, broker, mosq_ps, name, replicas, args, kill=False, round_=0):
     dsn = pg.create_database(f"bench_{name}_{uuid.uuid4().hex[:6]}")
     db.migrate(dsn)
-    objects = Path(args.workdir) / name
-    prefix = f"B{name.upper()[:3]}"
+    objects = Path(args.workdir) / f"{name}{round_}"
+    prefix = f"B{name.upper()[:3]}{round_}"  # each round its own devices and objects
     with db.connect(dsn) as conn, conn.cursor() as cur:  # a registered fleet
         cur.executemany(
             "insert into devices (device_id) values (%s)",
@@ -223,39 +257,47 @@ def run(pg, broker, mosq_ps, name, replicas, args, kill=False):
         m0 = mosq_ps.cpu_times()
         pg0 = pg_cpu(pg)
         out: dict = {}
-        sim = threading.Thread(
-            target=lambda: out.setdefault(
-                "r", simulate(broker, args.devices, args.images, prefix, args.ack_timeout)
-            )
-        )
         t0 = time.monotonic()
-        sim.start()
-        failover = {}
-        if kill:
-            owners = [p.owned() for p in procs]
-            devs = [device_id(prefix, i) for i in range(args.devices)]
-            victim_i = max(
-                range(replicas),
-                key=lambda i: sum(partition_of(d, DEFAULT_PARTITIONS) in owners[i] for d in devs),
-            )
-            victim = procs[victim_i]
-            victim_devs = {
-                d for d in devs if partition_of(d, DEFAULT_PARTITIONS) in owners[victim_i]
-            }
-            wait(lambda: captures(dsn) >= args.devices * args.images // 4, timeout=600, step=0.2)
-            t_kill = time.monotonic()
-            victim.kill()
-            survivors = [p for p in procs if p is not victim]
-            wait(lambda: sum(len(p.owned()) for p in survivors) == DEFAULT_PARTITIONS,
-                 timeout=120, step=0.05)  # fmt: skip
-            failover["partitions_taken_s"] = time.monotonic() - t_kill
-        sim.join()
+        sim_proc = start_simulator(broker, args.devices, args.images, prefix, args.ack_timeout)
+        sim = threading.Thread(target=lambda: out.setdefault("stdout", sim_proc.stdout.read()))
+        groups = {
+            "assemblers": [p.proc.pid for p in procs],
+            "broker": mosq_ps,
+            "postgres": pg.pid,
+            "devices": sim_proc.pid,
+        }
+        with CpuMeter(groups) as meter:  # the devices' whole run, and a kill in it
+            sim.start()
+            failover = {}
+            if kill:
+                owners = [p.owned() for p in procs]
+                devs = [device_id(prefix, i) for i in range(args.devices)]
+                victim_i = max(
+                    range(replicas),
+                    key=lambda i: sum(
+                        partition_of(d, DEFAULT_PARTITIONS) in owners[i] for d in devs
+                    ),
+                )
+                victim = procs[victim_i]
+                victim_devs = {
+                    d for d in devs if partition_of(d, DEFAULT_PARTITIONS) in owners[victim_i]
+                }
+                wait(
+                    lambda: captures(dsn) >= args.devices * args.images // 4, timeout=600, step=0.2
+                )
+                t_kill = time.monotonic()
+                victim.kill()
+                survivors = [p for p in procs if p is not victim]
+                wait(lambda: sum(len(p.owned()) for p in survivors) == DEFAULT_PARTITIONS,
+                     timeout=120, step=0.05)  # fmt: skip
+                failover["partitions_taken_s"] = time.monotonic() - t_kill
+            sim.join()
         elapsed = time.monotonic() - t0
         cpu = sum(p.cpu() - c for p, c in zip(procs, cpu0, strict=True))
         m1 = mosq_ps.cpu_times()
         pg1 = pg_cpu(pg)
         clock.close()
-        r = out["r"]
+        r = simulator_result(sim_proc, out["stdout"])
         if kill:
             served = {}
             for t, dev in clock.acks:
@@ -293,6 +335,9 @@ def run(pg, broker, mosq_ps, name, replicas, args, kill=False):
             "ack_p50_s": r.get("ack_p50_s"),
             "ack_p99_s": r.get("ack_p99_s"),
             **failover,
+            "cpu_pct": meter.pct(),
+            "limit": meter.limit(),
+            "meter": meter.line(),
         }
     finally:
         for p in procs:
@@ -359,24 +404,38 @@ def main():
     ap.add_argument("--probe-images", type=int, default=200,
                     help="images for the shared-chunk-state probe (0: skip)")  # fmt: skip
     ap.add_argument("--idle-window", type=float, default=5.0, help="idle CPU sample (s)")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each configuration")
     args = ap.parse_args()
     with (
         PostgresInstance(fast=True) as pg,
         MosquittoInstance() as m,
-        __import__("tempfile").TemporaryDirectory() as work,
+        tempfile.TemporaryDirectory() as work,
     ):
         args.workdir = work
         broker = MqttBroker(host=m.host, port=m.port)
         mosq_ps = psutil.Process(m.pid)
         probe = shared_state_probe(pg, args.probe_images) if args.probe_images else None
-        results = [run(pg, broker, mosq_ps, "one", 1, args)]
-        results.append(run(pg, broker, mosq_ps, "three", 3, args))
+        configs = [("one", 1, False), ("three", 3, False)]
         if not args.no_failover:
-            results.append(run(pg, broker, mosq_ps, "kill", 3, args, kill=True))
+            configs.append(("kill", 3, True))
+        print(f"load {load_average()} before the first round", flush=True)
+        rounds: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
+        for i in range(args.rounds):  # alternating, so the box's drift hits every side
+            for name, replicas, kill in configs:
+                r = run(pg, broker, mosq_ps, name, replicas, args, kill=kill, round_=i)
+                rounds[name].append(r)
+                print(
+                    f"  [{i + 1}] {name} ({replicas}): {r['images_s']:.1f} images/s, "
+                    f"assemblers {r['cpu_ms_per_image']:.1f} ms/image, "
+                    f"ACK p99 {r['ack_p99_s'] or 0:.3f} s  {r['meter']}",
+                    flush=True,
+                )
+    # The table: each figure's median over the rounds; the ranges follow it.
+    results = [median_of(runs) for runs in rounds.values()]
     one = results[0]
     print(f"\n{args.devices} devices x {args.images} images of {CHUNKS_PER_IMAGE} chunks, "
           f"QoS 1, device resend after {args.ack_timeout:g} s; lease TTL {LEASE_TTL_S:g} s; "
-          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+          f"load average {os.getloadavg()[0]:.1f}; median of {args.rounds} rounds")  # fmt: skip
     hdr = f"{'':34}" + "".join(
         f"{r['name'] + ' (' + str(r['replicas']) + ')':>16}" for r in results
     )
@@ -421,7 +480,53 @@ def main():
             f"{one['cpu_ms_per_image']:.1f} ms/image), {probe['wall_ms_per_image']:.1f} ms "
             "of round trips per image"
         )
-    print(json.dumps(results))
+    print_ranges(rounds, load_average())
+    print(json.dumps(rounds))
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Each numeric figure's median over the rounds (name and replicas as they are)."""
+    out = dict(runs[0])
+    for key, v in runs[0].items():
+        if isinstance(v, int | float) and key != "replicas":
+            values = [r[key] for r in runs if r.get(key) is not None]
+            med = statistics.median(values) if values else None
+            out[key] = round(med) if isinstance(v, int) and med is not None else med
+    return out
+
+
+def print_ranges(rounds: dict[str, list[dict]], load: str) -> None:
+    """Range of each headline figure over the rounds, each run's limit, and the ratios
+    of three to one within each round (neighbours in time on a drifting machine)."""
+    n = len(rounds["one"])
+    print(f"range over {n} rounds (median), load now {load}")
+    figures = [
+        ("images/s", "images_s", "{:.1f}"),
+        ("assembler CPU ms/image", "cpu_ms_per_image", "{:.1f}"),
+        ("broker CPU ms/image", "broker_cpu_ms_per_image", "{:.2f}"),
+        ("PostgreSQL CPU ms/image", "pg_cpu_ms_per_image", "{:.2f}"),
+        ("ACK_OK p99 (s)", "ack_p99_s", "{:.3f}"),
+        ("failover: partitions taken (s)", "partitions_taken_s", "{:.1f}"),
+        ("failover: last device ACKed (s)", "last_device_served_s", "{:.1f}"),
+    ]
+    for name, runs in rounds.items():
+        cells = []
+        for label, key, fmt in figures:
+            values = [r[key] for r in runs if r.get(key) is not None]
+            if values:
+                cells.append(f"{label} {span(values, fmt)}")
+        print(f"  {name} ({runs[0]['replicas']}): " + "; ".join(cells))
+        print(f"    limited by (each round): {'; '.join(r['limit'] for r in runs)}")
+    for name, runs in rounds.items():
+        if name == "one":
+            continue
+        ratios = []
+        for label, key in (("assembler CPU/image", "cpu_ms_per_image"),
+                           ("broker CPU/image", "broker_cpu_ms_per_image"),
+                           ("images/s", "images_s")):  # fmt: skip
+            pairs = [(a[key], b[key]) for a, b in zip(rounds["one"], runs, strict=True)]
+            ratios.append(f"{label} {span((b / a for a, b in pairs if a), '{:.2f}')}")
+        print(f"  ratio {name}/one: " + ", ".join(ratios))
 
 
 if __name__ == "__main__":

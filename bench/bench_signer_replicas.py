@@ -16,7 +16,19 @@ Prints files/s and CPU per file of each side by side and the ratios (targets: fi
 of 3 >= 0.9x of 1, CPU per file of 3 <= 1.2x of 1), CPU per file of the signers alone
 and of the whole pipeline (devices + signers + S3 server + broker + PostgreSQL).
 
-    .venv/bin/python bench/bench_signer_replicas.py [--files 400] [--devices 8] [--rounds 2]
+What the 1-signer baseline is the limit of: not the signer (its read-back GET, SHA-256
+and `captures` row cost ~2 ms per file) but moto's S3 server (one Python process that
+takes every POST and read-back) and the devices (this process's threads, one core at
+most), or the machine's cores when other users take them. A small run on 2026-12-03
+(--files 60 --devices 4 --rounds 2, load average ~5): moto 52-61 % of a core, devices
+51-52 %, the signer 11-15 %, PostgreSQL 7 %, the machine's cores the limit.
+
+Each run prints the load average and the CPU of every process group beside its figures
+(signers, broker, PostgreSQL, moto S3, the devices as load generator, the rest of the
+box) and names the one that limited it (bench/benchstat.py); the summary prints the
+range of each figure over the rounds.
+
+    .venv/bin/python bench/bench_signer_replicas.py [--files 400] [--devices 8] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -38,7 +50,11 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_edge_batch import cpu_seconds, make_files, own_cpu  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchstat import CpuMeter, load_average, span  # noqa: E402
+
+from bench.bench_edge_batch import make_files  # noqa: E402
 from blocks.mqtt import MqttBroker  # noqa: E402
 from camfleet import db  # noqa: E402
 from camfleet.edge.config import EdgeConfig  # noqa: E402
@@ -117,21 +133,15 @@ def one_run(n: int, args, services: dict, env: dict, work: Path, source: Path) -
         configs.append(cfg)
     signers = start_signers(n, env, work)
     try:
-        me = psutil.Process()
-        parts = {
-            "device": [me],
-            "signers": [psutil.Process(p.pid) for p in signers],
-            "s3": [psutil.Process(services["s3"].pid)],
-            "broker": [psutil.Process(services["mqtt"].pid)],
-            "postgres": [psutil.Process(services["pg"].pid)],
+        # The bench process is the devices (the load generator); it also parents the
+        # signers and the services, so only its own threads count for "device".
+        groups = {
+            "device": psutil.Process(),
+            "signers": [p.pid for p in signers],
+            "s3": services["s3"].pid,
+            "broker": services["mqtt"].pid,
+            "postgres": services["pg"].pid,
         }
-
-        def used() -> dict[str, float]:
-            return {
-                name: own_cpu(procs) if name == "device" else cpu_seconds(procs)
-                for name, procs in parts.items()
-            }
-
         deleted = [0] * len(configs)
         reasons: list = []
 
@@ -141,24 +151,23 @@ def one_run(n: int, args, services: dict, env: dict, work: Path, source: Path) -
             deleted[i] = sum(s["deleted"] for s in summaries)
             reasons.extend(s["reasons"] for s in summaries if s["left_for_next_run"])
 
-        before = used()
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=device, args=(i,)) for i in range(len(configs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        took = time.perf_counter() - t0
-        after = used()
+        with CpuMeter(groups, own_only=["device"]) as meter:
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=device, args=(i,)) for i in range(len(configs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            took = time.perf_counter() - t0
     finally:
         stop(signers)
-    cpu = {name: after[name] - before[name] for name in parts}
+    cpu = {name: pct / 100 * meter.wall for name, pct in meter.pct().items()}
     files = sum(deleted)
     left = sum(len(os.listdir(c.repo_dir)) + len(os.listdir(c.buffer_dir)) for c in configs)
     shutil.rmtree(round_dir, ignore_errors=True)
     if left:
         print(f"  left on devices: {reasons[:5]}; logs kept in {work}", flush=True)
-    return {"files": files, "seconds": took, "cpu": cpu, "left": left}
+    return {"files": files, "seconds": took, "cpu": cpu, "left": left, "meter": meter}
 
 
 def main() -> None:
@@ -167,7 +176,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=50 * 1024)
     ap.add_argument("--devices", type=int, default=8, help="devices uploading at once")
     ap.add_argument("--lanes", type=int, default=2, help="batches in flight per device")
-    ap.add_argument("--rounds", type=int, default=2, help="runs of each, alternating")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each, alternating")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-signers-"))
@@ -201,14 +210,15 @@ def main() -> None:
             "mqtt_block": MqttBroker(host=mqtt_svc.host, port=mqtt_svc.port),
         }
         totals = {1: [], 3: []}
-        for _ in range(args.rounds):
+        print(f"load {load_average()} before the first round", flush=True)
+        for i in range(args.rounds):
             for n in (1, 3):
                 run = one_run(n, args, services, env, work, source)
                 totals[n].append(run)
                 print(
-                    f"  {n} signer(s): {run['files'] / run['seconds']:7.1f} files/s, "
+                    f"  [{i + 1}] {n} signer(s): {run['files'] / run['seconds']:7.1f} files/s, "
                     f"signers {1000 * run['cpu']['signers'] / max(1, run['files']):.1f} ms/file, "
-                    f"left {run['left']}",
+                    f"left {run['left']}  {run['meter'].line()}",
                     flush=True,
                 )
     if not any(r["left"] for runs in totals.values() for r in runs):
@@ -246,6 +256,32 @@ def main() -> None:
         f"verified+deleted: 1 signer {one['files']}, 3 signers {three['files']} "
         f"(of {args.files * args.rounds} each); left on devices {one['left']} / "
         f"{three['left']}; load avg {os.getloadavg()[0]:.1f}"
+    )
+
+    # Each round's figures (1 and 3 ran back to back, so each ratio is of neighbours).
+    def per_file(run: dict, part: str | None = None) -> float:
+        cpu = run["cpu"][part] if part else sum(run["cpu"].values())
+        return 1000 * cpu / max(1, run["files"])
+
+    pairs = list(zip(totals[1], totals[3], strict=True))
+    print(f"range over {args.rounds} rounds (median), load now {load_average()}")
+    for name, runs in (("1 signer", totals[1]), ("3 signers", totals[3])):
+        print(
+            f"  {name:9}  {span((r['files'] / r['seconds'] for r in runs), '{:.1f}')} files/s, "
+            f"signers {span((per_file(r, 'signers') for r in runs), '{:.2f}')} ms/file, "
+            f"total {span((per_file(r) for r in runs), '{:.2f}')} ms/file"
+        )
+        limits = "; ".join(r["meter"].limit() for r in runs)
+        print(f"             limited by (each round): {limits}")
+    print(
+        "  ratio 3/1  files/s "
+        + span(
+            ((b["files"] / b["seconds"]) / (a["files"] / a["seconds"]) for a, b in pairs), "{:.2f}"
+        )
+        + ", signer CPU/file "
+        + span((per_file(b, "signers") / per_file(a, "signers") for a, b in pairs), "{:.2f}")
+        + ", total CPU/file "
+        + span((per_file(b) / per_file(a) for a, b in pairs), "{:.2f}")
     )
 
 
