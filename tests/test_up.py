@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from camfleet.localsvc import free_port
+from tests.faults_common import wait_until
 
 
 @pytest.fixture
@@ -244,5 +245,7 @@ def test_readme_quick_start_works_on_a_fresh_clone(tmp_path):
     assert not (clone / ".camfleet" / "stack.json").exists()
     profiles = (tmp_path / "home" / ".prefect" / "profiles.toml").read_text()
     assert 'active = "camfleet"' not in profiles  # the user's profile is back
-    time.sleep(1)
-    assert not _stack_processes(clone / ".camfleet")
+    # up has returned; processes it stopped may take a moment to be reaped
+    assert wait_until(lambda: not _stack_processes(clone / ".camfleet"), 30), _stack_processes(
+        clone / ".camfleet"
+    )
