@@ -525,3 +525,23 @@ def test_fleet_property(fleet, seed, drop_p, dup_p, lost_forever, answer_nacks, 
         deliverable = answer_nacks and key in meta_kept and not any(k[:2] == key for k in never)
         if deliverable and early_cap == 64:
             assert key in done, (key, failed.get(key))
+
+
+def test_forget_drops_only_the_named_devices_images_silently():
+    """A replica that lost a partition forgets its devices' half-built images (and
+    chunks held before their metadata): no NACK, error or capture for them later,
+    while the other devices' images carry on."""
+    asm = Assembler(Limits(), TIMING)
+    data = jpeg(3000, 1)
+    for dev in ("AABBCC000001", "AABBCC000002"):
+        receive_raw(asm, *meta(dev, "a.jpg", data, 1000), now=0.0)
+        receive_raw(asm, *chunk_msg(dev, "a.jpg", data, 1000, 0), now=0.0)
+    receive_raw(asm, *chunk_msg("AABBCC000001", "early.jpg", data, 1000, 1), now=0.0)
+    assert asm.devices_in_assembly() == {"AABBCC000001", "AABBCC000002"}
+
+    assert asm.forget(lambda device: device == "AABBCC000001") == 2
+    assert not asm.in_assembly("AABBCC000001", "a.jpg")
+    assert asm.in_assembly("AABBCC000002", "a.jpg")
+    assert asm.devices_in_assembly() == {"AABBCC000002"}
+    later = asm.tick(100.0)  # past every retransmit and the capture timeout
+    assert later and all(getattr(a, "device_id", None) == "AABBCC000002" for a in later)

@@ -75,6 +75,7 @@ import json
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -808,6 +809,29 @@ class Assembler:
 
     def is_idle(self) -> bool:
         return not self._asm and not self._early
+
+    def in_assembly(self, device_id: str, image_name: str) -> bool:
+        """An image of this device whose metadata was seen and that is not finished."""
+        return (device_id, image_name) in self._asm
+
+    def devices_in_assembly(self) -> set[str]:
+        """Devices with an image in assembly or chunks held before their metadata (a
+        set() of a dict is one C-level copy: safe to call from another thread, which may
+        see RuntimeError if the dict changed size meanwhile)."""
+        return {d for d, _ in set(self._asm)} | {d for d, _ in set(self._early)}
+
+    def forget(self, devices: Callable[[str], bool]) -> int:
+        """Drop, with no action, every image in assembly (and chunks held early) of the
+        devices for which `devices(device_id)` is true: another replica now serves
+        them, from the device's resend. Returns how many images were dropped."""
+        dropped = 0
+        for key in [k for k in self._asm if devices(k[0])]:
+            self._drop(key)
+            dropped += 1
+        for key in [k for k in self._early if devices(k[0])]:
+            self._forget_early(key, self._early.pop(key))
+            dropped += 1
+        return dropped
 
     # -- input -------------------------------------------------------------------------
     def receive(self, msg: Message, now: float) -> list[Action]:

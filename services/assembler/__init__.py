@@ -454,7 +454,7 @@ class AssemblerService:
             elif (
                 isinstance(msg, core.ChunkMessage)
                 and self._head_seen.get(msg.device_id, -1.0) < self.leases.gained_at(msg.device_id)
-                and (msg.device_id, msg.image_name) not in self.core._asm  # noqa: SLF001
+                and not self.core.in_assembly(msg.device_id, msg.image_name)
             ):
                 # no metadata from this device since its partition became ours: the rest
                 # of an image another replica (or nobody) had started; the device

@@ -371,25 +371,13 @@ class PartitionLeases:
 def forget_devices(assembler, partitions: frozenset[int], count: int) -> int:
     """Drop the in-memory assembly state of devices in ``partitions`` (the worker
     thread calls it when they were lost: the new owner serves them from the device's
-    resend; our half-assembled copies must not time out into error rows or NACKs).
-
-    Uses the core's bookkeeping helpers (camfleet.protocol.assembler.Assembler keeps
-    its state private; this is the one place outside it that edits that state)."""
-    lost = 0
-    for key in [k for k in assembler._asm if partition_of(k[0], count) in partitions]:  # noqa: SLF001
-        assembler._drop(key)  # noqa: SLF001
-        lost += 1
-    for key in [k for k in assembler._early if partition_of(k[0], count) in partitions]:  # noqa: SLF001
-        assembler._forget_early(key, assembler._early.pop(key))  # noqa: SLF001
-        lost += 1
-    return lost
+    resend; our half-assembled copies must not time out into error rows or NACKs)."""
+    return assembler.forget(lambda device_id: partition_of(device_id, count) in partitions)
 
 
 def busy_partitions(assembler, count: int) -> frozenset[int]:
-    """Partitions with an image in assembly (read from the lease thread: a set() of a
-    dict is one C-level copy under the GIL; RuntimeError if it changed size anyway)."""
-    devices = set(assembler._per_device) | set(assembler._early_per_device)  # noqa: SLF001
-    return frozenset(partition_of(d, count) for d in devices)
+    """Partitions with an image in assembly (read from the lease thread)."""
+    return frozenset(partition_of(d, count) for d in assembler.devices_in_assembly())
 
 
 # Topic filters per SUBSCRIBE/UNSUBSCRIBE packet (~30 bytes each: ~15 KB packets).
