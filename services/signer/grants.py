@@ -291,23 +291,12 @@ class GrantRequests:
     ) -> None:
         """Grant rows, leased to us, and the refused names' error rows (caller's
         transaction: nothing is published before it commits)."""
-        db.queries.edge_ensure_device(conn, device_id=serial)
-        for grant in grants:
-            db.queries.edge_grant_upsert(
-                conn,
-                device_id=serial,
-                file_name=grant.name,
-                object_key=grant.key,
-                request_id=grant.request_id,
-                checked=request.checked,
-                declared_size=grant.declared_size,
-                declared_sha256=grant.declared_sha256,
-                max_bytes=grant.max_bytes,
-                expires_at=grant.expires_at,
-                bucket=grant.bucket,
-            )
-        # Ours to verify (a re-grant takes the name over from whoever held it).
-        self._leases.take(conn, serial, [g.name for g in grants])
+        if grants:
+            # One statement: the device registered, the rows written and leased to us
+            # (a re-grant takes the name over from whoever held it).
+            self._leases.issue(conn, serial, request.checked, grants)
+        else:
+            db.queries.edge_ensure_device(conn, device_id=serial)
         for rejection in request.rejected:
             if not self._error_allowed(serial):
                 break

@@ -156,8 +156,9 @@ class SharedRateLimiter:
     counters are the device API's (`rate_limit_counters`, sql/migrations/0090, one
     atomic upsert per hit, `access_rate_hit`): a fixed window of burst / rate seconds
     holding at most `burst` requests, i.e. the same average rate as `RateLimiter`'s
-    token bucket, with the burst granted once per window. One statement per request;
-    an unreachable database raises (the request is not answered; the device asks again).
+    token bucket, with the burst granted once per window. One statement per request, in
+    autocommit (one round trip); an unreachable database raises (the request is not
+    answered; the device asks again).
     """
 
     def __init__(
@@ -182,6 +183,10 @@ class SharedRateLimiter:
             return True  # no limit configured
         queries = self._db.queries
         with self._pool.connection() as conn:
+            # The hit is one atomic statement: in autocommit it is one round trip,
+            # where psycopg2's implicit transaction would add a BEGIN and a COMMIT.
+            if not conn.autocommit:
+                conn.autocommit = True
             rows = list(
                 queries.access_rate_hit(
                     conn, keys=[f"signer:requests:{device}"], windows=[self.window_s], amount=1

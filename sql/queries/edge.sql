@@ -19,6 +19,39 @@ set object_key = excluded.object_key, bucket = excluded.bucket, request_id = exc
     status = 'granted', failed_reason = null, granted_at = now(),
     expires_at = excluded.expires_at, resolved_at = null;
 
+-- name: edge_grants_issue!
+-- A request part's (re)issued presigned POSTs in one statement: the device is
+-- registered (as edge_ensure_device), every grant row written (as edge_grant_upsert)
+-- and leased to the issuing signer instance (as edge_grants_lease), so a request costs
+-- one round trip here instead of 2 + one per file. Names are unique within a request
+-- (edge_batch rejects duplicates), as ON CONFLICT DO UPDATE needs; rows are written in
+-- name order so two instances granting the same names lock them in the same order.
+with device as (
+    insert into devices (device_id, kind, last_seen_at)
+    values (:device_id, 'edge', now())
+    on conflict (device_id) do update set last_seen_at = now()
+)
+insert into edge_upload_grants (device_id, file_name, object_key, request_id, checked,
+                                declared_size, declared_sha256, max_bytes, expires_at, bucket,
+                                leased_by, lease_expires_at)
+select :device_id, g.file_name, g.object_key, g.request_id, :checked,
+       g.declared_size, g.declared_sha256, g.max_bytes, to_timestamp(g.expires_at), g.bucket,
+       :owner, now() + make_interval(secs => :lease_s)
+from unnest(cast(:file_names as text[]), cast(:object_keys as text[]),
+            cast(:request_ids as text[]), cast(:declared_sizes as bigint[]),
+            cast(:declared_sha256s as text[]), cast(:max_bytes as bigint[]),
+            cast(:expires_ats as float8[]), cast(:buckets as text[]))
+     as g (file_name, object_key, request_id, declared_size, declared_sha256, max_bytes,
+           expires_at, bucket)
+order by g.file_name
+on conflict (device_id, file_name) do update
+set object_key = excluded.object_key, bucket = excluded.bucket, request_id = excluded.request_id,
+    checked = excluded.checked, declared_size = excluded.declared_size,
+    declared_sha256 = excluded.declared_sha256, max_bytes = excluded.max_bytes,
+    status = 'granted', failed_reason = null, granted_at = now(),
+    expires_at = excluded.expires_at, resolved_at = null,
+    leased_by = excluded.leased_by, lease_expires_at = excluded.lease_expires_at;
+
 -- name: edge_grant_get^
 select device_id, file_name, object_key, status, stored_size, stored_sha256, capture_id
 from edge_upload_grants
