@@ -444,3 +444,24 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def service_env(mq, dsn: str, s3, bucket_name: str, data_dir) -> dict[str, str]:
+    """The environment of a `camfleet signer` (and the edge devices) started by a test:
+    the private broker, database and S3 bucket, and no block or share-group setting
+    of the machine's own leaking in."""
+    env = {
+        **os.environ,
+        "MQTT_HOST": mq.host,
+        "MQTT_PORT": str(mq.port),
+        "DATABASE_URL": dsn,
+        "STORAGE_URL": f"s3://{bucket_name}?endpoint_url={s3.endpoint_url}",
+        "AWS_ACCESS_KEY_ID": s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+        "CAMFLEET_DATA_DIR": str(data_dir),
+        "LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    }
+    for key in ("CAMFLEET_MQTT_BLOCK", "CAMFLEET_DATABASE_BLOCK", "CAMFLEET_SIGNER_GROUP"):
+        env.pop(key, None)
+    return env

@@ -66,6 +66,7 @@ from tests.faults_edge_support import (
     check_invariants,
     device_fleet,
     format_table,
+    service_env,
     signer_process,
 )
 from tests.test_edge_transaction import broker_block, device, make_store, write_images
@@ -127,20 +128,7 @@ def edge_stack(
     root = tmp_path / "devices"
     serials = [f"ENTO-F{i}{uuid.uuid4().hex[:6]}" for i in range(DEVICES)]
     seeds = [f"ENTO-S{i}{uuid.uuid4().hex[:6]}" for i in range(seed_devices)]
-    env = {
-        **os.environ,
-        "MQTT_HOST": mq.host,
-        "MQTT_PORT": str(mq.port),
-        "DATABASE_URL": dsn,
-        "STORAGE_URL": f"s3://{bucket_name}?endpoint_url={s3.endpoint_url}",
-        "AWS_ACCESS_KEY_ID": s3.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-        "CAMFLEET_DATA_DIR": str(tmp_path / "data"),
-        "LOG_LEVEL": "INFO",
-        "PYTHONUNBUFFERED": "1",
-    }
-    for key in ("CAMFLEET_MQTT_BLOCK", "CAMFLEET_DATABASE_BLOCK"):
-        env.pop(key, None)
+    env = service_env(mq, dsn, s3, bucket_name, tmp_path / "data")
     signer = signer_process(env, tmp_path / "signer.log", f"signer-{uuid.uuid4().hex[:6]}")
     devices = device_fleet(
         env, tmp_path / "devices.log", root, serials, mq.host, mq.port, seed_serials=seeds

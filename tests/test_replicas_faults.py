@@ -26,7 +26,6 @@ edge file delivered, one row, one object key, one verification message; no error
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 import time
 import uuid
@@ -39,7 +38,7 @@ from blocks.mqtt import MqttBroker
 from camfleet.localsvc import MosquittoInstance
 from camfleet.simulators.esp32 import SimOptions, SimResult, simulate
 from camfleet.storage.local import TMP_DIR
-from tests.faults_edge_support import Bucket, Camera, Watcher, device_fleet
+from tests.faults_edge_support import Bucket, Camera, Watcher, device_fleet, service_env
 from tests.test_assembler_replicas import (
     ACK_TIMEOUT_S,
     AckMonitor,
@@ -140,20 +139,7 @@ def test_each_replica_sigkilled_in_turn_loses_nothing_and_duplicates_nothing(
         # -- 3 signers, 20 edge devices ------------------------------------------------
         store = Bucket(s3.client(), bucket)
         store.enable_versioning()  # a second upload of one file shows as a second version
-        env = {
-            **os.environ,
-            "MQTT_HOST": mq.host,
-            "MQTT_PORT": str(mq.port),
-            "DATABASE_URL": database_url,
-            "STORAGE_URL": f"s3://{bucket}?endpoint_url={s3.endpoint_url}",
-            "AWS_ACCESS_KEY_ID": s3.access_key,
-            "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-            "CAMFLEET_DATA_DIR": str(tmp_path / "data"),
-            "LOG_LEVEL": "INFO",
-            "PYTHONUNBUFFERED": "1",
-        }
-        for key in ("CAMFLEET_MQTT_BLOCK", "CAMFLEET_DATABASE_BLOCK", "CAMFLEET_SIGNER_GROUP"):
-            env.pop(key, None)
+        env = service_env(mq, database_url, s3, bucket, tmp_path / "data")
         signers = {
             f"signer-{i + 1}-{uuid.uuid4().hex[:4]}": None for i in range(SIGNERS)
         }  # client id -> process

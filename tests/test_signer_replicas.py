@@ -22,7 +22,6 @@ across instances.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
@@ -40,7 +39,14 @@ from camfleet.localsvc import MosquittoInstance
 from services.signer.leases import Leases
 from services.signer.limits import SharedRateLimiter
 from tests.faults_common import ChildProcess, wait_until
-from tests.faults_edge_support import Bucket, Camera, Watcher, check_invariants, device_fleet
+from tests.faults_edge_support import (
+    Bucket,
+    Camera,
+    Watcher,
+    check_invariants,
+    device_fleet,
+    service_env,
+)
 
 SIGNERS = 3
 DEVICES = 20
@@ -122,20 +128,7 @@ def _stack(tmp_path, mq, dsn, s3, bucket_name):
     bucket.enable_versioning()  # a second upload of one file shows as a second version
     root = tmp_path / "devices"
     serials = [f"ENTO-R{i:02d}{uuid.uuid4().hex[:4]}" for i in range(DEVICES)]
-    env = {
-        **os.environ,
-        "MQTT_HOST": mq.host,
-        "MQTT_PORT": str(mq.port),
-        "DATABASE_URL": dsn,
-        "STORAGE_URL": f"s3://{bucket_name}?endpoint_url={s3.endpoint_url}",
-        "AWS_ACCESS_KEY_ID": s3.access_key,
-        "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-        "CAMFLEET_DATA_DIR": str(tmp_path / "data"),
-        "LOG_LEVEL": "INFO",
-        "PYTHONUNBUFFERED": "1",
-    }
-    for key in ("CAMFLEET_MQTT_BLOCK", "CAMFLEET_DATABASE_BLOCK", "CAMFLEET_SIGNER_GROUP"):
-        env.pop(key, None)
+    env = service_env(mq, dsn, s3, bucket_name, tmp_path / "data")
     signers = {
         f"signer-{i}-{uuid.uuid4().hex[:4]}": None for i in range(SIGNERS)
     }  # client id -> process
