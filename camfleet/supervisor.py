@@ -44,6 +44,9 @@ class Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
 
+    def names(self) -> list[str]:
+        return [child.name for child in self.children]
+
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
         child = Child(name, argv, env, self.log_dir / f"{name}.log")
         self.children.append(child)

@@ -234,6 +234,9 @@ def test_camfleet_up_starts_n_replicas_with_partitions_and_own_metrics_ports():
         ports = [a[a.index(flag) + 1] for a in argv]
         assert ports[0] == first and len(set(ports)) == 3
     assert len(metrics) == 3  # every replica's metrics port is scraped
+    health: dict[str, int] = {}
+    assembler_replicas(2, {}, health)
+    assert list(health) == ["assembler-2"]  # `up` waits on it (replica 1: {h_assembler})
 
 
 def test_leases_split_partitions_and_lapsed_ones_are_claimed(database_url):
@@ -303,6 +306,44 @@ def test_a_new_device_is_learnt_from_its_status_and_served(replica_set, database
     check_stored_once(database_url, result)
     subs = sum(r.health()["partitions"]["device_subscriptions"] for r in replicas)
     assert subs == 4
+
+
+def test_a_status_seen_only_by_another_replica_still_reaches_the_devices_owner(
+    replica_set, database_url
+):
+    """A new device's status reaches replicas that do not serve it (the partition's
+    owner was reconnecting, or not yet started): they write its `devices` row, so the
+    owner subscribes to its data from the registry and its resends are served."""
+    broker, start = replica_set
+    with db.connect(database_url) as conn, conn.cursor() as cur:  # held elsewhere for now
+        cur.execute(
+            "insert into assembler_partition_leases (partition, owner, lease_until) "
+            "select p, 'elsewhere', now() + interval '1 hour' from generate_series(0, %s) p",
+            (PARTITIONS - 1,),
+        )
+    (bystander,) = start(1)
+    assert wait_for(lambda: bystander.health().get("ready")), bystander.health()
+    assert bystander.health()["partitions"]["owned_count"] == 0
+    dev = device_id("0B5E", 7)
+    client = broker.client(client_id=f"dev-{uuid.uuid4().hex[:6]}")
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        info = client.publish(f"ESP32CAM/{dev}/status", json.dumps({"status": "Alive"}), qos=1)
+        info.wait_for_publish(15)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert wait_for(lambda: rows(database_url, "select 1 from devices where device_id = %s", dev))
+    # the partitions' holder goes; a replica that never saw the status takes them
+    bystander.stop()
+    with db.connect(database_url) as conn, conn.cursor() as cur:
+        cur.execute("update assembler_partition_leases set owner = null, lease_until = '-infinity'")
+    (owner,) = start(1)
+    assert wait_for(lambda: balanced([owner], devices=1)), owner.health()
+    opts = SimOptions(devices=8, images=1, id_prefix="0B5E", ack_timeout=3, max_resends=20)
+    result = simulate(broker, opts)
+    assert result.images_acked == 8 and result.images_failed == 0
 
 
 def _kill_mid_stream(replica_set, database_url, devices, images):

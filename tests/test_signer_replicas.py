@@ -312,8 +312,9 @@ def test_the_shared_rate_limit_counts_a_device_across_instances(database_url):
 def test_up_starts_each_signer_replica_in_the_share_group_with_its_own_client_id():
     from camfleet.commands.up import SERVICES, signer_replicas
 
-    assert signer_replicas(SERVICES, 1) == SERVICES  # one signer: as before
-    planned = signer_replicas(SERVICES, 3)
+    health: dict[str, int] = {}
+    assert signer_replicas(SERVICES, 1, health) == SERVICES  # one signer: as before
+    planned = signer_replicas(SERVICES, 3, health)
     replicas = [(name, args) for name, _, args in planned if name.startswith("signer")]
     assert [name for name, _ in replicas] == ["signer", "signer-2", "signer-3"]
     ids = []
@@ -323,9 +324,12 @@ def test_up_starts_each_signer_replica_in_the_share_group_with_its_own_client_id
         ids.append(args[args.index("--client-id") + 1])
     assert len(set(ids)) == 3
     # Only the first keeps the signer's health and metrics ports; two processes on one
-    # port would not both start.
+    # port would not both start. The others get a health port of their own, which `up`
+    # waits on before it says the stack is up.
     first = replicas[0][1]
     assert first[first.index("--metrics-port") + 1] == "{m_signer}"
+    assert first[first.index("--health-port") + 1] == "{h_signer}"
     assert [a[a.index("--metrics-port") + 1] for _, a in replicas[1:]] == ["0", "0"]
-    assert all("--health-port" not in a for _, a in replicas[1:])
+    ports = [a[a.index("--health-port") + 1] for _, a in replicas[1:]]
+    assert health == {"signer-2": int(ports[0]), "signer-3": int(ports[1])}
     assert [n for n, _, _ in planned if not n.startswith("signer")] == ["assembler", "api"]

@@ -50,29 +50,40 @@ def metrics_ports(api_port: int) -> dict[str, int]:
     return ports
 
 
-def signer_replicas(services: list, n: int) -> list:
+def signer_replicas(services: list, n: int, health: dict[str, int]) -> list:
     """`services` with the signer as `n` replicas of one share group, each with its own
     MQTT client id (docs/edge-upload.md, replicas); only the first keeps the health and
-    metrics ports (fleet-health checks it), the others serve neither."""
+    metrics ports (fleet-health checks it), the others serve no metrics and a health
+    port of their own, added to `health`."""
     if n <= 1:
         return services
+    from camfleet.localsvc import free_port
+
     out = []
     for name, module, args in services:
         if name != "signer":
             out.append((name, module, args))
             continue
         for i in range(1, n + 1):
-            own = args if i == 1 else ["signer", "--metrics-port", "0"]
+            if i == 1:
+                own = args
+            else:
+                name = f"signer-{i}"
+                health[name] = free_port()
+                own = ["signer", "--metrics-port", "0", "--health-port", str(health[name])]
             own = [*own, "--share-group", "camfleet-signer", "--client-id", f"camfleet-signer-{i}"]
-            out.append(("signer" if i == 1 else f"signer-{i}", module, own))
+            out.append(("signer" if i == 1 else name, module, own))
     return out
 
 
-def assembler_replicas(n: int, metrics: dict[str, int]) -> list[tuple[str, str, list[str]]]:
+def assembler_replicas(
+    n: int, metrics: dict[str, int], health: dict[str, int] | None = None
+) -> list[tuple[str, str, list[str]]]:
     """`--assemblers N`: N replicas leasing device partitions (docs/mqtt-ingest.md,
     "Several assemblers"); 1 is the single assembler of today, without leases. Replica 1
     keeps the assembler's health and metrics ports (fleet-health checks it); replica
-    k > 1 gets free ones, its metrics port added to `metrics`."""
+    k > 1 gets free ones, added to `metrics` and `health`."""
+    health = {} if health is None else health
     if n <= 1:
         return [SERVICES[0]]
     from camfleet.localsvc import free_port
@@ -85,7 +96,8 @@ def assembler_replicas(n: int, metrics: dict[str, int]) -> list[tuple[str, str, 
             args = list(SERVICES[0][2])
         else:
             port = metrics.setdefault(name, free_port())
-            args = ["assembler", "--health-port", str(free_port()), "--metrics-port", str(port)]
+            health[name] = free_port()
+            args = ["assembler", "--health-port", str(health[name]), "--metrics-port", str(port)]
         args += ["--partitions", str(DEFAULT_PARTITIONS), "--replica-id", f"up-{k}"]
         out.append((name, SERVICES[0][1], args))
     return out
@@ -105,7 +117,8 @@ def service_urls(api_host: str, api_port: int, health_ports: dict[str, int]) -> 
     host = f"[{host}]" if ":" in host else host
     urls = {"api": f"http://{host}:{api_port}{READY_PATHS['api']}"}
     for name, port in health_ports.items():
-        urls[name] = f"http://127.0.0.1:{port}{READY_PATHS[name]}"
+        kind = name.split("-", 1)[0]  # replica k of a service: "assembler-2"
+        urls[name] = f"http://127.0.0.1:{port}{READY_PATHS[kind]}"
     return urls
 
 
@@ -218,8 +231,9 @@ def up(
             fmt |= {f"h_{name}": str(port) for name, port in health.items()}
             urls = service_urls(settings.api_host, api_port, health)
             env["CAMFLEET_SERVICE_URLS"] = json.dumps({n: urls[n] for n in started})
-            planned = assembler_replicas(assemblers, metrics)
-            planned += signer_replicas(SERVICES[1:], signers)
+            replica_health: dict[str, int] = {}
+            planned = assembler_replicas(assemblers, metrics, replica_health)
+            planned += signer_replicas(SERVICES[1:], signers, replica_health)
             planned += [DEPLOYMENTS] + (DEMO if demo else [])
             for name, module, args in planned:
                 if not _available(module):
@@ -229,6 +243,11 @@ def up(
                 else:
                     argv = [sys.executable, "-m", "camfleet.cli", *[a.format(**fmt) for a in args]]
                 supervisor.start(name, argv, env)
+            ready_urls = {
+                **urls,
+                **service_urls(settings.api_host, api_port, replica_health),
+            }
+            ready_urls = {n: u for n, u in ready_urls.items() if n in supervisor.names()}
             stack.lines.append(("device API", f"{public_url}  (docs: {public_url}/docs)"))
             stack.lines.append(("console", f"{public_url}/console  (docs/console.md)"))
             stack.lines.append(("logs", str(supervisor.log_dir)))
@@ -261,6 +280,7 @@ def up(
         if check:
             _print_status(stack.dsn)
             return
+        _wait_ready(supervisor, ready_urls)
         _next_steps(stack.data_dir)
         typer.echo("camfleet is up. Ctrl-C stops everything.")
         while True:
@@ -277,6 +297,30 @@ def up(
         supervisor.stop_all()
         stack.stop()
         typer.echo("stopped.")
+
+
+def _wait_ready(supervisor, urls: dict[str, str]) -> None:
+    """Print "camfleet is up" only once a device sending then is served
+    (camfleet/readiness.py); after READY_TIMEOUT_S, say what is not ready and where
+    its log is instead of waiting for ever."""
+    from camfleet.readiness import READY_TIMEOUT_S, wait_ready
+
+    if not urls:
+        return
+    typer.echo(f"waiting for {', '.join(urls)} to be ready...")
+
+    def tick() -> None:
+        for line in supervisor.poll():
+            typer.echo(line)
+
+    waiting = wait_ready(urls, tick=tick)
+    if waiting:
+        typer.secho(
+            f"not ready after {READY_TIMEOUT_S:g} s: {', '.join(waiting)} "
+            f"(logs in {supervisor.log_dir})",
+            fg="yellow",
+            err=True,
+        )
 
 
 def _next_steps(data_dir) -> None:

@@ -373,7 +373,13 @@ class AssemblerService:
             return
         if self.leases is not None:
             if not self.leases.owns(dev):
-                return  # another replica's device (its status): dropped undecoded
+                # another replica's device (its status): dropped undecoded.  A device new
+                # to the fleet gets its `devices` row all the same: its owner learns it at
+                # the next known-device refresh even when it missed this status (it was
+                # reconnecting, or the partition was changing hands)
+                if self.admission.first_sight(dev):
+                    self.rows.seen(dev, dt.datetime.now(dt.UTC))
+                return
             if dev not in self.subs:  # a device new to us: its data from now on
                 self.subs.add(client, dev)
         size = len(msg.payload) + len(msg.topic) + INBOX_ENTRY_OVERHEAD

@@ -48,6 +48,7 @@ class DeviceAdmission:
         self._tokens = float(burst)
         self._t = clock()
         self._known: set[str] = set()
+        self._unannounced: set[str] = set()  # admitted new here, `devices` row not asked for
         self._lock = threading.Lock()
         self.dropped = 0
         self.admitted_new = 0
@@ -64,6 +65,18 @@ class DeviceAdmission:
         with self._lock:
             return frozenset(self._known)
 
+    def first_sight(self, device_id: str) -> bool:
+        """True once for an id this process admitted as new (not loaded from `devices`):
+        a replica that does not serve the device still has its row written, so that the
+        replica that does learns it even if it missed the device's status."""
+        if device_id not in self._unannounced:  # set lookup: the hot path
+            return False
+        with self._lock:
+            if device_id in self._unannounced:
+                self._unannounced.discard(device_id)
+                return True
+            return False
+
     def admit(self, device_id: str) -> bool:
         if device_id in self._known:  # set lookup: no lock needed for the hot path
             return True
@@ -77,6 +90,7 @@ class DeviceAdmission:
                 if self._tokens >= 1:
                     self._tokens -= 1
                     self._known.add(device_id)
+                    self._unannounced.add(device_id)
                     self.admitted_new += 1
                     return True
             self.dropped += 1
