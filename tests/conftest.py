@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from camfleet.commands.prefect_mode import prefect_env
 from camfleet.localsvc import (
     MosquittoInstance,
     PostgresInstance,
@@ -113,20 +114,9 @@ def prefect_api_url(prefect_server: PrefectServerInstance) -> Iterator[str]:
     every thread falls back to; it is refreshed here so a flow run from a service's
     own thread finds this server too (instead of starting a temporary one).
     """
-    from prefect.context import refresh_global_settings_context
-
     url = prefect_server.api_url
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
-    refresh_global_settings_context()
-    try:
+    with prefect_env(PREFECT_API_URL=url):
         yield url
-    finally:
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
-        refresh_global_settings_context()
 
 
 @pytest.fixture

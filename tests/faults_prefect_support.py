@@ -15,7 +15,6 @@ invariant checks and the fault table.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 import psutil
 import psycopg2
 
+from camfleet.commands import prefect_mode
 from camfleet.uploader.session import LOCK_NAMESPACE
 from camfleet.uploader.sftp import TEMP_PREFIX, TEMP_SUFFIX
 from camfleet.uploader.simulate import write_event
@@ -546,23 +546,7 @@ class PrefectOutage:
         self.frozen = []
 
 
-@contextlib.contextmanager
 def prefect_client_env(api_url: str, home: Path):
     """Point this process (and the children it spawns) at one private Prefect server,
-    and back afterwards. Prefect falls back to a settings context built from the
-    environment at import time in every thread without one of its own (the assembler's
-    recorder, the signer's hand-off), so that one is rebuilt both ways."""
-    from prefect.context import refresh_global_settings_context
-
-    saved = {k: os.environ.get(k) for k in ("PREFECT_API_URL", "PREFECT_HOME")}
-    os.environ.update(PREFECT_API_URL=api_url, PREFECT_HOME=str(home))
-    refresh_global_settings_context()
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        refresh_global_settings_context()
+    and back afterwards."""
+    return prefect_mode.prefect_env(PREFECT_API_URL=api_url, PREFECT_HOME=str(home))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,12 +106,18 @@ def require_api(what: str = "this command") -> str:
 
 
 @contextlib.contextmanager
-def reporting_to(url: str) -> Iterator[None]:
-    """Run Prefect code against `url` only: Prefect may not fall back to a temporary
-    server if the URL turns out unreachable (it fails instead, and says so)."""
-    saved = {k: os.environ.get(k) for k in (API_URL_ENV, EPHEMERAL_ENV)}
-    os.environ[API_URL_ENV] = url
-    os.environ[EPHEMERAL_ENV] = "false"
+def prefect_env(**values: str) -> Iterator[None]:
+    """Set PREFECT_* variables for a while, for this process and the children it starts,
+    and put them back afterwards (unset ones unset again).
+
+    Prefect reads the environment once, into a process-global settings context that
+    every thread without a context of its own falls back to (the assembler's recorder,
+    the signer's hand-off); it is rebuilt both ways when Prefect is already loaded, so
+    those threads follow too. The plain path still loads no Prefect.
+    """
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    _refresh_prefect_settings()
     try:
         yield
     finally:
@@ -119,3 +126,17 @@ def reporting_to(url: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        _refresh_prefect_settings()
+
+
+def _refresh_prefect_settings() -> None:
+    if "prefect.context" in sys.modules:
+        from prefect.context import refresh_global_settings_context
+
+        refresh_global_settings_context()
+
+
+def reporting_to(url: str) -> contextlib.AbstractContextManager[None]:
+    """Run Prefect code against `url` only: Prefect may not fall back to a temporary
+    server if the URL turns out unreachable (it fails instead, and says so)."""
+    return prefect_env(**{API_URL_ENV: url, EPHEMERAL_ENV: "false"})
