@@ -1,5 +1,5 @@
 """What several test files share: `camfleet api` as a child process, ready when its
-/health answers. (No tests here.)"""
+/health answers; polling for a condition; reading rows. (No tests here.)"""
 
 from __future__ import annotations
 
@@ -64,6 +64,26 @@ def wait_until(predicate, what: str, timeout: float = 60.0, step: float = 0.05):
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(step)
     return value
+
+
+def wait_for(predicate, timeout: float = 15.0, step: float = 0.1):
+    """`predicate()`'s first truthy value, polled every `step`; after `timeout` its last
+    (falsy) value, for `assert wait_for(...), details` (wait_until raises instead)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(step)
+    return predicate()
+
+
+def rows(dsn: str, sql: str, *args) -> list[tuple]:
+    """Every row of one query, on a connection of its own."""
+    from camfleet import db
+
+    with db.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchall()
 
 
 def assembler_env(mosquitto, database_url: str, tmp_path: Path, name: str) -> dict[str, str]:

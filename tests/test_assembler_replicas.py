@@ -8,13 +8,13 @@ is SIGKILLed mid-stream: every image must still be ACKed and stored exactly once
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -31,6 +31,7 @@ from services.assembler.partitions import (
     fair_share,
     partition_of,
 )
+from tests.helpers import rows, wait_for
 
 PARTITIONS = 16
 # Timing of the replicas (milliseconds, as the settings take them) and of the devices:
@@ -53,20 +54,8 @@ def _get(url):
         return None, {}
 
 
-def wait_for(fn, timeout=90, step=0.2):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = fn()
-        if value:
-            return value
-        time.sleep(step)
-    return fn()
-
-
-def rows(dsn, sql, *args):
-    with db.connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute(sql, args)
-        return cur.fetchall()
+# replicas start as processes and share partitions out over lease rounds
+wait_for = functools.partial(wait_for, timeout=90, step=0.2)
 
 
 def register(dsn, prefix, n):

@@ -13,7 +13,8 @@ from camfleet import metrics
 from camfleet.localsvc import free_port
 from camfleet.simulators.esp32 import SimOptions, simulate
 from services.assembler import AssemblerService, ServiceConfig
-from tests.test_mqtt_ingest import FAST, Device, broker_block, wait_for
+from tests.helpers import wait_for
+from tests.test_mqtt_ingest import FAST, Device, broker_block
 
 
 def value(text: str, name: str) -> float:

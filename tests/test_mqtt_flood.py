@@ -14,8 +14,8 @@ import psutil
 import pytest
 
 from camfleet.simulators.esp32 import SimOptions, device_id, simulate
-from tests.helpers import assembler_env
-from tests.test_mqtt_ingest import broker_block, rows
+from tests.helpers import assembler_env, rows
+from tests.test_mqtt_ingest import broker_block
 from tests.test_mqtt_isolation import register
 
 pytestmark = pytest.mark.slow

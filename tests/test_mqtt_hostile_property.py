@@ -39,7 +39,8 @@ from hypothesis import strategies as st
 
 from camfleet.protocol import assembler as core
 from services.assembler import AssemblerService, ServiceConfig
-from tests.test_mqtt_ingest import FAST, broker_block, jpeg, rows, wait_for
+from tests.helpers import rows, wait_for
+from tests.test_mqtt_ingest import FAST, broker_block, jpeg
 from tests.test_mqtt_isolation import healthy_device_still_works, register
 
 EXAMPLES = int(os.environ.get("CAMFLEET_HOSTILE_EXAMPLES", "25"))  # more: a longer hunt

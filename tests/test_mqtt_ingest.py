@@ -17,7 +17,7 @@ from camfleet.protocol.assembler import Timing
 from camfleet.simulators.esp32 import SimOptions, simulate
 from services.assembler import AssemblerService, ServiceConfig
 from tasks.mqtt import next_wake_time
-from tests.helpers import wait_until
+from tests.helpers import rows, wait_for, wait_until
 
 FAST = Timing(capture_timeout=2.0, retransmit_delay=0.4, retransmit_max=2)
 
@@ -105,22 +105,6 @@ def jpeg(n, seed=0):
     import random
 
     return b"\xff\xd8" + random.Random(seed).randbytes(n - 4) + b"\xff\xd9"
-
-
-def rows(dsn, sql, *args):
-    with db.connect(dsn) as conn, conn.cursor() as cur:
-        cur.execute(sql, args)
-        return cur.fetchall()
-
-
-def wait_for(fn, timeout=15, step=0.1):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = fn()
-        if value:
-            return value
-        time.sleep(step)
-    return fn()
 
 
 def errors(dsn, dev):

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from camfleet.protocol import assembler as core
 from services.assembler import AssemblerService, ServiceConfig
 from services.assembler.recorder import Recorder
-from tests.helpers import assembler_env
-from tests.test_mqtt_ingest import FAST, Device, broker_block, jpeg, rows, wait_for
+from tests.helpers import assembler_env, rows, wait_for
+from tests.test_mqtt_ingest import FAST, Device, broker_block, jpeg
 
 
 @pytest.fixture

@@ -9,14 +9,15 @@ the UI's Retry of that same run stamps every capture with its id, once.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
 from camfleet.simulators.esp32 import SimOptions, simulate
+from tests.helpers import rows
 from tests.test_mqtt_ingest import (  # noqa: F401 - fixture
     broker_block,
     make_service,
-    rows,
 )
 from tests.test_serve import _client_call
 from tests.test_ui_retry import _retry_from_ui
@@ -38,6 +39,24 @@ def _ingest(mosquitto, make_service, database_url, objects: Path) -> list[dict]:
     return [{"record_id": r[0], "storage_path": r[1], "bytes": r[2]} for r in captured]
 
 
+@contextlib.contextmanager
+def _as_a_worker_process(monkeypatch, database_url: str, objects: Path):
+    """What a Prefect worker's process has: no assembler context, the store and the
+    database from the settings (cleared again on the way out)."""
+    from camfleet.settings import get_settings
+    from tasks import mqtt as tm
+
+    tm.set_context(None)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("STORAGE_URL", objects.as_uri())
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        tm.set_context(None)
+        get_settings.cache_clear()
+
+
 def test_record_deployment_runs_without_the_assembler_and_a_ui_retry_finishes_it(
     mosquitto,
     make_service,  # noqa: F811
@@ -51,9 +70,7 @@ def test_record_deployment_runs_without_the_assembler_and_a_ui_retry_finishes_it
     import yaml
     from prefect.flow_engine import run_flow  # an async flow: a coroutine to run
 
-    from camfleet.settings import get_settings
     from flows.mqtt_ingest import mqtt_ingest_record
-    from tasks import mqtt as tm
 
     names = {d["name"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
     assert "mqtt-ingest-record" in names
@@ -61,11 +78,6 @@ def test_record_deployment_runs_without_the_assembler_and_a_ui_retry_finishes_it
     objects = tmp_path / "objects"
     records = _ingest(mosquitto, make_service, database_url, objects)
 
-    # A worker's process: no assembler context, the configured store and database.
-    tm.set_context(None)
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    monkeypatch.setenv("STORAGE_URL", objects.as_uri())
-    get_settings.cache_clear()
     missing = next(p for p in objects.rglob("*") if p.is_file())
     shutil.move(missing, tmp_path / "aside")
 
@@ -78,7 +90,7 @@ def test_record_deployment_runs_without_the_assembler_and_a_ui_retry_finishes_it
             deployment_id, parameters={"records": records, "verify": True}
         )
 
-    try:
+    with _as_a_worker_process(monkeypatch, database_url, objects):
         run = _client_call(create)
 
         async def read(client):
@@ -100,9 +112,6 @@ def test_record_deployment_runs_without_the_assembler_and_a_ui_retry_finishes_it
         )
         assert state.is_completed(), state
         assert state.result() == {"captures": 3, "verified": 3, "stamped": 3}
-    finally:
-        tm.set_context(None)
-        get_settings.cache_clear()
     stamped = rows(database_url, "select distinct flow_run_id::text from captures")
     assert stamped == [(str(run.id),)]
 
@@ -120,21 +129,12 @@ def test_the_assembler_recording_run_does_not_read_objects_back(
     completes (a run that HEADs them would fail)."""
     import asyncio
 
-    from camfleet.settings import get_settings
     from flows.mqtt_ingest import mqtt_ingest_record
-    from tasks import mqtt as tm
 
     records = _ingest(mosquitto, make_service, database_url, tmp_path / "objects")
     shutil.rmtree(tmp_path / "objects")
-    tm.set_context(None)
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    monkeypatch.setenv("STORAGE_URL", (tmp_path / "objects").as_uri())
-    get_settings.cache_clear()
-    try:
+    with _as_a_worker_process(monkeypatch, database_url, tmp_path / "objects"):
         state = asyncio.run(mqtt_ingest_record(records, return_state=True))
-    finally:
-        tm.set_context(None)
-        get_settings.cache_clear()
     assert state.is_completed(), state
     assert state.result() == {"captures": 3, "verified": 0, "stamped": 3}
     assert rows(database_url, "select count(flow_run_id) from captures") == [(3,)]
@@ -153,22 +153,13 @@ def test_a_run_without_records_adopts_the_captures_no_run_stamped(
     the live recorder."""
     import asyncio
 
-    from camfleet.settings import get_settings
     from flows.mqtt_ingest import mqtt_ingest_record
-    from tasks import mqtt as tm
 
     _ingest(mosquitto, make_service, database_url, tmp_path / "objects")
-    tm.set_context(None)
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    monkeypatch.setenv("STORAGE_URL", (tmp_path / "objects").as_uri())
-    get_settings.cache_clear()
-    try:
+    with _as_a_worker_process(monkeypatch, database_url, tmp_path / "objects"):
         fresh = asyncio.run(mqtt_ingest_record(return_state=True))  # default: 10 min old
         adopted = asyncio.run(mqtt_ingest_record(min_age_s=0, return_state=True))
         again = asyncio.run(mqtt_ingest_record(min_age_s=0, return_state=True))
-    finally:
-        tm.set_context(None)
-        get_settings.cache_clear()
     assert fresh.result()["captures"] == 0
     assert adopted.result() == {"captures": 3, "verified": 0, "stamped": 3}
     assert again.result()["captures"] == 0
