@@ -246,6 +246,7 @@ def test_signer_metrics_count_grants_claimed_and_leases_lost(mosquitto, database
     import hashlib
 
     from camfleet import db
+    from camfleet.protocol import edge_batch as eb
     from camfleet.storage.local import LocalStore
     from services.signer import Signer
     from services.signer.leases import Leases
@@ -253,21 +254,17 @@ def test_signer_metrics_count_grants_claimed_and_leases_lost(mosquitto, database
     serial, name, data = "ENTO-MLEASE", "lease.jpg", b"\xff\xd8lease-metrics\xff\xd9"
     key = f"edge/{serial}/{name}"
     with db.transaction(database_url) as conn:
-        db.queries.edge_ensure_device(conn, device_id=serial)
-        db.queries.edge_grant_upsert(
-            conn,
-            device_id=serial,
-            file_name=name,
-            object_key=key,
-            request_id="r-metrics",
-            checked=True,
-            declared_size=len(data),
-            declared_sha256=hashlib.sha256(data).hexdigest(),
+        grant = eb.Grant(
+            serial=serial,
+            name=name,
+            key=key,
             max_bytes=len(data),
             expires_at=time.time() + 300,
-            bucket=None,
+            request_id="r-metrics",
+            declared_size=len(data),
+            declared_sha256=hashlib.sha256(data).hexdigest(),
         )
-        Leases("signer-gone", lease_s=0.5).take(conn, serial, [name])  # then it died
+        Leases("signer-gone", lease_s=0.5).issue(conn, serial, True, [grant])  # then it died
     store = LocalStore(tmp_path / "objects")
     signer = Signer(
         store,

@@ -36,6 +36,7 @@ import pytest
 
 from camfleet import db
 from camfleet.localsvc import MosquittoInstance
+from camfleet.protocol import edge_batch as eb
 from services.signer.leases import Leases
 from services.signer.limits import SharedRateLimiter
 from tests.faults_common import ChildProcess, wait_until
@@ -251,29 +252,25 @@ def test_a_replica_killed_mid_batch_loses_nothing_and_verifies_nothing_twice(
 # ---- the database side alone ---------------------------------------------------------------
 
 
-def _grant(dsn: str, serial: str, name: str) -> None:
+def _grant(dsn: str, serial: str, name: str, leases: Leases) -> None:
+    """One grant issued and leased by `leases`' instance, as the signer issues them."""
+    grant = eb.Grant(
+        serial=serial,
+        name=name,
+        key=f"edge/{serial}/{name}",
+        max_bytes=10,
+        expires_at=time.time() + 300,
+        request_id="r1",
+        declared_size=10,
+        declared_sha256="0" * 64,
+    )
     with db.transaction(dsn) as conn:
-        db.queries.edge_ensure_device(conn, device_id=serial)
-        db.queries.edge_grant_upsert(
-            conn,
-            device_id=serial,
-            file_name=name,
-            object_key=f"edge/{serial}/{name}",
-            request_id="r1",
-            checked=True,
-            declared_size=10,
-            declared_sha256="0" * 64,
-            max_bytes=10,
-            expires_at=time.time() + 300,
-            bucket=None,
-        )
+        leases.issue(conn, serial, True, [grant])
 
 
 def test_a_live_lease_is_never_claimed_an_expired_or_released_one_is(database_url):
     a, b = Leases("signer-a", lease_s=1.0), Leases("signer-b", lease_s=30.0)
-    _grant(database_url, "ENTO-L1", "x.jpg")
-    with db.transaction(database_url) as conn:
-        a.take(conn, "ENTO-L1", ["x.jpg"])
+    _grant(database_url, "ENTO-L1", "x.jpg", a)
     with db.transaction(database_url) as conn:
         assert b.claim(conn, 100) == []  # A is alive (its lease runs)
         assert a.held(conn, "ENTO-L1", ["x.jpg"]) == {"x.jpg"}

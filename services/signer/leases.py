@@ -46,22 +46,10 @@ class Leases:
         self.lease_s = float(lease_s)
         self.tend_every_s = self.lease_s / 3
 
-    def take(self, conn, serial: str, names: Iterable[str]) -> None:
-        """Lease the grants just issued for `names` (caller's transaction)."""
-        names = list(names)
-        if names:
-            db.queries.edge_grants_lease(
-                conn,
-                owner=self.owner,
-                lease_s=self.lease_s,
-                device_id=serial,
-                file_names=names,
-            )
-
     def issue(self, conn, serial: str, checked: bool, grants: list[eb.Grant]) -> None:
         """Write the grant rows of one request part, leased to us, in one statement
         (caller's transaction; `edge_grants_issue`, sql/queries/edge.sql): what
-        `edge_ensure_device`, `edge_grant_upsert` per grant and `take` did in 2 + N."""
+        registering the device, writing and leasing each grant once took 2 + N."""
         if not grants:
             return
         db.queries.edge_grants_issue(

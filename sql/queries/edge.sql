@@ -6,24 +6,11 @@ insert into devices (device_id, kind, last_seen_at)
 values (:device_id, 'edge', now())
 on conflict (device_id) do update set last_seen_at = now();
 
--- name: edge_grant_upsert!
--- A (re)issued presigned POST; re-granting a file reopens it.
-insert into edge_upload_grants (device_id, file_name, object_key, request_id, checked,
-                                declared_size, declared_sha256, max_bytes, expires_at, bucket)
-values (:device_id, :file_name, :object_key, :request_id, :checked,
-        :declared_size, :declared_sha256, :max_bytes, to_timestamp(:expires_at), :bucket)
-on conflict (device_id, file_name) do update
-set object_key = excluded.object_key, bucket = excluded.bucket, request_id = excluded.request_id,
-    checked = excluded.checked, declared_size = excluded.declared_size,
-    declared_sha256 = excluded.declared_sha256, max_bytes = excluded.max_bytes,
-    status = 'granted', failed_reason = null, granted_at = now(),
-    expires_at = excluded.expires_at, resolved_at = null;
-
 -- name: edge_grants_issue!
 -- A request part's (re)issued presigned POSTs in one statement: the device is
--- registered (as edge_ensure_device), every grant row written (as edge_grant_upsert)
--- and leased to the issuing signer instance (as edge_grants_lease), so a request costs
--- one round trip here instead of 2 + one per file. Names are unique within a request
+-- registered (as edge_ensure_device), every grant row written (a re-grant reopens the
+-- file's row) and leased to the issuing signer instance, so a request costs one round
+-- trip here instead of 2 + one per file. Names are unique within a request
 -- (edge_batch rejects duplicates), as ON CONFLICT DO UPDATE needs; rows are written in
 -- name order so two instances granting the same names lock them in the same order.
 with device as (

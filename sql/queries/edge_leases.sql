@@ -1,11 +1,5 @@
 -- Leases on open edge grants (sql/migrations/0150): which signer instance verifies
--- which grant (services/signer_leases.py).
-
--- name: edge_grants_lease!
--- The grants a signer just (re)issued are its own; a re-grant moves the lease to it.
-update edge_upload_grants
-set leased_by = :owner, lease_expires_at = now() + make_interval(secs => :lease_s)
-where device_id = :device_id and file_name = any(:file_names);
+-- which grant (services/signer/leases.py; issued and leased in one statement by edge_grants_issue, edge.sql).
 
 -- name: edge_grants_claim
 -- Open grants nobody holds (lease expired or never leased), or, with own, this
