@@ -1,4 +1,4 @@
-"""Housekeeping of the Prefect server's own data: old flow runs are deleted.
+"""Housekeeping: old flow runs and old device log rows are deleted.
 
 The recorder alone can create tens of thousands of flow runs a day; kept for ever they
 slow the UI and the server's queries. `prune-flow-runs` (daily, prefect.yaml) deletes
@@ -6,15 +6,27 @@ runs that ended more than CAMFLEET_FLOW_RUN_RETENTION_DAYS days ago (default 14)
 with their task runs, logs and states (the server cascades), and persisted result
 files as old from the local result directory. Runs that have not ended
 (scheduled, running, paused) are never touched, whatever their age.
+
+The assembler writes a `device_publish_log` row per MQTT message (47 per image) and a
+`device_status` row per status message; kept for ever the publish log is the first
+limit of the database (docs/scaling.md). `prune-device-logs` (daily, prefect.yaml)
+deletes publish-log rows older than CAMFLEET_PUBLISH_LOG_RETENTION_DAYS (default 7)
+and status rows older than CAMFLEET_DEVICE_STATUS_RETENTION_DAYS (default 30), in
+batches of PRUNE_BATCH rows, each batch its own transaction. `device_errors` is not
+pruned: the console lists a device's latest errors whatever their age, and its rows
+come from failures (throttled per device), not from every image.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from prefect import flow, get_client, get_run_logger
+
+from camfleet import db, resolve
 
 RETENTION_ENV = "CAMFLEET_FLOW_RUN_RETENTION_DAYS"
 DEFAULT_RETENTION_DAYS = 14
@@ -23,11 +35,30 @@ DEFAULT_MAX_DELETES = 20_000
 PAGE = 200
 
 
-def retention_days(value: int | str | None = None) -> int:
-    raw = value if value is not None else os.environ.get(RETENTION_ENV, DEFAULT_RETENTION_DAYS)
+PUBLISH_LOG_RETENTION_ENV = "CAMFLEET_PUBLISH_LOG_RETENTION_DAYS"
+# The fleet report's default window (its NACK table reads the publish log).
+DEFAULT_PUBLISH_LOG_RETENTION_DAYS = 7
+STATUS_RETENTION_ENV = "CAMFLEET_DEVICE_STATUS_RETENTION_DAYS"
+# One row per wake: as many as captures, 1/47 of the publish log; read only as the
+# latest 20 (the seed's monitoring query). A month keeps a device's recent history.
+DEFAULT_STATUS_RETENTION_DAYS = 30
+# Rows per DELETE, each batch its own transaction: the row locks, the WAL and the dead
+# tuples of one statement stay small while the assembler keeps inserting.
+PRUNE_BATCH = 5_000
+# Rows deleted per table per run: bounds one run (~minutes, docs/scaling.md); the
+# summary says when it stopped there, and the next run continues.
+DEFAULT_MAX_LOG_DELETES = 20_000_000
+
+
+def retention_days(
+    value: int | str | None = None,
+    env: str = RETENTION_ENV,
+    default: int = DEFAULT_RETENTION_DAYS,
+) -> int:
+    raw = value if value is not None else os.environ.get(env, default)
     days = int(raw)
     if days < 1:
-        raise ValueError(f"{RETENTION_ENV} must be at least 1 day, not {raw!r}")
+        raise ValueError(f"{env} must be at least 1 day, not {raw!r}")
     return days
 
 
@@ -98,3 +129,72 @@ async def prune_flow_runs(
         "deleted": deleted,
         "result_files_deleted": results,
     }
+
+
+def prune_rows(
+    dsn: str,
+    batch_query,
+    cutoff: datetime,
+    max_deletes: int = DEFAULT_MAX_LOG_DELETES,
+    batch: int = PRUNE_BATCH,
+) -> int:
+    """Run `batch_query` (a `prune_*_batch` query) until no row older than `cutoff` is
+    left or `max_deletes` rows are gone, committing after each batch; returns how many."""
+    if max_deletes < 0 or batch < 1:
+        raise ValueError(f"max_deletes must be >= 0 and batch >= 1, not {max_deletes}, {batch}")
+    deleted = 0
+    conn = db.connect(dsn)
+    try:
+        while deleted < max_deletes:
+            size = min(batch, max_deletes - deleted)
+            with conn:  # commits this batch: its locks are released before the next
+                n = batch_query(conn, cutoff=cutoff, batch=size)
+            deleted += n
+            if n < size:
+                break
+    finally:
+        conn.close()
+    return deleted
+
+
+@flow(name="prune-device-logs", retries=1, retry_delay_seconds=60, timeout_seconds=3600)
+def prune_device_logs(
+    publish_log_retention_days: int | None = None,
+    device_status_retention_days: int | None = None,
+    max_deletes: int = DEFAULT_MAX_LOG_DELETES,
+    database_block: str | None = None,
+) -> dict:
+    """Delete publish-log and status rows older than their retention periods."""
+    log_days = retention_days(
+        publish_log_retention_days, PUBLISH_LOG_RETENTION_ENV, DEFAULT_PUBLISH_LOG_RETENTION_DAYS
+    )
+    status_days = retention_days(
+        device_status_retention_days, STATUS_RETENTION_ENV, DEFAULT_STATUS_RETENTION_DAYS
+    )
+    dsn = resolve.database_url(database_block)
+    now = datetime.now(UTC)
+    logger = get_run_logger()
+    summary: dict = {"max_deletes": max_deletes}
+    for table, days, query in (
+        ("device_publish_log", log_days, db.queries.prune_publish_log_batch),
+        ("device_status", status_days, db.queries.prune_device_status_batch),
+    ):
+        cutoff = now - timedelta(days=days)
+        started = time.monotonic()
+        deleted = prune_rows(dsn, query, cutoff, max_deletes)
+        seconds = round(time.monotonic() - started, 1)
+        logger.info("%s: deleted %d rows older than %s in %.1f s", table, deleted, cutoff, seconds)
+        if deleted >= max_deletes:
+            logger.warning(
+                "%s: stopped at max_deletes=%d; older rows remain for the next run",
+                table,
+                max_deletes,
+            )
+        summary[table] = {
+            "retention_days": days,
+            "cutoff": cutoff.isoformat(),
+            "deleted": deleted,
+            "seconds": seconds,
+            "stopped_at_max": deleted >= max_deletes,
+        }
+    return summary

@@ -250,6 +250,19 @@ def test_prune_flow_runs_same_with_and_without_persistence(
     assert second["result_files_deleted"] == 0 and not old.exists()
 
 
+def test_prune_device_logs_same_with_and_without_persistence(prefect_api_url, env, persistence):
+    from datetime import timedelta
+
+    from flows.maintenance import prune_device_logs
+    from tests.test_maintenance import _add_log_rows
+
+    _add_log_rows(env, "device_publish_log", 6, timedelta(days=8))
+    _add_log_rows(env, "device_status", 3, timedelta(days=31))
+    first, second = prune_device_logs(), prune_device_logs()
+    assert (first["device_publish_log"]["deleted"], first["device_status"]["deleted"]) == (6, 3)
+    assert (second["device_publish_log"]["deleted"], second["device_status"]["deleted"]) == (0, 0)
+
+
 def test_event_upload_same_with_and_without_persistence(
     prefect_api_url, env, persistence, sshd, tmp_path
 ):

@@ -357,6 +357,24 @@ def test_ui_retry_of_prune_flow_runs_after_a_bad_setting(retry_env, monkeypatch,
     assert not old.exists()
 
 
+def test_ui_retry_of_prune_device_logs_deletes_the_rest_once(retry_env):
+    from datetime import timedelta
+
+    from flows.maintenance import prune_device_logs
+    from tests.test_maintenance import _add_log_rows, _ages_in_days
+
+    log = _add_log_rows(retry_env, "device_publish_log", 12, timedelta(days=9))
+    status = _add_log_rows(retry_env, "device_status", 5, timedelta(days=40))
+    _add_log_rows(retry_env, "device_status", 2, timedelta(days=1))
+    # The publish log is pruned (and committed), then the status table refuses deletes.
+    fault = WriteFault(retry_env, "device_status", "DELETE")
+    _, summary = _fail_then_retry(prune_device_logs, {}, fault)
+    assert summary["device_publish_log"]["deleted"] == 0  # done by the failed run
+    assert summary["device_status"]["deleted"] == 5
+    assert _ages_in_days(retry_env, "device_publish_log", log) == []
+    assert _ages_in_days(retry_env, "device_status", status) == [1, 1]
+
+
 def test_ui_retry_of_event_upload_uploads_the_rest_once(retry_env, sshd, tmp_path):
     from camfleet.uploader.simulate import local_config, write_event
     from flows.event_upload import event_upload
