@@ -9,7 +9,7 @@ files as old from the local result directory. Runs that have not ended
 
 The assembler writes a `device_publish_log` row per MQTT message (47 per image) and a
 `device_status` row per status message; kept for ever the publish log is the first
-limit of the database (docs/scaling.md). `prune-device-logs` (daily, prefect.yaml)
+limit of the database (docs/scaling.md). `prune-device-logs` (hourly, prefect.yaml)
 deletes publish-log rows older than CAMFLEET_PUBLISH_LOG_RETENTION_DAYS (default 7)
 and status rows older than CAMFLEET_DEVICE_STATUS_RETENTION_DAYS (default 30), in
 batches of PRUNE_BATCH rows, each batch its own transaction. `device_errors` is not
