@@ -8,7 +8,6 @@ is SIGKILLed mid-stream: every image must still be ACKed and stored exactly once
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -31,7 +30,8 @@ from services.assembler.partitions import (
     fair_share,
     partition_of,
 )
-from tests.helpers import rows, wait_for
+from tests import helpers
+from tests.helpers import rows
 
 PARTITIONS = 16
 # Timing of the replicas (milliseconds, as the settings take them) and of the devices:
@@ -54,8 +54,9 @@ def _get(url):
         return None, {}
 
 
-# replicas start as processes and share partitions out over lease rounds
-wait_for = functools.partial(wait_for, timeout=90, step=0.2)
+def wait_for(fn, timeout=90, step=0.2):
+    """helpers.wait_for with the longer default of processes sharing partitions out."""
+    return helpers.wait_for(fn, timeout, step)
 
 
 def register(dsn, prefix, n):

@@ -106,18 +106,20 @@ def require_api(what: str = "this command") -> str:
 
 
 @contextlib.contextmanager
-def prefect_env(**values: str) -> Iterator[None]:
+def prefect_env(*, refresh: bool = True, **values: str) -> Iterator[None]:
     """Set PREFECT_* variables for a while, for this process and the children it starts,
     and put them back afterwards (unset ones unset again).
 
     Prefect reads the environment once, into a process-global settings context that
     every thread without a context of its own falls back to (the assembler's recorder,
     the signer's hand-off); it is rebuilt both ways when Prefect is already loaded, so
-    those threads follow too. The plain path still loads no Prefect.
+    those threads follow too (unless ``refresh=False``). The plain path still loads no
+    Prefect.
     """
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
-    _refresh_prefect_settings()
+    if refresh:
+        _refresh_prefect_settings()
     try:
         yield
     finally:
@@ -126,7 +128,8 @@ def prefect_env(**values: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        _refresh_prefect_settings()
+        if refresh:
+            _refresh_prefect_settings()
 
 
 def _refresh_prefect_settings() -> None:
@@ -138,5 +141,10 @@ def _refresh_prefect_settings() -> None:
 
 def reporting_to(url: str) -> contextlib.AbstractContextManager[None]:
     """Run Prefect code against `url` only: Prefect may not fall back to a temporary
-    server if the URL turns out unreachable (it fails instead, and says so)."""
-    return prefect_env(**{API_URL_ENV: url, EPHEMERAL_ENV: "false"})
+    server if the URL turns out unreachable (it fails instead, and says so).
+
+    Prefect's global settings context is left alone: in a command's process Prefect is
+    first imported after these are set (this module imports none of it) and reads
+    them then, and a process that already runs Prefect for something else (a service,
+    the test session) keeps its own server for that."""
+    return prefect_env(refresh=False, **{API_URL_ENV: url, EPHEMERAL_ENV: "false"})
