@@ -27,8 +27,11 @@ lint: install
 	ruff check .
 	ruff format --check .
 
+# Two workers, whole files each (module fixtures stay in one process); every worker
+# starts its own PostgreSQL, Mosquitto and Prefect server on free ports. Most tests wait
+# on services, so two workers take ~2/3 of one's time even on 2 cores.
 test: lint
-	pytest -q -m "not slow"
+	pytest -q -m "not slow" -n 2 --dist loadfile
 
 # The long fault-injection suite, then the 10-minute soak (issue #9); not part of
 # `make test`, which runs the short fault tests. Each prints its table.
