@@ -92,12 +92,20 @@ class CpuMeter:
 
     groups: name -> pid | Process | list of them. A group counts its processes' live
     descendants unless its name is in ``own_only`` (e.g. the benchmark process itself,
-    which parents the services); finished children count in both cases.
+    which parents the services); finished children count in both cases. Groups named
+    in ``background`` are load running beside the measurement (e.g. a whole `camfleet
+    up`): printed like the others, counted as other users' CPU, never named as the limit.
     """
 
-    def __init__(self, groups: dict[str, object], own_only: Iterable[str] = ()):
+    def __init__(
+        self,
+        groups: dict[str, object],
+        own_only: Iterable[str] = (),
+        background: Iterable[str] = (),
+    ):
         self.groups = {name: _procs(spec) for name, spec in groups.items()}
         self.own_only = set(own_only)
+        self.background = set(background)
 
     def _snap(self) -> dict[str, tuple[float, dict[int, float]]]:
         out = {}
@@ -144,7 +152,7 @@ class CpuMeter:
         return 100 * self.busy / self.wall
 
     def limit(self) -> str:
-        pct = self.pct()
+        pct = {n: v for n, v in self.pct().items() if n not in self.background}
         bound = [(self.busiest(n), n) for n in pct if self.busiest(n) >= CPU_BOUND]
         if bound:
             top, name = max(bound)
