@@ -465,17 +465,21 @@ class CamfleetUp:
     """A real `camfleet up --demo` in a fresh data directory, on free loopback ports.
 
     Its PostgreSQL, Mosquitto and Prefect server are its own, not the benchmark's: the
-    environment it gets has none of our PREFECT_*, MQTT_* or DATABASE_URL. It runs in a
-    process group of its own, so SIGINT to the group is a Ctrl-C in its terminal.
+    environment it gets has none of our PREFECT_*, MQTT_*, CAMFLEET_*, DATABASE_URL or
+    STORAGE_URL. It runs in a process group of its own, so SIGINT to the group is a
+    Ctrl-C in its terminal (click flushes each line, so its stdout is read line by line).
     """
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="camfleet-bench-up-"))
         self.dir.chmod(0o755)  # as root, its PostgreSQL runs as `postgres` and must get in
+        # What a fresh shell would have: none of our services (PREFECT_API_URL is the
+        # benchmark's server by now), nor a user's stack settings or storage.
         env = {
             k: v
             for k, v in os.environ.items()
-            if not k.startswith(("PREFECT_", "MQTT_", "CAMFLEET_")) and k != "DATABASE_URL"
+            if not k.startswith(("PREFECT_", "MQTT_", "CAMFLEET_"))
+            and k not in ("DATABASE_URL", "STORAGE_URL")
         }
         env |= {
             "CAMFLEET_DATA_DIR": str(self.dir / "data"),
