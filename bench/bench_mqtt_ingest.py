@@ -52,6 +52,12 @@ that way: both (a) and (b) run beside the stack, so it says how much more the fu
 path loses to a busy machine than a bare subscriber does. Printed: both ratios' ranges,
 loaded minus quiet (medians; issue 20 wants it within 0.1), the load average and the
 stack's CPU (with all its processes) and the rest of the box's during the loaded rounds.
+Measured 2026-12-03 (three runs, defaults, no quiet machine: other users at 72-131 % of
+a core in the rounds without the stack): (b)/(a) without / beside the stack (medians)
+0.30 / 0.34 (+0.04, 10:35), 0.29 / 0.41 (+0.11, 10:42), 0.37 / 0.32 (-0.04, 10:47);
+rounds spread 0.20-0.45. The stack used 36-70 % of a core beside them, load 8.4-26.7;
+ACK_OK p99 2.3-7.1 s beside it (1.1-3.6 s without). Within 0.1 in two runs of three:
+the tolerance is narrower than a run's own spread on this shared box.
 
     .venv/bin/python bench/bench_mqtt_ingest.py [--devices 100] [--images 10] \
         [--publishers 3] [--repeat 3] [--baseline-publisher mosquitto_pub|python] \
