@@ -56,7 +56,7 @@ Measured 2026-12-03 (three runs, defaults, no quiet machine: other users at 72-1
 a core in the rounds without the stack): (b)/(a) without / beside the stack (medians)
 0.30 / 0.34 (+0.04, 10:35), 0.29 / 0.41 (+0.11, 10:42), 0.37 / 0.32 (-0.04, 10:47);
 rounds spread 0.20-0.45. The stack used 36-70 % of a core beside them, load 8.4-26.7;
-ACK_OK p99 2.3-7.1 s beside it (1.1-3.6 s without). Within 0.1 in two runs of three:
+ACK_OK p99 2.2-7.1 s beside it (1.1-3.6 s without). Within 0.1 in two runs of three:
 the tolerance is narrower than a run's own spread on this shared box.
 
     .venv/bin/python bench/bench_mqtt_ingest.py [--devices 100] [--images 10] \
