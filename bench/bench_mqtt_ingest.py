@@ -39,9 +39,29 @@ chunk, NACKs, and the assembler's peak RSS next to the bytes of images in flight
 --profile DIR records the first (b) repetition's assembler with py-spy (if installed)
 into DIR/assembler.svg and DIR/assembler.txt (collapsed stacks).
 
+--under-stack: after those rounds ("quiet": nothing of ours but the benchmark; other
+users of the machine as they are, their load printed beside each figure), start a real
+`camfleet up --demo` (fresh data directory, free loopback ports, its own PostgreSQL,
+Mosquitto and Prefect server, two assemblers, two signers, the API, the served
+deployments and simulated devices of every kind), wait for its "camfleet is up", run
+the same rounds again beside it, then stop it with Ctrl-C (SIGINT to its process group).
+The benchmark's broker, PostgreSQL and Prefect server stay its own, so the stack only
+competes for the machine (CPU, disk, memory), the way the other services of a one-box
+install compete with the assembler. The loaded figure is the (b)/(a) ratio measured
+that way: both (a) and (b) run beside the stack, so it says how much more the full
+path loses to a busy machine than a bare subscriber does. Printed: both ratios' ranges,
+loaded minus quiet (medians; issue 20 wants it within 0.1), the load average and the
+stack's CPU (with all its processes) and the rest of the box's during the loaded rounds.
+Measured 2026-12-03 (three runs, defaults, no quiet machine: other users at 72-131 % of
+a core in the rounds without the stack): (b)/(a) without / beside the stack (medians)
+0.30 / 0.34 (+0.04, 10:35), 0.29 / 0.41 (+0.11, 10:42), 0.37 / 0.32 (-0.04, 10:47);
+rounds spread 0.20-0.45. The stack used 36-70 % of a core beside them, load 8.4-26.7;
+ACK_OK p99 2.2-7.1 s beside it (1.1-3.6 s without). Within 0.1 in two runs of three:
+the tolerance is narrower than a run's own spread on this shared box.
+
     .venv/bin/python bench/bench_mqtt_ingest.py [--devices 100] [--images 10] \
         [--publishers 3] [--repeat 3] [--baseline-publisher mosquitto_pub|python] \
-        [--no-prefect-too] [--profile DIR]
+        [--no-prefect-too] [--profile DIR] [--under-stack]
 
 Targets (issue 20): ratio >= 0.85, ACK_OK p99 <= 0.5 s at 100 devices, RSS within
 150 MB + 1.2 x in flight; the ratio within 0.1 of its quiet value under `camfleet up`
@@ -54,6 +74,8 @@ import argparse
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,6 +97,7 @@ from camfleet.localsvc import (  # noqa: E402
     MosquittoInstance,
     PostgresInstance,
     PrefectServerInstance,
+    free_port,
 )
 
 CHUNKS_PER_IMAGE = 45
@@ -287,8 +310,9 @@ class CompiledPublishers:
 
 
 # -- (a) the plain subscriber -------------------------------------------------------------
-def bench_plain(broker, pg, devices, images, publishers, prefix, compiled=None):
-    """compiled: a work directory -> the devices are `mosquitto_pub` processes."""
+def bench_plain(broker, pg, devices, images, publishers, prefix, compiled=None, more=None):
+    """compiled: a work directory -> the devices are `mosquitto_pub` processes;
+    more: CpuMeter groups of load beside it (the `camfleet up` of --under-stack)."""
     expected = devices * images * CHUNKS_PER_IMAGE
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(COUNTER)
@@ -312,7 +336,7 @@ def bench_plain(broker, pg, devices, images, publishers, prefix, compiled=None):
     else:
         pubs = Publishers(broker, publishers, devices, images, prefix, wait_ack=False)
     groups = {"broker": broker.pid, "subscriber": counter.pid, "publishers": pubs.pids}
-    with CpuMeter(groups) as meter:
+    with CpuMeter({**groups, **(more or {})}, background=more or ()) as meter:
         sim = pubs.run()
         n, first, last = counter.stdout.readline().split()
     pubs.close()
@@ -327,7 +351,17 @@ def bench_plain(broker, pg, devices, images, publishers, prefix, compiled=None):
 
 # -- (b) the full path --------------------------------------------------------------------
 def bench_full(
-    broker, pg, dsn, objects, devices, images, publishers, prefix, extra_args=(), profile=None
+    broker,
+    pg,
+    dsn,
+    objects,
+    devices,
+    images,
+    publishers,
+    prefix,
+    extra_args=(),
+    profile=None,
+    more=None,
 ):
     env = {
         **os.environ,
@@ -393,8 +427,9 @@ def bench_full(
         "assembler": ps,
         "postgres": pg.pid,
         "publishers": pubs.pids,
+        **(more or {}),
     }
-    with CpuMeter(groups) as meter:
+    with CpuMeter(groups, background=more or ()) as meter:
         sim = pubs.run()
     pubs.close()
     stop.set()
@@ -424,6 +459,107 @@ def bench_full(
         "meter": meter,
         "summary": next((x for x in lines if "Worker stopped" in x), "").strip(),
     }
+
+
+# -- --under-stack: the other services of `camfleet up` as the machine's load -------------
+UP_READY = "camfleet is up"
+UP_READY_TIMEOUT_S = 420  # a fresh data dir: initdb, migrations, Prefect server, deployments
+UP_STOP_GRACE_S = 120  # up stops its services (each with its own grace) then PostgreSQL
+
+
+class CamfleetUp:
+    """A real `camfleet up --demo` in a fresh data directory, on free loopback ports.
+
+    Its PostgreSQL, Mosquitto and Prefect server are its own, not the benchmark's: the
+    environment it gets has none of our PREFECT_*, MQTT_*, CAMFLEET_*, DATABASE_URL or
+    STORAGE_URL. It runs in a process group of its own, so SIGINT to the group is a
+    Ctrl-C in its terminal (click flushes each line, so its stdout is read line by line).
+    """
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="camfleet-bench-up-"))
+        self.dir.chmod(0o755)  # as root, its PostgreSQL runs as `postgres` and must get in
+        # What a fresh shell would have: none of our services (PREFECT_API_URL is the
+        # benchmark's server by now), nor a user's stack settings or storage.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("PREFECT_", "MQTT_", "CAMFLEET_"))
+            and k not in ("DATABASE_URL", "STORAGE_URL")
+        }
+        env |= {
+            "CAMFLEET_DATA_DIR": str(self.dir / "data"),
+            "PREFECT_HOME": str(self.dir / "prefect-home"),  # up activates a profile there
+            "CAMFLEET_MQTT_PORT": str(free_port()),
+            "CAMFLEET_PREFECT_PORT": str(free_port()),
+            "CAMFLEET_API_PORT": str(free_port()),
+        }
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.proc = subprocess.Popen(  # noqa: S603 - our own CLI, loopback only
+            [sys.executable, "-m", "camfleet.cli", "up", "--demo"],
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        # Read its output for as long as it runs: a full pipe would stall it.
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if UP_READY in line:
+                self.ready.set()
+
+    def output(self, last: int = 60) -> str:
+        return "".join(self.lines[-last:])
+
+    def wait_ready(self, timeout: float = UP_READY_TIMEOUT_S) -> float:
+        """Seconds until it printed UP_READY (it prints that once its services serve)."""
+        t0 = time.monotonic()
+        while not self.ready.wait(0.5):
+            if self.proc.poll() is not None:
+                self.reader.join(5)
+                raise RuntimeError(f"camfleet up exited ({self.proc.returncode}):\n{self.output()}")
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"camfleet up not up after {timeout:.0f} s:\n{self.output()}")
+        return time.monotonic() - t0
+
+    @property
+    def groups(self) -> dict[str, object]:
+        """The CpuMeter group of the whole stack: up with every descendant (its services
+        run in sessions of their own, but stay its children)."""
+        return {"camfleet up": self.proc.pid}
+
+    def stop(self) -> int | None:
+        """Ctrl-C to its process group; kill what is left after UP_STOP_GRACE_S."""
+        if self.proc.poll() is None:
+            try:
+                tree = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                tree = []
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(UP_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                print(f"   camfleet up still running after {UP_STOP_GRACE_S} s: killed")
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                for child in tree:  # its services, in sessions of their own
+                    try:
+                        child.kill()
+                    except psutil.NoSuchProcess:
+                        pass
+                self.proc.wait(30)
+        self.reader.join(10)
+        if "stopped." not in "".join(self.lines[-5:]):
+            print(f"   camfleet up did not say 'stopped.':\n{self.output(20)}")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.proc.returncode
 
 
 # Where the assembler's busy samples go (py-spy --idle --format raw: "stack count" lines).
@@ -489,9 +625,14 @@ def main() -> None:
     for flag, (label, _, _) in variants.items():
         ap.add_argument("--" + flag.replace("_", "-"), action="store_true", help=f"also {label}")
     ap.add_argument("--profile", type=Path, help="py-spy the first (b) run into this dir")
+    ap.add_argument(
+        "--under-stack",
+        action="store_true",
+        help="after the rounds, start `camfleet up --demo` and run them again beside it "
+        "(issue 20: the loaded ratio within 0.1 of the quiet one)",
+    )
     args = ap.parse_args()
     d, m = args.devices, args.images
-    mb = 1024 * 1024
     if args.baseline_publisher == "mosquitto_pub":
         a_pub = f"{d} mosquitto_pub -l processes (one per device topic)"
     else:
@@ -502,9 +643,8 @@ def main() -> None:
         f" publisher processes, {os.cpu_count()} CPUs,"
         f" {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, load {load_average()}"
     )
-    plain, full = [], []
     chosen = {label: (opts, pre) for f, (label, opts, pre) in variants.items() if getattr(args, f)}
-    extra: dict[str, list] = {label: [] for label in chosen}
+    loaded = None
     with (
         MosquittoInstance(persistence=False) as broker,
         PostgresInstance(fast=True) as pg,
@@ -515,56 +655,106 @@ def main() -> None:
         prefect_db = pg.create_database("bench_prefect")
         with PrefectServerInstance(services=False, database_url=prefect_db) as prefect:
             os.environ["PREFECT_API_URL"] = prefect.api_url
-            for i in range(args.repeat):
-                compiled = (
-                    Path(tmp) / f"pub{i}" if args.baseline_publisher == "mosquitto_pub" else None
-                )
-                a = bench_plain(broker, pg, d, m, args.publishers, f"BA{i:02X}00", compiled)
-                print(
-                    f"[{i + 1}] (a) plain subscriber {a['chunks_s']:7,.0f} chunks/s  "
-                    f"{a['meter'].line()}",
-                    flush=True,
-                )
-                b = bench_full(
-                    broker,
-                    pg,
-                    dsn,
-                    Path(tmp) / f"objects{i}",
-                    d,
-                    m,
-                    args.publishers,
-                    f"F0{i:02X}00",
-                    profile=args.profile if i == 0 else None,
-                )
-                print(
-                    f"[{i + 1}] (b) full path        {b['chunks_s']:7,.0f} chunks/s  "
-                    f"ratio {b['chunks_s'] / a['chunks_s']:.2f}  "
-                    f"ACK p99 {b['sim']['ack_p99_s'] * 1000:.0f} ms  {b['meter'].line()}",
-                    flush=True,
-                )
-                plain.append(a)
-                full.append(b)
-                for label, (opts, pre) in chosen.items():
-                    c = bench_full(
-                        broker,
-                        pg,
-                        dsn,
-                        Path(tmp) / f"o-{pre}-{i}",
-                        d,
-                        m,
-                        args.publishers,
-                        f"{pre}{i:02X}00",
-                        opts,
-                    )
-                    print(
-                        f"[{i + 1}] {label:<20} {c['chunks_s']:7,.0f} chunks/s  "
-                        f"ratio {c['chunks_s'] / a['chunks_s']:.2f}  {c['meter'].line()}",
-                        flush=True,
-                    )
-                    extra[label].append(c)
+            quiet = rounds(args, broker, pg, dsn, Path(tmp), chosen, first=0)
+            if args.under_stack:
+                loaded = under_stack(args, broker, pg, dsn, Path(tmp), chosen)
+    summary(args, "summary", *quiet, load_average())
+    if loaded is not None:
+        rows, load_end, up_s = loaded
+        summary(args, "under `camfleet up --demo`: summary", *rows, load_end)
+        compare(quiet, rows, up_s)
+    if args.profile:
+        raw = args.profile / "assembler.txt"
+        print(f"where the assembler's busy samples went in the first (b) run ({raw}):")
+        for pct, name in profile_summary(raw):
+            print(f"  {pct:5.1f}%  {name}")
+
+
+def rounds(args, broker, pg, dsn, tmp: Path, chosen, first: int, tag: str = "", more=None):
+    """--repeat repetitions of (a) then (b) (then each chosen (c)), each (b) beside its
+    own (a). Device ids and directories are numbered from `first`, so the rows of two
+    series in one database never mix; `tag` marks the series' lines, `more` adds
+    CpuMeter groups. Returns (plain, full, {label of (c): rows})."""
+    d, m = args.devices, args.images
+    plain, full = [], []
+    extra: dict[str, list] = {label: [] for label in chosen}
+    for i in range(args.repeat):
+        k = first + i
+        compiled = tmp / f"pub{k}" if args.baseline_publisher == "mosquitto_pub" else None
+        a = bench_plain(broker, pg, d, m, args.publishers, f"BA{k:02X}00", compiled, more)
+        print(
+            f"[{tag}{i + 1}] (a) plain subscriber {a['chunks_s']:7,.0f} chunks/s  "
+            f"{a['meter'].line()}",
+            flush=True,
+        )
+        b = bench_full(
+            broker,
+            pg,
+            dsn,
+            tmp / f"objects{k}",
+            d,
+            m,
+            args.publishers,
+            f"F0{k:02X}00",
+            profile=args.profile if k == 0 else None,
+            more=more,
+        )
+        print(
+            f"[{tag}{i + 1}] (b) full path        {b['chunks_s']:7,.0f} chunks/s  "
+            f"ratio {b['chunks_s'] / a['chunks_s']:.2f}  "
+            f"ACK p99 {b['sim']['ack_p99_s'] * 1000:.0f} ms  {b['meter'].line()}",
+            flush=True,
+        )
+        plain.append(a)
+        full.append(b)
+        for label, (opts, pre) in chosen.items():
+            c = bench_full(
+                broker,
+                pg,
+                dsn,
+                tmp / f"o-{pre}-{k}",
+                d,
+                m,
+                args.publishers,
+                f"{pre}{k:02X}00",
+                opts,
+                more=more,
+            )
+            print(
+                f"[{tag}{i + 1}] {label:<20} {c['chunks_s']:7,.0f} chunks/s  "
+                f"ratio {c['chunks_s'] / a['chunks_s']:.2f}  {c['meter'].line()}",
+                flush=True,
+            )
+            extra[label].append(c)
+    return plain, full, extra
+
+
+def under_stack(args, broker, pg, dsn, tmp: Path, chosen):
+    """The same rounds again while `camfleet up --demo` runs beside them (our broker,
+    PostgreSQL and Prefect server stay ours). Returns (rows, load at their end, seconds
+    until up said it was up)."""
+    print(f"starting `camfleet up --demo` (load {load_average()})...", flush=True)
+    stack = CamfleetUp()
+    try:
+        up_s = stack.wait_ready()
+        print(f"camfleet is up after {up_s:.0f} s (load {load_average()})", flush=True)
+        rows = rounds(
+            args, broker, pg, dsn, tmp, chosen, first=args.repeat, tag="L", more=stack.groups
+        )
+        load_end = load_average()
+    finally:
+        print("stopping `camfleet up` (SIGINT to its process group)...", flush=True)
+        code = stack.stop()
+        print(f"camfleet up exited with {code}", flush=True)
+    return rows, load_end, up_s
+
+
+def summary(args, title: str, plain, full, extra, load_now: str) -> None:
+    d, m = args.devices, args.images
+    mb = 1024 * 1024
     inflight = d * IMAGE_BYTES  # at most one image per device in flight
     print()
-    print(f"summary over {args.repeat} repetitions (range, median), load now {load_average()}")
+    print(f"{title} over {args.repeat} repetitions (range, median), load now {load_now}")
     print(f"  (a) plain paho subscriber   {span(a['chunks_s'] for a in plain)} chunks/s")
     for label, rows in (("(b) full path", full), *extra.items()):
         if not rows:
@@ -590,11 +780,47 @@ def main() -> None:
                 f"NACKs {s['nacks']}, resends {s['resends']}, rows stored {r['stored']}, "
                 f"flow runs {r['flow_runs']} (run id on {r['stamped']} rows); {r['summary']}"
             )
-    if args.profile:
-        raw = args.profile / "assembler.txt"
-        print(f"where the assembler's busy samples went in the first (b) run ({raw}):")
-        for pct, name in profile_summary(raw):
-            print(f"  {pct:5.1f}%  {name}")
+
+
+LOADED_TOLERANCE = 0.1  # issue 20: the loaded ratio within 0.1 of the quiet one
+
+
+def compare(quiet, loaded, up_s: float) -> None:
+    """Each ratio quiet and under the stack, the difference of the medians, and what the
+    stack and the rest of the machine used while the loaded rounds ran."""
+    q_plain, q_full, q_extra = quiet
+    l_plain, l_full, l_extra = loaded
+    print()
+    print(
+        "quiet vs under `camfleet up --demo` (issue 20: the loaded ratio within "
+        f"{LOADED_TOLERANCE} of the quiet one)"
+    )
+    for label, q_rows, l_rows in (
+        ("(b) full path", q_full, l_full),
+        *((k, q_extra[k], l_extra[k]) for k in q_extra),
+    ):
+        q = [r["chunks_s"] / a["chunks_s"] for r, a in zip(q_rows, q_plain, strict=False)]
+        lo = [r["chunks_s"] / a["chunks_s"] for r, a in zip(l_rows, l_plain, strict=False)]
+        diff = statistics.median(lo) - statistics.median(q)
+        met = "yes" if abs(diff) <= LOADED_TOLERANCE else "no"
+        print(f"  {label}: ratio to (a)")
+        print(f"      quiet                   {span(q, '{:.2f}')}")
+        print(f"      under the stack         {span(lo, '{:.2f}')}")
+        print(f"      loaded - quiet (medians) {diff:+.2f}   within {LOADED_TOLERANCE}: {met}")
+    print("  (a) and (b) measurements; load = 1-minute load average at the end of each:")
+    for name, plain, full in (("quiet", q_plain, q_full), ("loaded", l_plain, l_full)):
+        meters = [r["meter"] for r in (*plain, *full)]
+        print(f"      {name:<7} load {span((m.load1[0] for m in meters), '{:.2f}')}")
+    print(f"  `camfleet up --demo` (ready {up_s:.0f} s after start), % of one core:")
+    for name, rows in (("(a)", l_plain), ("(b)", l_full)):
+        meters = [r["meter"] for r in rows]
+        stack = [m.pct()["camfleet up"] for m in meters]
+        rest = [max(0.0, m.box_pct() - sum(m.pct().values())) for m in meters]
+        box = [m.box_pct() for m in meters]
+        print(
+            f"      during {name}: the stack {span(stack)}, rest of the box {span(rest)}, "
+            f"whole machine {span(box)} of {100 * (os.cpu_count() or 1)}"
+        )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,11 @@ def _procs(spec) -> list[psutil.Process]:
 def _cpu(proc: psutil.Process, tree: bool) -> tuple[float, list[tuple[int, float]]]:
     """(total CPU seconds, [(pid, seconds) of each live process]) of proc [and tree].
 
-    With tree, short-lived descendants count too: reaped ones are in the parent's
-    children times (PostgreSQL forks a backend per connection).
+    With tree, short-lived descendants count too: reaped ones are in their parent's
+    children times (PostgreSQL forks a backend per connection), for every parent in the
+    tree (a service's flow-run or simulator subprocesses, reaped by the service, not
+    by the root: without their parents' children times a group's total drops when one
+    ends). A live process's children times hold only reaped ones: nothing counts twice.
     """
     try:
         t = proc.cpu_times()
@@ -75,7 +78,7 @@ def _cpu(proc: psutil.Process, tree: bool) -> tuple[float, list[tuple[int, float
                 kt = k.cpu_times()
             except psutil.NoSuchProcess:
                 continue
-            total += kt.user + kt.system
+            total += kt.user + kt.system + kt.children_user + kt.children_system
             each.append((k.pid, kt.user + kt.system))
     return total, each
 
@@ -92,12 +95,20 @@ class CpuMeter:
 
     groups: name -> pid | Process | list of them. A group counts its processes' live
     descendants unless its name is in ``own_only`` (e.g. the benchmark process itself,
-    which parents the services); finished children count in both cases.
+    which parents the services); finished children count in both cases. Groups named
+    in ``background`` are load running beside the measurement (e.g. a whole `camfleet
+    up`): printed like the others, counted as other users' CPU, never named as the limit.
     """
 
-    def __init__(self, groups: dict[str, object], own_only: Iterable[str] = ()):
+    def __init__(
+        self,
+        groups: dict[str, object],
+        own_only: Iterable[str] = (),
+        background: Iterable[str] = (),
+    ):
         self.groups = {name: _procs(spec) for name, spec in groups.items()}
         self.own_only = set(own_only)
+        self.background = set(background)
 
     def _snap(self) -> dict[str, tuple[float, dict[int, float]]]:
         out = {}
@@ -110,17 +121,20 @@ class CpuMeter:
             out[name] = (total, each)
         return out
 
+    # The machine's busy time and the wall clock are read together, after each process
+    # snapshot: a snapshot of 100+ processes on a busy box takes a second, and busy time
+    # over a longer span than the wall's read as more than all the cores.
     def __enter__(self) -> CpuMeter:
         self.load0 = os.getloadavg()
-        self.busy0 = _busy_seconds()
         self.s0 = self._snap()
+        self.busy0 = _busy_seconds()
         self.t0 = time.monotonic()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.wall = max(1e-9, time.monotonic() - self.t0)
         self.s1 = self._snap()
         self.busy = _busy_seconds() - self.busy0
+        self.wall = max(1e-9, time.monotonic() - self.t0)
         self.load1 = os.getloadavg()
 
     # -- results (after the block) -----------------------------------------------------
@@ -144,7 +158,7 @@ class CpuMeter:
         return 100 * self.busy / self.wall
 
     def limit(self) -> str:
-        pct = self.pct()
+        pct = {n: v for n, v in self.pct().items() if n not in self.background}
         bound = [(self.busiest(n), n) for n in pct if self.busiest(n) >= CPU_BOUND]
         if bound:
             top, name = max(bound)
