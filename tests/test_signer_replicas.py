@@ -310,8 +310,9 @@ def test_up_starts_each_signer_replica_in_the_share_group_with_its_own_client_id
     from camfleet.commands.up import SERVICES, signer_replicas
 
     health: dict[str, int] = {}
-    assert signer_replicas(SERVICES, 1, health) == SERVICES  # one signer: as before
-    planned = signer_replicas(SERVICES, 3, health)
+    metrics: dict[str, int] = {}
+    assert signer_replicas(SERVICES, 1, health, metrics) == SERVICES  # one signer: as before
+    planned = signer_replicas(SERVICES, 3, health, metrics)
     replicas = [(name, args) for name, _, args in planned if name.startswith("signer")]
     assert [name for name, _ in replicas] == ["signer", "signer-2", "signer-3"]
     ids = []
@@ -320,13 +321,13 @@ def test_up_starts_each_signer_replica_in_the_share_group_with_its_own_client_id
         assert args[args.index("--share-group") + 1] == "camfleet-signer"
         ids.append(args[args.index("--client-id") + 1])
     assert len(set(ids)) == 3
-    # Only the first keeps the signer's health and metrics ports; two processes on one
-    # port would not both start. The others get a health port of their own, which `up`
-    # waits on before it says the stack is up.
+    # The first keeps the signer's health and metrics ports; two processes on one port
+    # would not both start. The others get ports of their own: health ports `up` waits
+    # on before it says the stack is up, metrics ports its banner lists for scraping.
     first = replicas[0][1]
     assert first[first.index("--metrics-port") + 1] == "{m_signer}"
     assert first[first.index("--health-port") + 1] == "{h_signer}"
-    assert [a[a.index("--metrics-port") + 1] for _, a in replicas[1:]] == ["0", "0"]
-    ports = [a[a.index("--health-port") + 1] for _, a in replicas[1:]]
-    assert health == {"signer-2": int(ports[0]), "signer-3": int(ports[1])}
+    for flag, ports in (("--health-port", health), ("--metrics-port", metrics)):
+        given = [a[a.index(flag) + 1] for _, a in replicas[1:]]
+        assert ports == {"signer-2": int(given[0]), "signer-3": int(given[1])}
     assert [n for n, _, _ in planned if not n.startswith("signer")] == ["assembler", "api"]

@@ -50,11 +50,14 @@ def metrics_ports(api_port: int) -> dict[str, int]:
     return ports
 
 
-def signer_replicas(services: list, n: int, health: dict[str, int]) -> list:
+def signer_replicas(
+    services: list, n: int, health: dict[str, int], metrics: dict[str, int] | None = None
+) -> list:
     """`services` with the signer as `n` replicas of one share group, each with its own
-    MQTT client id (docs/edge-upload.md, replicas); only the first keeps the health and
-    metrics ports (fleet-health checks it), the others serve no metrics and a health
-    port of their own, added to `health`."""
+    MQTT client id (docs/edge-upload.md, replicas); the first keeps the signer's health
+    and metrics ports (fleet-health checks it), the others get free ones, added to
+    `health` and `metrics` (the banner's scrape list)."""
+    metrics = {} if metrics is None else metrics
     if n <= 1:
         return services
     from camfleet.localsvc import free_port
@@ -70,7 +73,9 @@ def signer_replicas(services: list, n: int, health: dict[str, int]) -> list:
             else:
                 name = f"signer-{i}"
                 health[name] = free_port()
-                own = ["signer", "--metrics-port", "0", "--health-port", str(health[name])]
+                metrics[name] = free_port()
+                own = ["signer", "--metrics-port", str(metrics[name])]
+                own += ["--health-port", str(health[name])]
             own = [*own, "--share-group", "camfleet-signer", "--client-id", f"camfleet-signer-{i}"]
             out.append(("signer" if i == 1 else name, module, own))
     return out
@@ -233,7 +238,7 @@ def up(
             env["CAMFLEET_SERVICE_URLS"] = json.dumps({n: urls[n] for n in started})
             replica_health: dict[str, int] = {}
             planned = assembler_replicas(assemblers, metrics, replica_health)
-            planned += signer_replicas(SERVICES[1:], signers, replica_health)
+            planned += signer_replicas(SERVICES[1:], signers, replica_health, metrics)
             planned += [DEPLOYMENTS] + (DEMO if demo else [])
             for name, module, args in planned:
                 if not _available(module):
