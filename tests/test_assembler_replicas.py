@@ -71,7 +71,7 @@ def register(dsn, prefix, n):
 class Replica:
     """One `camfleet assembler --partitions P --replica-id ID` process."""
 
-    def __init__(self, name, broker, dsn, storage, log_dir, partitions=PARTITIONS):
+    def __init__(self, name, broker, dsn, storage, log_dir, partitions=PARTITIONS, extra_env=None):
         self.name = name
         self.health_port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -83,6 +83,7 @@ class Replica:
             STORAGE_URL=storage,
             MQTT_CLIENT_ID=f"asm-{uuid.uuid4().hex[:6]}",
             PYTHONUNBUFFERED="1",
+            **(extra_env or {}),
         )
         self.log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
@@ -164,11 +165,12 @@ def replica_set(database_url, tmp_path):
         broker = MqttBroker(host=m.host, port=m.port)
         storage = f"file://{tmp_path / 'objects'}"
 
-        def start(n):
+        def start(n, env=None):
             new = [
-                Replica(f"r{len(started) + i + 1}", broker, database_url, storage, tmp_path)
+                Replica(f"r{len(started) + i + 1}", broker, database_url, storage, tmp_path,
+                        extra_env=env)
                 for i in range(n)
-            ]
+            ]  # fmt: skip
             started.extend(new)
             return new
 
@@ -253,6 +255,57 @@ def test_leases_split_partitions_and_lapsed_ones_are_claimed(database_url):
         c.prepare()
     for leases in (a, b, c):
         leases.stop(release=False)
+
+
+def test_a_will_frees_a_replicas_leases_once_its_database_session_is_closed(database_url):
+    # a lease TTL far beyond the test's waits: only the will can move a's partitions
+    kw = dict(ttl_s=300.0, interval_s=0.5, margin_s=0.5)
+    a = PartitionLeases(database_url, "a", 8, **kw)
+    b = PartitionLeases(database_url, "b", 8, **kw)
+    for leases in (a, b, a, b):
+        leases.prepare()
+        leases.round()
+    assert len(a.owned()) == 4 and len(b.owned()) == 4
+    # a will for a replica whose lease session is open (a forged will, or a's broker
+    # connection blipped): nothing moves; b's own id and junk are ignored outright
+    b.reap("a")
+    b.reap("b")
+    b.reap("x" * 300)
+    b.round()
+    assert len(b.owned()) == 4 and a.round() is None and len(a.owned()) == 4
+    # a dies: its database session closes; the will (held until a's TTL) now frees a's
+    # partitions and b takes all of them in its next round
+    a._close()
+    b.round()
+    assert b.owned() == frozenset(range(8)), b.status()
+    assert b.status()["reaped_total"] == 4 and b.live_replicas == 1
+    # a replica whose broker connection dropped uses nothing until a round confirms it
+    b.suspend()
+    assert b.owned() == frozenset() and not b.owns(device_id("D", 1))
+    b.round()
+    assert b.owned() == frozenset(range(8))
+    for leases in (a, b):
+        leases.stop(release=False)
+
+
+def test_a_killed_replicas_devices_move_on_its_will_not_its_lease_ttl(replica_set, database_url):
+    broker, start = replica_set
+    devices = 8
+    register(database_url, "W1LL", devices)
+    # leases that would outlive every wait below: failover must come from the will
+    replicas = start(2, env={"CAMFLEET_ASSEMBLER_LEASE_TTL_S": "600"})
+    assert wait_for(lambda: balanced(replicas, devices=devices)), [r.health() for r in replicas]
+    victim, survivor = replicas
+    victim.kill()
+    assert wait_for(lambda: balanced([survivor], devices=devices), timeout=60), survivor.health()
+    assert survivor.health()["partitions"]["reaped_total"] == PARTITIONS // 2
+    # and the survivor serves every device, the victim's included
+    result = simulate(
+        broker,
+        SimOptions(devices=devices, images=2, id_prefix="W1LL", ack_timeout=ACK_TIMEOUT_S),
+    )
+    assert result.images_acked == devices * 2 and result.images_failed == 0
+    check_stored_once(database_url, result)
 
 
 def test_three_replicas_ack_and_store_each_image_once(replica_set, database_url):

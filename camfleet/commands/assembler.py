@@ -70,6 +70,14 @@ def assembler(
         help="this replica's name in the partition leases, also appended to its MQTT "
         "client id (with --partitions; default host-pid)",
     ),
+    lease_ttl: float = typer.Option(
+        5.0,
+        envvar="CAMFLEET_ASSEMBLER_LEASE_TTL_S",
+        help="with --partitions: seconds a partition lease outlives its last renewal "
+        "(renewed every second; > 2). Bounds failover only when a replica is cut off "
+        "without its broker connection closing: a killed replica's partitions move at "
+        "once on its MQTT will",
+    ),
 ) -> None:
     """Assemble chunked images from ESP32CAM/+/data, store them, write rows, ACK_OK."""
     import logging
@@ -80,6 +88,8 @@ def assembler(
         raise typer.BadParameter("--recorder is inline or process")
     if partitions < 0:
         raise typer.BadParameter("--partitions is 0 (single assembler) or more")
+    if lease_ttl <= 2:
+        raise typer.BadParameter("--lease-ttl must exceed 2 s (1 s renewal + 1 s margin)")
     if unknown_devices not in ("register", "refuse"):
         raise typer.BadParameter("--unknown-devices is register or refuse")
 
@@ -116,6 +126,7 @@ def assembler(
         health_port=health_port,
         partitions=partitions,
         replica_id=replica_id,
+        lease_ttl_s=lease_ttl,
     )
     service = AssemblerService(broker, cfg)
     if metrics_port:

@@ -93,6 +93,7 @@ from services.assembler.admission import (
     DeviceAdmission,
     RowQuota,
 )
+from services.assembler.partitions import LEASE_TTL_S, REPLICA_GONE_TOPIC
 from services.assembler.recorder import (
     RECORD_BACKLOG,
     RECORD_INTERVAL_S,
@@ -166,6 +167,7 @@ class ServiceConfig:
     # no leases; P > 0 = serve the device partitions this replica leases out of P.
     partitions: int = 0
     replica_id: str | None = None  # with partitions: stable id (else host-pid, clean session)
+    lease_ttl_s: float = LEASE_TTL_S  # with partitions: how long a lease outlives a round
 
 
 def redact_url(url: str) -> str:
@@ -252,6 +254,7 @@ class AssemblerService:
                 on_lost=self._partitions_lost,
                 busy=lambda: busy_partitions(self.core, config.partitions),
                 after_round=self._sync_subscriptions,
+                ttl_s=config.lease_ttl_s,
             )
             self.subs = DeviceSubscriptions(config.topics[1], config.partitions)
             self._head_seen: dict[str, float] = {}  # device -> last metadata (monotonic)
@@ -314,6 +317,10 @@ class AssemblerService:
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        if self.leases is not None:
+            # published by the broker when our connection drops without a DISCONNECT
+            # (SIGKILL, crash, lost network): the other replicas reap our leases at once
+            client.will_set(REPLICA_GONE_TOPIC, self.replica_id.encode(), qos=1)
         return client
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
@@ -329,7 +336,11 @@ class AssemblerService:
         if self.subs is None:
             _, self._subscribe_mid = client.subscribe([(t, 1) for t in self.cfg.topics])
         else:  # status of every device; data of the devices of the partitions held
-            _, self._subscribe_mid = client.subscribe([(self.cfg.topics[0], 1)])
+            if self._connected.is_set():  # a reconnect: our will went out meanwhile
+                self.leases.suspend()
+            _, self._subscribe_mid = client.subscribe(
+                [(self.cfg.topics[0], 1), (REPLICA_GONE_TOPIC, 1)]
+            )
             self.subs.reset()
             self._synced = ()
             self._sync_subscriptions(self.leases.owned())
@@ -369,7 +380,11 @@ class AssemblerService:
         # are dropped here, before the queue: a flood of invented ids then costs one set
         # lookup each instead of a queue round trip (measured in tests/test_mqtt_flood.py)
         dev = _topic_device(msg.topic)
-        if dev is None or not self.admission.admit(dev):
+        if dev is None:
+            if self.leases is not None and msg.topic == REPLICA_GONE_TOPIC:
+                self.leases.reap(msg.payload.decode("utf-8", "replace"))
+            return
+        if not self.admission.admit(dev):
             return
         if self.leases is not None:
             if not self.leases.owns(dev):

@@ -22,9 +22,17 @@ Leases (docs/mqtt-ingest.md "Several assemblers"):
   transaction began) + TTL - SAFETY_MARGIN_S.  The database ends the lease no sooner than
   TTL after that transaction began, so two replicas never serve one partition at the
   same time, whatever the database or this process's scheduler do.
-* A SIGKILLed replica's partitions are claimed by the others TTL + at most one round
-  later; images it had in flight complete from the device's resend (the firmware resends
-  an unACKed image, seed 002).  After gaining a partition, a replica drops a device's
+* A SIGKILLed replica's partitions are claimed by the others at once, not after its TTL:
+  every replica sets an MQTT will (REPLICA_GONE_TOPIC, payload its id) that the broker
+  publishes when its connection drops, and a replica that hears it reaps the gone
+  replica's leases (`reap`) as soon as PostgreSQL shows its lease session closed too
+  (application_name ``assembler-leases <id>``): both connections closed is what a dead
+  process looks like, and a forged or early will changes nothing while the session
+  lives.  A replica whose broker connection dropped (its will went out) stops using its
+  leases until its next round confirms them (`suspend`).  Without a will (a network
+  partition that keeps both sockets open) the leases lapse after TTL + one round, as
+  before.  Images in flight complete from the device's resend (the firmware resends an
+  unACKed image, seed 002).  After gaining a partition, a replica drops a device's
   chunks of images it holds no metadata for until it has seen one metadata message of
   that device (``gained_at``: the rest of an image another replica had started); the
   resend brings the metadata, and no "metadata never arrived" error is written for an
@@ -62,6 +70,14 @@ LEASE_TTL_S = 5.0
 SAFETY_MARGIN_S = 1.0
 # Replica rows of replicas gone this long are deleted (they only count while live).
 FORGET_REPLICA_S = 3600
+# The will every replica's MQTT session carries (payload: its replica id).  Brokers
+# with ACLs must let the assembler's account read and write it.
+REPLICA_GONE_TOPIC = "camfleet/assembler/gone"
+# After a will, check the gone replica's database session this often (its backend may
+# take a moment to notice the closed socket) until its lease TTL has passed.
+REAP_RETRY_S = 0.2
+# application_name is at most 63 bytes (NAMEDATALEN - 1)
+APPLICATION_NAME_MAX = 63
 
 _HEARTBEAT = """
 INSERT INTO assembler_replicas (replica_id, seen_until)
@@ -94,6 +110,19 @@ UPDATE assembler_partition_leases SET owner = NULL, lease_until = '-infinity'
 WHERE owner = %(me)s AND partition = ANY(%(parts)s)
 """
 _LEAVE = "DELETE FROM assembler_replicas WHERE replica_id = %(me)s"
+_SESSION_OPEN = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_stat_activity
+    WHERE application_name = %(app)s AND datname = current_database()
+)
+"""
+_REAP_LEASES = """
+UPDATE assembler_partition_leases SET lease_until = '-infinity'
+WHERE owner = %(gone)s RETURNING partition
+"""
+_REAP_REPLICA = """
+UPDATE assembler_replicas SET seen_until = '-infinity' WHERE replica_id = %(gone)s
+"""
 _SEED = """
 INSERT INTO assembler_partition_leases (partition)
 SELECT generate_series(0, %(p)s - 1) ON CONFLICT DO NOTHING
@@ -108,6 +137,12 @@ class PartitionMismatch(RuntimeError):
 def partition_of(device_id: str, partitions: int) -> int:
     """The partition of a device: stable across processes and machines (not hash())."""
     return zlib.crc32(device_id.encode("utf-8", "surrogatepass")) % partitions
+
+
+def lease_session_name(replica_id: str) -> str:
+    """The application_name of a replica's lease connection (how others see it live)."""
+    name = f"assembler-leases {replica_id}"
+    return name.encode()[:APPLICATION_NAME_MAX].decode(errors="ignore")
 
 
 def fair_share(partitions: int, live: int) -> int:
@@ -154,12 +189,16 @@ class PartitionLeases:
         self._gained_at: dict[int, float] = {}  # partition -> monotonic time gained
         self._conn = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a will arrived: run a round now
+        self._gone: dict[str, float] = {}  # replica id -> monotonic time to stop checking
+        self._gone_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.live_replicas = 0
         self.rounds = 0
         self.failed_rounds = 0
         self.gained_total = 0
         self.lost_total = 0
+        self.reaped_total = 0
         self.last_error: str | None = None
 
     # -- hot path ------------------------------------------------------------------------
@@ -179,11 +218,62 @@ class PartitionLeases:
     def valid(self) -> bool:
         return time.monotonic() < self._valid_until
 
+    # -- failover ------------------------------------------------------------------------
+    def reap(self, replica_id: str) -> None:
+        """Another replica's will arrived (called on paho's network thread): take its
+        leases from the database once its lease session is closed too."""
+        if replica_id == self.replica_id or not replica_id or len(replica_id) > 200:
+            return
+        with self._gone_lock:
+            if replica_id not in self._gone and len(self._gone) >= 100:
+                return  # a flood of invented wills: the TTL path still works
+            self._gone[replica_id] = time.monotonic() + self.ttl_s
+        self._wake.set()
+
+    def suspend(self) -> None:
+        """Our broker connection dropped (so our will went out and the others may reap
+        our leases): use none of them until the next round confirms which are ours."""
+        self._valid_until = 0.0
+        self._wake.set()
+
+    def _reap_gone(self, cur) -> None:
+        """Inside a round's transaction: free the leases of replicas whose will came and
+        whose lease session is closed; give up on a will after its TTL (the replica was
+        alive: a network blip, or a forged will)."""
+        with self._gone_lock:
+            gone = dict(self._gone)
+        now = time.monotonic()
+        for replica_id, until in gone.items():
+            cur.execute(_SESSION_OPEN, {"app": lease_session_name(replica_id)})
+            (open_,) = cur.fetchone()
+            if open_ and now < until:
+                continue  # its backend has not noticed yet, or it lives: check again
+            if not open_:
+                cur.execute(_REAP_LEASES, {"gone": replica_id})
+                freed = len(cur.fetchall())
+                cur.execute(_REAP_REPLICA, {"gone": replica_id})
+                self.reaped_total += freed
+                log.info(
+                    "replica %s is gone (will received, database session closed): "
+                    "%d partitions freed",
+                    replica_id,
+                    freed,
+                )
+            with self._gone_lock:
+                if self._gone.get(replica_id) == until:
+                    del self._gone[replica_id]
+
+    def _reaping(self) -> bool:
+        with self._gone_lock:
+            return bool(self._gone)
+
     # -- rounds ----------------------------------------------------------------------------
     def _connection(self):
         if self._conn is None or self._conn.closed:
             self._conn = db.connect(
-                self.dsn, connect_timeout=5, application_name="assembler-leases"
+                self.dsn,
+                connect_timeout=5,
+                application_name=lease_session_name(self.replica_id),
             )
             with self._conn, self._conn.cursor() as cur:
                 cur.execute("SET statement_timeout = %s", (int(self.ttl_s * 1000 / 2),))
@@ -229,6 +319,8 @@ class PartitionLeases:
         args = {"me": self.replica_id, "ttl": self.ttl_s, "p": self.partitions}
         conn = self._connection()
         with conn, conn.cursor() as cur:
+            if self._reaping():
+                self._reap_gone(cur)
             cur.execute(_HEARTBEAT, args)
             if self.rounds % 60 == 0:
                 cur.execute(_FORGET_DEAD, {"forget": FORGET_REPLICA_S})
@@ -318,7 +410,11 @@ class PartitionLeases:
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:
+            self._wake.wait(REAP_RETRY_S if self._reaping() else self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.round()
             except Exception:  # never let the lease thread die silently
@@ -338,6 +434,7 @@ class PartitionLeases:
         """Stop renewing; with release, hand every partition back at once so that the
         other replicas take them within one round instead of one TTL."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(10)
         held, self._owned = self._owned, frozenset()
@@ -365,6 +462,7 @@ class PartitionLeases:
             "failed_rounds": self.failed_rounds,
             "gained_total": self.gained_total,
             "lost_total": self.lost_total,
+            "reaped_total": self.reaped_total,
         }
 
 
