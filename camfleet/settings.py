@@ -127,6 +127,24 @@ class Settings(BaseSettings):
     # Off only to measure what the check costs (bench/bench_lifelog_ingest.py).
     ingest_check_object: bool = Field(True, validation_alias="CAMFLEET_INGEST_CHECK_OBJECT")
 
+    # --- Flows (flows/): read by each run with a fresh Settings(), so that a retry or
+    # the next scheduled run sees a corrected value or a restarted stack ------------------
+    # The uploader's config file (seed 001's config.json) when a run names none.
+    uploader_config: str = Field("config.json", validation_alias="CAMFLEET_UPLOADER_CONFIG")
+    # Readiness URLs fleet-health checks (a JSON object name -> URL; `camfleet up` writes it).
+    service_urls: str | None = Field(None, validation_alias="CAMFLEET_SERVICE_URLS")
+    # Retention (flows/maintenance.py): finished flow runs, the MQTT publish log (the
+    # fleet report's default window) and device status rows (one per wake).
+    flow_run_retention_days: int = Field(
+        14, validation_alias="CAMFLEET_FLOW_RUN_RETENTION_DAYS", ge=1
+    )
+    publish_log_retention_days: int = Field(
+        7, validation_alias="CAMFLEET_PUBLISH_LOG_RETENTION_DAYS", ge=1
+    )
+    device_status_retention_days: int = Field(
+        30, validation_alias="CAMFLEET_DEVICE_STATUS_RETENTION_DAYS", ge=1
+    )
+
     log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
 
     @classmethod

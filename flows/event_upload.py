@@ -19,7 +19,6 @@ run. The run ends Failed when any event failed (it is retried by the next run).
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import SyncClientContext
 from prefect.utilities.annotations import quote
 
+from camfleet.settings import Settings
 from camfleet.uploader import phases
 from camfleet.uploader.config import UploaderConfig
 from camfleet.uploader.jobs import Job
@@ -49,8 +49,7 @@ from tasks.database import (
 from tasks.sftp import SftpConnection, upload_lane
 
 # Where a deployment without a config_path parameter finds the seed's config file.
-CONFIG_ENV = "CAMFLEET_UPLOADER_CONFIG"
-DEFAULT_CONFIG = "config.json"
+CONFIG_ENV = "CAMFLEET_UPLOADER_CONFIG"  # camfleet/settings.py: uploader_config
 # Rows in the per-event table artifact: enough to see every event of a normal run;
 # a backlog run of thousands shows the first ones and says how many it left out.
 MAX_ARTIFACT_ROWS = 500
@@ -109,7 +108,7 @@ async def event_upload(
     """
     started = time.monotonic()
     if config_path is None:
-        config_path = os.environ.get(CONFIG_ENV, DEFAULT_CONFIG)
+        config_path = Settings().uploader_config
         if not Path(config_path).is_file():
             get_run_logger().warning(
                 "no uploader config at %s (set %s or pass config_path): nothing to do",

@@ -14,14 +14,14 @@ opens an incident (`camfleet.service.not-ready`), resolved by `camfleet.service.
 from __future__ import annotations
 
 import json
-import os
 import time
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from prefect import flow, get_run_logger
 
-from camfleet import alerts, db, metrics, resolve, stackfile
+from camfleet import alerts, db, metrics, resolve
+from camfleet.settings import Settings
 
 FLEET_HEALTH_INTERVAL_S = 60
 READY_TIMEOUT_S = 5.0
@@ -33,12 +33,12 @@ SERVICE_URLS_ENV = "CAMFLEET_SERVICE_URLS"
 
 
 def default_service_urls() -> dict[str, str]:
-    """The readiness URLs of the services `camfleet up` started (name -> URL): from
-    CAMFLEET_SERVICE_URLS (a JSON object), else from the running stack's stack.json.
+    """The readiness URLs of the services `camfleet up` started (name -> URL): the
+    setting CAMFLEET_SERVICE_URLS (a JSON object; from the environment, else from the
+    running stack's stack.json, camfleet/settings.py), read afresh at each run: the
+    stack may have been restarted on other ports since this worker started.
     Without either (deployments served elsewhere), none: pass `service_urls`."""
-    raw = os.environ.get(SERVICE_URLS_ENV)
-    if raw is None:
-        raw = stackfile.settings_values().get(SERVICE_URLS_ENV)
+    raw = Settings().service_urls
     try:
         urls = json.loads(raw) if raw else {}
     except ValueError:

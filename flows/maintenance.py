@@ -19,7 +19,6 @@ come from failures (throttled per device), not from every image.
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,21 +26,17 @@ from pathlib import Path
 from prefect import flow, get_client, get_run_logger
 
 from camfleet import db, resolve
+from camfleet.settings import Settings
 
-RETENTION_ENV = "CAMFLEET_FLOW_RUN_RETENTION_DAYS"
-DEFAULT_RETENTION_DAYS = 14
+# Retention periods: camfleet/settings.py (CAMFLEET_FLOW_RUN_RETENTION_DAYS, 14;
+# CAMFLEET_PUBLISH_LOG_RETENTION_DAYS, 7: the fleet report's default window reads the
+# publish log; CAMFLEET_DEVICE_STATUS_RETENTION_DAYS, 30: one status row per wake, read
+# only as the latest 20, the seed's monitoring query).
 # Deleted per run: bounds one run's load on the server; the next run continues.
 DEFAULT_MAX_DELETES = 20_000
 PAGE = 200
 
 
-PUBLISH_LOG_RETENTION_ENV = "CAMFLEET_PUBLISH_LOG_RETENTION_DAYS"
-# The fleet report's default window (its NACK table reads the publish log).
-DEFAULT_PUBLISH_LOG_RETENTION_DAYS = 7
-STATUS_RETENTION_ENV = "CAMFLEET_DEVICE_STATUS_RETENTION_DAYS"
-# One row per wake: as many as captures, 1/47 of the publish log; read only as the
-# latest 20 (the seed's monitoring query). A month keeps a device's recent history.
-DEFAULT_STATUS_RETENTION_DAYS = 30
 # Rows per DELETE, each batch its own transaction: the row locks, the WAL and the dead
 # tuples of one statement stay small while the assembler keeps inserting.
 PRUNE_BATCH = 5_000
@@ -50,15 +45,14 @@ PRUNE_BATCH = 5_000
 DEFAULT_MAX_LOG_DELETES = 20_000_000
 
 
-def retention_days(
-    value: int | str | None = None,
-    env: str = RETENTION_ENV,
-    default: int = DEFAULT_RETENTION_DAYS,
-) -> int:
-    raw = value if value is not None else os.environ.get(env, default)
-    days = int(raw)
+def retention_days(value: int | str | None = None, setting: str = "flow_run_retention_days") -> int:
+    """A run's retention: its parameter, else the setting (camfleet/settings.py, read
+    afresh: a retry after fixing the variable sees the new value). At least 1 day."""
+    if value is None:
+        return getattr(Settings(), setting)  # the model refuses < 1 with the variable's name
+    days = int(value)
     if days < 1:
-        raise ValueError(f"{env} must be at least 1 day, not {raw!r}")
+        raise ValueError(f"a retention of at least 1 day, not {value!r}")
     return days
 
 
@@ -165,12 +159,8 @@ def prune_device_logs(
     database_block: str | None = None,
 ) -> dict:
     """Delete publish-log and status rows older than their retention periods."""
-    log_days = retention_days(
-        publish_log_retention_days, PUBLISH_LOG_RETENTION_ENV, DEFAULT_PUBLISH_LOG_RETENTION_DAYS
-    )
-    status_days = retention_days(
-        device_status_retention_days, STATUS_RETENTION_ENV, DEFAULT_STATUS_RETENTION_DAYS
-    )
+    log_days = retention_days(publish_log_retention_days, "publish_log_retention_days")
+    status_days = retention_days(device_status_retention_days, "device_status_retention_days")
     dsn = resolve.database_url(database_block)
     now = datetime.now(UTC)
     logger = get_run_logger()

@@ -9,9 +9,11 @@ import anyio
 import pytest
 from prefect import flow
 
-from flows.maintenance import RETENTION_ENV, prune_flow_runs, retention_days
+from flows.maintenance import prune_flow_runs, retention_days
 from tests.faults_common import wait_until
 from tests.test_serve import _client_call
+
+RETENTION_ENV = "CAMFLEET_FLOW_RUN_RETENTION_DAYS"
 
 
 @flow(name="maintenance-fixture")
@@ -139,28 +141,22 @@ def _ages_in_days(dsn: str, table: str, column: str) -> list[int]:
 
 
 def test_log_retention_settings(monkeypatch):
-    from flows.maintenance import (
-        DEFAULT_PUBLISH_LOG_RETENTION_DAYS,
-        DEFAULT_STATUS_RETENTION_DAYS,
-        PUBLISH_LOG_RETENTION_ENV,
-        STATUS_RETENTION_ENV,
-    )
-
-    for env, default in (
-        (PUBLISH_LOG_RETENTION_ENV, DEFAULT_PUBLISH_LOG_RETENTION_DAYS),
-        (STATUS_RETENTION_ENV, DEFAULT_STATUS_RETENTION_DAYS),
+    for env, setting, default in (
+        ("CAMFLEET_PUBLISH_LOG_RETENTION_DAYS", "publish_log_retention_days", 7),
+        ("CAMFLEET_DEVICE_STATUS_RETENTION_DAYS", "device_status_retention_days", 30),
     ):
         monkeypatch.delenv(env, raising=False)
-        assert retention_days(None, env, default) == default
+        assert retention_days(None, setting) == default
         monkeypatch.setenv(env, "2")
-        assert retention_days(None, env, default) == 2
-        assert retention_days(9, env, default) == 9  # the flow parameter wins
+        assert retention_days(None, setting) == 2
+        assert retention_days(9, setting) == 9  # the flow parameter wins
         for bad in ("0", "-1", "week", ""):
             monkeypatch.setenv(env, bad)
-            with pytest.raises(ValueError):
-                retention_days(None, env, default)
+            with pytest.raises(ValueError, match=env):  # the error names the variable
+                retention_days(None, setting)
+        monkeypatch.delenv(env)
         with pytest.raises(ValueError):
-            retention_days(0, env, default)
+            retention_days(0, setting)
 
 
 def test_prune_rows_deletes_oldest_first_in_bounded_batches_up_to_the_max(database_url):
@@ -215,11 +211,10 @@ def test_prune_batches_use_the_time_indexes(database_url):
 
 def test_prune_device_logs_flow(prefect_api_url, database_url, monkeypatch):
     from camfleet.settings import get_settings
-    from flows.maintenance import (
-        PUBLISH_LOG_RETENTION_ENV,
-        STATUS_RETENTION_ENV,
-        prune_device_logs,
-    )
+    from flows.maintenance import prune_device_logs
+
+    PUBLISH_LOG_RETENTION_ENV = "CAMFLEET_PUBLISH_LOG_RETENTION_DAYS"
+    STATUS_RETENTION_ENV = "CAMFLEET_DEVICE_STATUS_RETENTION_DAYS"
 
     log = _add_log_rows(database_url, "device_publish_log", 30, timedelta(days=8))
     _add_log_rows(database_url, "device_publish_log", 5, timedelta(days=2))

@@ -237,7 +237,9 @@ def test_prune_flow_runs_same_with_and_without_persistence(
     import asyncio
     import os
 
-    from flows.maintenance import RETENTION_ENV, prune_flow_runs
+    from flows.maintenance import prune_flow_runs
+
+    RETENTION_ENV = "CAMFLEET_FLOW_RUN_RETENTION_DAYS"
 
     old = tmp_path / "results" / "old-result"
     old.parent.mkdir(parents=True, exist_ok=True)

@@ -343,7 +343,9 @@ def test_ui_retry_of_fleet_health_opens_one_incident(retry_env):
 def test_ui_retry_of_prune_flow_runs_after_a_bad_setting(retry_env, monkeypatch, tmp_path):
     import os
 
-    from flows.maintenance import RETENTION_ENV, prune_flow_runs
+    from flows.maintenance import prune_flow_runs
+
+    RETENTION_ENV = "CAMFLEET_FLOW_RUN_RETENTION_DAYS"
 
     old = tmp_path / "results" / "old-result"
     old.parent.mkdir(parents=True, exist_ok=True)
