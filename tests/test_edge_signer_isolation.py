@@ -216,7 +216,7 @@ def test_health_ready_after_subscribe_and_a_dead_worker_fails_live(store, mosqui
         def boom(now):
             raise RuntimeError("bug")
 
-        signer._publishing.due = boom  # a bug in the worker loop, outside every handler
+        signer.watch.publishing.due = boom  # a bug in the worker loop, outside every handler
         thread.join(30)
         assert not thread.is_alive() and isinstance(outcome[0], WorkerDied)
         assert _get(health.port, "/live") == 503 and _get(health.port, "/ready") == 503

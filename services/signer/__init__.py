@@ -37,29 +37,33 @@ name, asked for again without the delivered checksum, is granted a key of its ow
 are the earlier delivery's (a re-send after a missed verification): then the copy is
 deleted and the earlier row stands. Either way the device gets `{"file": name}`.
 
-The package, one module a concern (each signer part is a mixin of `Signer`, which owns
-the shared state: the watch table `_pending`, its lock, the pool, the stores):
+The package, one module a concern. Each part is an object built with exactly the
+collaborators it uses, so it can be read and tested alone (tests/test_signer_parts.py);
+`Signer` builds them, keeps the lifecycle and the worker loop, and delegates:
 
-    grants.py        requests in, presigned POSTs and grant rows out (caps, buckets)
-    verification.py  read-back, judgement, capture rows, `{"file"}` messages
-    watch.py         the open grants watched here and when each is looked for next
-    leases.py        which instance verifies which grant (replicas, restarts)
+    watch.py         the shared state: the open grants watched here (`WatchTable`, with
+                     its lock and the verification groups) and the `SignerStats`
+    grants.py        `GrantRequests`: requests in, presigned POSTs and grant rows out
+    verification.py  `Verification`: read-back, judgement, capture rows, `{"file"}`s
+    leases.py        `Leases` (SQL) and `LeaseTending`: which instance verifies which
+                     grant (replicas, restarts)
     limits.py        per-device inbox queues and request rate limits
-    errors.py        throttled `device_errors` rows
-    mqtt.py          the paho client: subscription, callbacks, publishing
+    errors.py        `DeviceErrors`: throttled `device_errors` rows
+    mqtt.py          `MqttShell`: the paho client, subscription, callbacks, publishing
     handoff.py       batches of new captures to a Prefect flow run
     health.py        `/live` and `/ready` for a supervisor
+
+The parts share state only through what they are given: the one `WatchTable`, the one
+`SignerStats`, the one `DeviceErrors`; they talk to MQTT only through the
+`publish_answer`/`publish_verification` callables of the shell.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from camfleet import db
 from camfleet.protocol import edge_batch as eb
@@ -77,7 +81,7 @@ from services.signer.leases import LEASE_S, Leases, LeaseTending
 from services.signer.limits import FairInbox, RateLimiter
 from services.signer.mqtt import MqttShell
 from services.signer.verification import CHECK_WORKERS, READ_WORKERS, Verification, jobs
-from services.signer.watch import CHECK_FIRST_S, Pending, WatchTable
+from services.signer.watch import CHECK_FIRST_S, SignerStats, WatchTable
 
 __all__ = [
     "CHECK_FIRST_S",
@@ -107,25 +111,13 @@ class WorkerDied(RuntimeError):
     """The signer's worker thread died: the process should exit non-zero."""
 
 
-@dataclass
-class SignerStats:
-    requests: int = 0
-    refused: int = 0
-    granted: int = 0
-    verified: int = 0
-    failed: int = 0
-    published: int = 0
-    handed_off: int = 0
-    rate_limited: int = 0  # requests answered 3007
-    capped: int = 0  # names answered `rejected` 3008 (grant caps)
-    swept: int = 0  # stale grants marked expired
-    claimed: int = 0  # open grants taken over (at start, or from a dead instance)
-    lease_lost: int = 0  # watched grants another instance holds now (not recorded here)
-    errors: list[str] = field(default_factory=list)
+class Signer:
+    """Run with `start()`/`stop()` (tests, `camfleet up`) or `run_forever()` (CLI).
 
-
-class Signer(MqttShell, GrantRequests, Verification, LeaseTending, DeviceErrors, WatchTable):
-    """Run with `start()`/`stop()` (tests, `camfleet up`) or `run_forever()` (CLI)."""
+    Its parts: `mqtt` (MqttShell), `grants` (GrantRequests), `verification`
+    (Verification), `tending` (LeaseTending), `errors` (DeviceErrors), sharing `watch`
+    (WatchTable) and `stats` (SignerStats).
+    """
 
     def __init__(
         self,
@@ -150,71 +142,64 @@ class Signer(MqttShell, GrantRequests, Verification, LeaseTending, DeviceErrors,
         share_group: str | None = None,
         lease_s: float = LEASE_S,
     ) -> None:
-        """The settings and the state every part of the signer shares.
-
-        Over 60 lines only because it is a list: one line a setting or a piece of state,
-        kept in one place so that each part's attributes are found here.
-        """
-        self.store = store
-        # Replicas: requests arrive through the broker's shared subscription
-        # `$share/{group}/...` (each request to one instance), and each open grant is
-        # leased to one instance (leases.py).
-        self.share_group = share_group
-        self._leases = Leases(client_id, lease_s)
-        self._next_lease_tend = 0.0  # time.monotonic()
+        self.store, self.share_group, self.clock = store, share_group, clock
+        self.grace_s, self.sweep_margin_s = grace_s, sweep_margin_s
+        self.topics = topics or eb.Topics()
+        self.rate_limiter = rate_limiter or RateLimiter()
         # Buckets a request's bucket-name may choose (None: bucket-name is ignored, as
         # the seed's cloud did, and every object goes to `store`'s bucket).
-        self._stores = bucket_stores(store, buckets)
-        self._readers = {
-            name: ObjectReader.for_store(bucket_store)
-            for name, bucket_store in self._stores.items()
-        }
-        self.max_open_per_device = max_open_per_device
-        self.max_pending = max_pending
-        self.rate_limiter = rate_limiter or RateLimiter()
-        self.sweep_margin_s = sweep_margin_s
-        self._next_sweep = 0.0
+        stores = bucket_stores(store, buckets)
+        self._readers = {name: ObjectReader.for_store(s) for name, s in stores.items()}
         # The request worker, each verification job and the hand-off: one connection each.
         self.pool = db.Pool(dsn, maxconn=CHECK_WORKERS + 2)
-        self._reads = None  # the worker's read threads, while it runs
-        self.topics = topics or eb.Topics()
-        self.expires_in = expires_in
-        self.max_file_bytes = max_file_bytes
-        self.grace_s = grace_s
-        self.clock = clock
-        self.stats = SignerStats()
-        self._broker = broker
-        self._client_id = client_id
-        # (topic, payload) requests, one queue per device served round-robin.
-        self._inbox = FairInbox()
-        self._pending: dict[tuple[str, str], Pending] = {}
-        self._open_by_device: dict[str, int] = {}  # len of _pending per serial
-        self._publishing = eb.VerificationQueue(settle_s)
+        self.stats, self.watch = SignerStats(), WatchTable(settle_s)
+        self._inbox = FairInbox()  # (topic, payload) requests, one queue per device
         self._handoff = Handoff(handoff, self.pool) if handoff else None
-        self.legacy_answer_delay_s = legacy_answer_delay_s
-        self._answers_due: list[tuple[float, int, str, dict]] = []  # delayed seed answers
-        self._answer_seq = itertools.count()
-        self._lock = threading.Lock()  # verification threads resolve grants concurrently
-        self._error_windows: dict[str, tuple[int, int]] = {}
+        self.mqtt = MqttShell(broker, client_id, self.topics, share_group, self._inbox, self.stats)
+        self.errors = DeviceErrors(self.pool, clock)
+        # Each open grant is leased to one instance (leases.py): replicas, restarts.
+        leases = Leases(client_id, lease_s)
+        self.grants = GrantRequests(
+            self.pool, stores, self.watch, leases, self.errors, self.mqtt.publish_answer,
+            self.stats, topics=self.topics, clock=clock, rate_limiter=self.rate_limiter,
+            expires_in=expires_in, max_file_bytes=max_file_bytes,
+            max_open_per_device=max_open_per_device, max_pending=max_pending,
+            legacy_answer_delay_s=legacy_answer_delay_s,
+        )  # fmt: skip
+        self.verification = Verification(
+            self.pool, stores, self._readers, self.watch, leases, self.errors,
+            self.mqtt.publish_verification, self.stats,
+            clock=clock, grace_s=grace_s, handoff=self._handoff, wake=self._inbox.wake,
+        )  # fmt: skip
+        self.tending = LeaseTending(
+            self.pool, leases, self.watch, self.stats,
+            clock=clock, buckets=stores, max_pending=max_pending,
+        )  # fmt: skip
+        self._next_sweep = 0.0
         self._stop = threading.Event()
-        self._connected = threading.Event()  # set on the broker's SUBACK, not before
-        self._subscribe_mid: int | None = None
         self._thread: threading.Thread | None = None
         self._crashed: str | None = None  # why the worker died (the process must exit)
-        self._client = None
+
+    @property
+    def expires_in(self) -> int:
+        """How long a granted URL is valid (seconds); settable while running."""
+        return self.grants.expires_in
+
+    @expires_in.setter
+    def expires_in(self, value: int) -> None:
+        self.grants.expires_in = value
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self, connect_timeout: float = 10.0) -> Signer:
         self._sweep()
-        self._resume_open_grants()
-        self._next_lease_tend = time.monotonic() + self._leases.tend_every_s
-        self._connect(connect_timeout)
+        self.tending.resume()
+        self.mqtt.connect(connect_timeout)
         self._thread = threading.Thread(target=self._work_or_die, name="edge-signer", daemon=True)
         self._thread.start()
         if self._handoff:
             self._handoff.start()
-        log.info("signer: answering %s", self._subscription())
+        log.info("signer: answering %s", self.mqtt.subscription())
         return self
 
     def stop(self) -> None:
@@ -223,11 +208,11 @@ class Signer(MqttShell, GrantRequests, Verification, LeaseTending, DeviceErrors,
             self._thread.join(10)
         if self._handoff:
             self._handoff.stop()
-        self._disconnect()
+        self.mqtt.disconnect()
         for reader in self._readers.values():
             if reader is not None:
                 reader.close()
-        self._release_leases()
+        self.tending.release()
         close = getattr(self.rate_limiter, "close", None)
         if close is not None:
             close()
@@ -254,7 +239,7 @@ class Signer(MqttShell, GrantRequests, Verification, LeaseTending, DeviceErrors,
 
     def wait_connected(self, timeout: float = 10.0) -> bool:
         """True once subscribed: the broker's SUBACK arrived (requests now reach us)."""
-        return self._connected.wait(timeout)
+        return self.mqtt.connected.wait(timeout)
 
     def live(self) -> bool:
         """The worker, the hand-off and the MQTT network thread are running (or not
@@ -263,18 +248,18 @@ class Signer(MqttShell, GrantRequests, Verification, LeaseTending, DeviceErrors,
             return False
         if self._thread is not None and not self._thread.is_alive() and not self._stop.is_set():
             return False
-        net = getattr(self._client, "_thread", None)
+        net = getattr(self.mqtt.client, "_thread", None)
         return not (net is not None and not net.is_alive() and not self._stop.is_set())
 
     def ready(self) -> bool:
         """Live and subscribed: a request published now will be answered."""
-        return self.live() and self._connected.is_set() and not self._stop.is_set()
+        return self.live() and self.mqtt.connected.is_set() and not self._stop.is_set()
 
     def health(self) -> dict:
-        with self._lock:
-            pending = len(self._pending)
+        with self.watch.lock:
+            pending = len(self.watch.pending)
         return {
-            "subscribed": self._connected.is_set(),
+            "subscribed": self.mqtt.connected.is_set(),
             "share_group": self.share_group,
             "pending_grants": pending,
             "queued_requests": len(self._inbox),
@@ -312,41 +297,29 @@ class Signer(MqttShell, GrantRequests, Verification, LeaseTending, DeviceErrors,
             ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="edge-read") as reads,
             ThreadPoolExecutor(CHECK_WORKERS, thread_name_prefix="edge-verify") as checks,
         ):  # (leaving: the jobs end first, then the reads they use)
-            self._reads = reads
+            self.verification.reads = reads
             while not self._stop.is_set():
                 now = self.clock()
-                with self._lock:
-                    due = [
-                        p for p in self._pending.values() if not p.in_flight and p.next_check <= now
-                    ]
-                    for p in due:
-                        p.in_flight = True
-                    publish = self._publishing.due(now)
+                due, publish = self.watch.take_due(now)
                 for job in jobs(due):
-                    checks.submit(self._check_safely, job)
+                    checks.submit(self.verification.check_safely, job)
                 for pub in publish:
-                    self._publish_verification(pub)
-                while self._answers_due and self._answers_due[0][0] <= now:
-                    _, _, serial, answer = heapq.heappop(self._answers_due)
-                    self._publish_answer(serial, answer)
+                    self.mqtt.publish_verification(pub)
+                self.grants.publish_answers_due(now)
                 if now >= self._next_sweep:
                     self._sweep()
-                if time.monotonic() >= self._next_lease_tend:
-                    self._tend_leases()
+                if self.tending.due():
+                    self.tending.tend()
                 item = self._inbox.get(timeout=self._idle_timeout())
                 if item is not None:
-                    self._handle_request_safely(*item)
+                    self.grants.handle_safely(*item)
                 # Drain what else arrived (round-robin by device), without starving
                 # the checks.
                 for _ in range(50):
                     item = self._inbox.get(timeout=0)
                     if item is None:
                         break
-                    self._handle_request_safely(*item)
-
-    def _wake(self) -> None:
-        """Make the worker look at the schedule now (a verification job finished)."""
-        self._inbox.wake()
+                    self.grants.handle_safely(*item)
 
     def _sweep(self) -> None:
         """Grants left `granted` well past their URL's expiry end as `expired`."""
@@ -365,14 +338,10 @@ class Signer(MqttShell, GrantRequests, Verification, LeaseTending, DeviceErrors,
 
     def _idle_timeout(self) -> float:
         now = self.clock()
-        with self._lock:
-            # In-flight grants are rescheduled by their job, which then wakes the worker.
-            times = [p.next_check for p in self._pending.values() if not p.in_flight]
-            ready = self._publishing.next_due()
-        if ready is not None:
-            times.append(ready)
-        if self._answers_due:
-            times.append(self._answers_due[0][0])
+        times = self.watch.next_times()
+        answer_due = self.grants.next_answer_due()
+        if answer_due is not None:
+            times.append(answer_due)
         if not times:
             return IDLE_POLL_S
         return min(IDLE_POLL_S, max(0.0, min(times) - now))

@@ -1,12 +1,16 @@
 """`device_errors` rows for what went wrong with a device's request or upload, throttled.
 
-`DeviceErrors` is a part of `Signer` (services/signer/__init__.py): it uses the
-signer's pool, clock and lock.
+`DeviceErrors` is built with the pool it writes through and the clock its windows are
+measured by; the grant-request and verification parts each get the signer's one
+instance (one window per device, whoever records).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Callable
 
 from camfleet import db
 
@@ -22,28 +26,37 @@ MAX_ERROR_WINDOWS = 10_000
 class DeviceErrors:
     """Error rows per device, at most MAX_ERRORS_PER_DEVICE_PER_MIN a minute."""
 
-    def _error_allowed(self, serial: str) -> bool:
+    def __init__(self, pool: db.Pool, clock: Callable[[], float] = time.time) -> None:
+        self.pool = pool
+        self.clock = clock
+        self._lock = threading.Lock()  # the request worker and verification jobs record
+        self._windows: dict[str, tuple[int, int]] = {}
+
+    def allowed(self, serial: str) -> bool:
+        """Count one error row for `serial`; False once its minute's budget is spent."""
         minute = int(self.clock() // 60)
         with self._lock:
-            if len(self._error_windows) > MAX_ERROR_WINDOWS:
-                self._error_windows.clear()
-            start, count = self._error_windows.get(serial, (minute, 0))
+            if len(self._windows) > MAX_ERROR_WINDOWS:
+                self._windows.clear()
+            start, count = self._windows.get(serial, (minute, 0))
             if start != minute:
                 start, count = minute, 0
-            self._error_windows[serial] = (start, count + 1)
+            self._windows[serial] = (start, count + 1)
         return count < MAX_ERRORS_PER_DEVICE_PER_MIN
 
-    def _record_error(self, serial, capture_id, code, severity, message, details) -> None:
-        if not self._error_allowed(serial):
+    def record(self, serial, capture_id, code, severity, message, details) -> None:
+        """An error row in a transaction of its own (if the device's budget allows)."""
+        if not self.allowed(serial):
             return
         try:
             with self.pool.connection() as conn:
-                self._insert_error(conn, serial, capture_id, code, severity, message, details)
+                self.insert(conn, serial, capture_id, code, severity, message, details)
         except Exception as exc:
             log.warning("signer: could not record error %d: %s", code, type(exc).__name__)
 
     @staticmethod
-    def _insert_error(conn, serial, capture_id, code, severity, message, details) -> None:
+    def insert(conn, serial, capture_id, code, severity, message, details) -> None:
+        """An error row in the caller's transaction (the caller checked `allowed`)."""
         db.queries.edge_error_insert(
             conn,
             device_id=serial,

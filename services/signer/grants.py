@@ -7,8 +7,11 @@ rows and leases them to this instance before any URL is published. A name verifi
 before with the same declared checksum gets no URL, only a read-back (`verified`).
 Names are never granted a key that holds a delivered image (`_key_for`).
 
-`GrantRequests` is a part of `Signer` (services/signer/__init__.py): it runs on the
-signer's worker thread and uses its pool, stores, watch table and lock.
+`GrantRequests` runs on the signer's worker thread. It is built with what it uses: the
+pool, the stores by bucket, the watch table it adds grants to (`watch.WatchTable`),
+the leases it writes grant rows under (`leases.Leases`), the device error rows
+(`errors.DeviceErrors`), a `publish_answer(serial, answer)` callable, the stats, the
+clock and its settings; nothing else of the signer.
 """
 
 from __future__ import annotations
@@ -16,14 +19,26 @@ from __future__ import annotations
 import copy
 import dataclasses
 import heapq
+import itertools
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from camfleet import db
 from camfleet.protocol import edge_batch as eb
 from camfleet.storage import ObjectStore
-from services.signer.watch import CHECK_FIRST_S, SIBLING_FALLBACK_S, Pending
+from services.signer.errors import DeviceErrors
+from services.signer.leases import Leases
+from services.signer.limits import RateLimiter
+from services.signer.watch import (
+    CHECK_FIRST_S,
+    SIBLING_FALLBACK_S,
+    Pending,
+    SignerStats,
+    WatchTable,
+)
 
 log = logging.getLogger("camfleet.signer")
 
@@ -86,10 +101,59 @@ def bucket_stores(store: ObjectStore, buckets: list[str] | None) -> dict:
 class GrantRequests:
     """The signer's request handling (its worker thread)."""
 
-    def _handle_request_safely(self, topic: str, payload: bytes) -> None:
+    def __init__(
+        self,
+        pool: db.Pool,
+        stores: dict[str | None, ObjectStore],
+        watch: WatchTable,
+        leases: Leases,
+        errors: DeviceErrors,
+        publish_answer: Callable[[str, dict], None],
+        stats: SignerStats,
+        *,
+        topics: eb.Topics | None = None,
+        clock: Callable[[], float] = time.time,
+        rate_limiter: RateLimiter | None = None,
+        expires_in: int = eb.URL_EXPIRES_S,
+        max_file_bytes: int = eb.MAX_FILE_BYTES,
+        max_open_per_device: int = MAX_OPEN_GRANTS_PER_DEVICE,
+        max_pending: int = MAX_PENDING_GRANTS,
+        legacy_answer_delay_s: float = eb.LEGACY_ANSWER_DELAY_S,
+    ) -> None:
+        self.pool = pool
+        # Buckets a request's bucket-name may choose (`bucket_stores`; None: the
+        # signer's own bucket, the only one without an allow-list).
+        self.stores = stores
+        self.watch = watch
+        self.leases = leases
+        self.errors = errors
+        self.publish_answer = publish_answer
+        self.stats = stats
+        self.topics = topics or eb.Topics()
+        self.clock = clock
+        self.rate_limiter = rate_limiter or RateLimiter()
+        self.expires_in = expires_in
+        self.max_file_bytes = max_file_bytes
+        self.max_open_per_device = max_open_per_device
+        self.max_pending = max_pending
+        self.legacy_answer_delay_s = legacy_answer_delay_s
+        self._answers_due: list[tuple[float, int, str, dict]] = []  # delayed seed answers
+        self._answer_seq = itertools.count()
+
+    def publish_answers_due(self, now: float) -> None:
+        """Publish the delayed seed answers whose time has come (the worker's loop)."""
+        while self._answers_due and self._answers_due[0][0] <= now:
+            _, _, serial, answer = heapq.heappop(self._answers_due)
+            self.publish_answer(serial, answer)
+
+    def next_answer_due(self) -> float | None:
+        return self._answers_due[0][0] if self._answers_due else None
+
+    def handle_safely(self, topic: str, payload: bytes) -> None:
+        """Answer one request; a failure is logged and counted, never raised."""
         for attempt in (0, 1):
             try:
-                self._handle_request(topic, payload)
+                self.handle(topic, payload)
                 return
             except db.CONNECTION_ERRORS as exc:
                 # A kept connection the server dropped (the pool has now let go of
@@ -105,7 +169,7 @@ class GrantRequests:
             self.stats.errors.append(type(failure).__name__)
             return
 
-    def _handle_request(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes) -> None:
         self.stats.requests += 1
         try:
             serial = self.topics.serial_from_request_topic(topic)
@@ -119,8 +183,8 @@ class GrantRequests:
         except eb.RequestRefused as exc:
             self.stats.refused += 1
             if self.rate_limiter.allow(serial):  # a flood of garbage gets no answers
-                self._record_error(serial, None, eb.E_REQUEST, "warn", exc.reason, {})
-                self._publish_answer(serial, eb.url_answer(serial, None, [], error=exc.reason))
+                self.errors.record(serial, None, eb.E_REQUEST, "warn", exc.reason, {})
+                self.publish_answer(serial, eb.url_answer(serial, None, [], error=exc.reason))
             return
         if not self.rate_limiter.allow(serial):
             self._refuse(serial, request, eb.E_RATE, "too many requests; ask again later")
@@ -152,27 +216,29 @@ class GrantRequests:
         one, a listed bucket is used, the signer's own bucket or no name means the
         signer's own, and any other name is refused (3009).
         """
-        if len(self._stores) == 1 or not name or name == getattr(self.store, "bucket", None):
+        own = self.stores[None]
+        if len(self.stores) == 1 or not name or name == getattr(own, "bucket", None):
             return True, None
-        if name in self._stores:
+        if name in self.stores:
             return True, name
         return False, None
 
     def _refuse(self, serial: str, request: eb.UrlRequest, code: int, reason: str) -> None:
         """Answer the whole request with an error (no grants), for this device only."""
-        self._record_error(serial, None, code, "warn", reason, {})
+        self.errors.record(serial, None, code, "warn", reason, {})
         answer = eb.url_answer(serial, request.request_id, [], error=reason)
         answer["error-code"] = code
-        self._publish_answer(serial, answer)
+        self.publish_answer(serial, answer)
 
     def _within_caps(self, serial: str, request: eb.UrlRequest) -> eb.UrlRequest:
         """The request with the names past the device's or the signer's grant cap
         moved to `rejected` (3008): one device cannot hold every grant the signer
         watches, and a full signer refuses instead of granting what it cannot watch."""
-        with self._lock:
-            watched = {f.name for f in request.files if (serial, f.name) in self._pending}
-            device_room = self.max_open_per_device - self._open_by_device.get(serial, 0)
-            total_room = self.max_pending - len(self._pending)
+        table = self.watch
+        with table.lock:
+            watched = {f.name for f in request.files if (serial, f.name) in table.pending}
+            device_room = self.max_open_per_device - table.open_by_device.get(serial, 0)
+            total_room = self.max_pending - len(table.pending)
         keep: list[eb.FileSpec] = []
         over: list[eb.Rejection] = []
         for spec in request.files:
@@ -187,7 +253,7 @@ class GrantRequests:
         if not over:
             return request
         self.stats.capped += len(over)
-        self._record_error(
+        self.errors.record(
             serial, None, eb.E_CAPACITY, "warn", f"{len(over)} names over the grant cap", {}
         )
         return dataclasses.replace(
@@ -200,15 +266,19 @@ class GrantRequests:
         now = self.clock()
         with self.pool.connection() as conn:  # one transaction for the whole part
             group, grants, already = self._grant(conn, serial, request, now, bucket, part)
-        with self._lock:
+        with self.watch.lock:
             if group is not None and grants:
-                self._publishing.open_request(serial, group, [g.name for g, _, _ in grants], now)
+                self.watch.publishing.open_request(
+                    serial, group, [g.name for g, _, _ in grants], now
+                )
             for grant, _, _ in grants:
                 first = grant is grants[0][0]
                 due = now + (CHECK_FIRST_S if first else SIBLING_FALLBACK_S)
-                self._watch(Pending(grant, group, due, siblings=(serial, grant.request_id or "")))
+                self.watch.watch(
+                    Pending(grant, group, due, siblings=(serial, grant.request_id or ""))
+                )
             for grant in already:  # read back by a job, due now, before its {"file"}
-                self._watch(
+                self.watch.watch(
                     Pending(
                         grant, None, now, siblings=(serial, grant.request_id or ""), recheck=True
                     )
@@ -226,7 +296,7 @@ class GrantRequests:
         if part is not None:
             answer["part"] = part + 1
         if request.checked or not self.legacy_answer_delay_s:
-            self._publish_answer(serial, answer)
+            self.publish_answer(serial, answer)
         else:
             due_at = self.clock() + self.legacy_answer_delay_s
             entry = (due_at, next(self._answer_seq), serial, answer)
@@ -251,7 +321,7 @@ class GrantRequests:
         group = None if request.checked else (request.request_id or uuid.uuid4().hex)
         if group is not None and part is not None:
             group = f"{group}.{part + 1}"
-        store = self._stores[bucket]
+        store = self.stores[bucket]
         grants: list[tuple[eb.Grant, dict[str, str], str]] = []
         already: list[eb.Grant] = []
         known = self._names_known(conn, request)
@@ -294,13 +364,13 @@ class GrantRequests:
         if grants:
             # One statement: the device registered, the rows written and leased to us
             # (a re-grant takes the name over from whoever held it).
-            self._leases.issue(conn, serial, request.checked, grants)
+            self.leases.issue(conn, serial, request.checked, grants)
         else:
             db.queries.edge_ensure_device(conn, device_id=serial)
         for rejection in request.rejected:
-            if not self._error_allowed(serial):
+            if not self.errors.allowed(serial):
                 break
-            self._insert_error(
+            self.errors.insert(
                 conn,
                 serial,
                 None,

@@ -14,17 +14,22 @@ broker disconnects the older session of a duplicate).
 A device that asks again for a name gets a fresh grant leased to whichever instance
 answered: the lease follows the latest grant, and the earlier holder drops its watch
 when it finds the lease gone.
+
+`Leases` is the SQL side (one instance's owner name and lease length); `LeaseTending`
+is built with the pool, a `Leases`, the watch table it adds claimed grants to, the
+stats, the clock, the allowed buckets and the cap on watched grants, and does the
+resuming, renewing, taking over and releasing for `Signer`'s lifecycle and worker.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from camfleet import db
 from camfleet.protocol import edge_batch as eb
-from services.signer.watch import Pending
+from services.signer.watch import Pending, SignerStats, WatchTable
 
 log = logging.getLogger("camfleet.signer")
 
@@ -95,6 +100,32 @@ class Leases:
         )
         return {row[0] for row in rows}
 
+    def holding(self, conn, items: Sequence[tuple]) -> tuple[list[tuple], list[Pending]]:
+        """(items whose grant we hold, now locked by `conn`'s transaction; lost pendings).
+
+        Each item's first element is its `Pending`. A recheck is a grant verified
+        before, confirmed for the device that asked: no open grant, nothing leased; the
+        instance that answered the request does it.
+        """
+        names: dict[str, list[str]] = {}
+        for item in items:
+            pending = item[0]
+            if not pending.recheck:
+                names.setdefault(pending.grant.serial, []).append(pending.grant.name)
+        held = {
+            (serial, name)
+            for serial, wanted in names.items()
+            for name in self.held(conn, serial, wanted)
+        }
+        kept, lost = [], []
+        for item in items:
+            grant = item[0].grant
+            if item[0].recheck or (grant.serial, grant.name) in held:
+                kept.append(item)
+            else:
+                lost.append(item[0])
+        return kept, lost
+
     def release(self, conn) -> int:
         """Hand our open grants to whoever looks next (a clean stop)."""
         return db.queries.edge_grants_release(conn, owner=self.owner)
@@ -105,43 +136,61 @@ class LeaseLost(Exception):
 
 
 class LeaseTending:
-    """The signer's side of its leases: resume, renew, take over, check, release.
+    """The signer's side of its leases: resume, renew, take over, release."""
 
-    A part of `Signer` (services/signer/__init__.py): it uses the signer's pool, watch
-    table and lock, and `self._leases` (a `Leases`).
-    """
+    def __init__(
+        self,
+        pool: db.Pool,
+        leases: Leases,
+        watch: WatchTable,
+        stats: SignerStats,
+        *,
+        clock: Callable[[], float] = time.time,
+        buckets: Iterable[str | None] = (None,),
+        max_pending: int,
+    ) -> None:
+        self.pool = pool
+        self.leases = leases
+        self.watch = watch
+        self.stats = stats
+        self.clock = clock
+        self.buckets = set(buckets)  # a claimed grant's bucket no longer here: our own
+        self.max_pending = max_pending
+        self.next_tend = 0.0  # time.monotonic()
 
-    def _resume_open_grants(self) -> None:
+    def due(self) -> bool:
+        """Time to renew our leases and look for grants to take over."""
+        return time.monotonic() >= self.next_tend
+
+    def resume(self) -> None:
         """At start: our own open grants from before a restart, and those nobody holds."""
         with self.pool.connection() as conn:
-            rows = self._leases.claim(conn, self._room(), own=True)
-        self._watch_claimed(rows, "resumed")
+            rows = self.leases.claim(conn, self.watch.room(self.max_pending), own=True)
+        self.watch_claimed(rows, "resumed")
+        self.next_tend = time.monotonic() + self.leases.tend_every_s
 
-    def _tend_leases(self) -> None:
+    def tend(self) -> None:
         """Renew our leases; take over open grants whose holder stopped renewing."""
-        self._next_lease_tend = time.monotonic() + self._leases.tend_every_s
+        self.next_tend = time.monotonic() + self.leases.tend_every_s
         try:
             with self.pool.connection() as conn:
-                self._leases.renew(conn)
-                rows = self._leases.claim(conn, self._room())
+                self.leases.renew(conn)
+                rows = self.leases.claim(conn, self.watch.room(self.max_pending))
         except Exception as exc:  # the database is down: try again next time
             log.warning("signer: renewing grant leases failed: %s", type(exc).__name__)
             return
-        self._watch_claimed(rows, "took over")
+        self.watch_claimed(rows, "took over")
 
-    def _release_leases(self) -> None:
+    def release(self) -> None:
         try:
             with self.pool.connection() as conn:
-                self._leases.release(conn)
+                self.leases.release(conn)
         except Exception as exc:  # they expire instead
             log.warning("signer: releasing grant leases failed: %s", type(exc).__name__)
 
-    def _room(self) -> int:
-        with self._lock:
-            return self.max_pending - len(self._pending)
-
-    def _watch_claimed(self, rows: list[tuple], how: str) -> None:
+    def watch_claimed(self, rows: list[tuple], how: str) -> None:
         """Watch claimed grants as if granted here (rows as `edge_grants_open`'s)."""
+        table = self.watch
         groups: dict[tuple[str, str], list[str]] = {}
         now = self.clock()
         watched = 0
@@ -158,62 +207,22 @@ class LeaseTending:
             bucket,
         ) in rows:
             group = None if checked else (request_id or "resumed")
-            if bucket is not None and bucket not in self._stores:
+            if bucket is not None and bucket not in self.buckets:
                 bucket = None  # no longer allowed: looked for in the signer's own bucket
             grant = eb.Grant(
                 serial, name, key, max_bytes, expires_at, request_id, size, sha, bucket
             )
             siblings = (serial, request_id or "")
-            with self._lock:
-                if (serial, name) in self._pending:  # ours already (our lease had lapsed)
+            with table.lock:
+                if (serial, name) in table.pending:  # ours already (our lease had lapsed)
                     continue
-                self._watch(Pending(grant, group, now, siblings=siblings))
+                table.watch(Pending(grant, group, now, siblings=siblings))
             watched += 1
             if group is not None:
                 groups.setdefault((serial, group), []).append(name)
-        with self._lock:
+        with table.lock:
             for (serial, group), names in groups.items():
-                self._publishing.open_request(serial, group, names, now)
+                table.publishing.open_request(serial, group, names, now)
             self.stats.claimed += watched
         if watched:
             log.info("signer: %s %d open grants", how, watched)
-
-    def _holding(self, conn, items: list[tuple]) -> tuple[list[tuple], list[Pending]]:
-        """(items whose grant we hold, now locked by `conn`'s transaction; lost pendings).
-
-        A recheck is a grant verified before, confirmed for the device that asked: no
-        open grant, nothing leased; the instance that answered the request does it.
-        """
-        names: dict[str, list[str]] = {}
-        for item in items:
-            pending = item[0]
-            if not pending.recheck:
-                names.setdefault(pending.grant.serial, []).append(pending.grant.name)
-        held = {
-            (serial, name)
-            for serial, wanted in names.items()
-            for name in self._leases.held(conn, serial, wanted)
-        }
-        kept, lost = [], []
-        for item in items:
-            grant = item[0].grant
-            if item[0].recheck or (grant.serial, grant.name) in held:
-                kept.append(item)
-            else:
-                lost.append(item[0])
-        return kept, lost
-
-    def _drop_lost(self, lost: list[Pending]) -> None:
-        """Stop watching grants another instance holds now (its own watch records them)."""
-        if not lost:
-            return
-        now = self.clock()
-        with self._lock:
-            for pending in lost:
-                self._unwatch(pending)
-                # An unchecked request's group no longer waits for this name here.
-                self._publishing.resolved(
-                    pending.grant.serial, pending.group, pending.grant.name, False, now
-                )
-            self.stats.lease_lost += len(lost)
-        log.info("signer: %d grants are held by another instance now", len(lost))

@@ -8,18 +8,29 @@ verified ones recorded in one transaction, under the grant's lease, before their
 `{"file"}` messages go out. Reused names whose bytes are an earlier delivery's are
 recognised here (`_resent_images`): the copy is deleted, the earlier row stands.
 
-`Verification` is a part of `Signer` (services/signer/__init__.py): it uses the
-signer's pool, stores, readers, watch table and lock.
+`Verification` runs a job at a time per thread (the signer's `edge-verify` threads).
+It is built with what it uses: the pool, the stores and their readers by bucket, the
+watch table (`watch.WatchTable`), the leases it records under (`leases.Leases`), the
+device error rows (`errors.DeviceErrors`), a `publish_verification(pub)` callable, the
+stats, the clock and the grace period; optionally the hand-off that takes new captures
+and a `wake()` callable that tells the worker a job finished. `reads` is the worker's
+read pool while it runs (without one, a batch's objects are read one by one).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
 
 from camfleet import db
 from camfleet.protocol import edge_batch as eb
-from services.signer.leases import LeaseLost
-from services.signer.watch import Pending
+from camfleet.storage import ObjectStore
+from services.signer.errors import DeviceErrors
+from services.signer.handoff import Handoff
+from services.signer.leases import LeaseLost, Leases
+from services.signer.watch import Pending, SignerStats, WatchTable
 
 log = logging.getLogger("camfleet.signer")
 
@@ -34,27 +45,60 @@ READ_WORKERS = 4
 class Verification:
     """The signer's verification jobs (run on its `edge-verify` threads)."""
 
+    def __init__(
+        self,
+        pool: db.Pool,
+        stores: dict[str | None, ObjectStore],
+        readers: dict,
+        watch: WatchTable,
+        leases: Leases,
+        errors: DeviceErrors,
+        publish_verification: Callable[[eb.Publish], None],
+        stats: SignerStats,
+        *,
+        clock: Callable[[], float] = time.time,
+        grace_s: float = eb.GRANT_GRACE_S,
+        handoff: Handoff | None = None,
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.pool = pool
+        self.stores = stores  # {bucket or None: store}; None is the signer's own
+        self.readers = readers  # {bucket: ObjectReader or None (the store digests)}
+        self.watch = watch
+        self.leases = leases
+        self.errors = errors
+        self.publish_verification = publish_verification
+        self.stats = stats
+        self.clock = clock
+        self.grace_s = grace_s
+        self.handoff = handoff
+        self.wake = wake
+        self.reads: Executor | None = None  # the worker's read threads, while it runs
+
+    def _store(self, bucket: str | None) -> ObjectStore:
+        return self.stores.get(bucket, self.stores[None])
+
     def _read(
         self, key: str, max_bytes: int | None = None, bucket: str | None = None
     ) -> tuple[int, str | None] | None:
         """(size, SHA-256) of the stored object, None when absent; raises on store errors."""
-        reader = self._readers.get(bucket)
+        reader = self.readers.get(bucket)
         if reader is not None:
             return reader.digest(key, max_bytes)
-        return self._stores.get(bucket, self.store).digest(key, max_bytes)
+        return self._store(bucket).digest(key, max_bytes)
 
-    def _check_safely(self, job: list[Pending]) -> None:
+    def check_safely(self, job: list[Pending]) -> None:
         try:
             self._check(job)
         except Exception as exc:
             now = self.clock()
             for pending in job:  # resolved ones are no longer watched: harmless
-                self._backoff(pending, now)
+                self.watch.backoff(pending, now)
             log.warning("signer: verifying %s failed: %s", job[0].grant.key, type(exc).__name__)
         finally:
             for pending in job:
                 pending.in_flight = False
-            self._wake()
+            self.wake()
 
     def _check(self, job: list[Pending]) -> None:
         """Verify a request's due grants; the first object found pulls in its siblings.
@@ -73,7 +117,7 @@ class Verification:
             grant = pending.grant
             now = self.clock()
             if isinstance(outcome, Exception):  # store down: look again later
-                self._backoff(pending, now)
+                self.watch.backoff(pending, now)
                 log.warning(
                     "signer: store error checking %s: %s", grant.key, type(outcome).__name__
                 )
@@ -87,13 +131,13 @@ class Verification:
                 elif now > grant.expires_at + self.grace_s:
                     self._resolve_failed(pending, "expired", eb.E_NEVER_UPLOADED, reason, size, sha)
                 else:
-                    self._backoff(pending, now)
+                    self.watch.backoff(pending, now)
                 continue
             if verdict is not eb.Verdict.VERIFIED:
                 code = eb.E_SIZE if verdict is eb.Verdict.SIZE else eb.E_CHECKSUM
                 if verdict is eb.Verdict.SIZE and size and size > grant.max_bytes:
                     # The store did not enforce the POST policy: do not keep what it forbade.
-                    self._stores.get(grant.bucket, self.store).delete(grant.key)
+                    self._store(grant.bucket).delete(grant.key)
                 self._resolve_failed(pending, "failed", code, reason, size, sha)
                 continue
             verified.append((pending, size, sha))
@@ -102,8 +146,8 @@ class Verification:
 
     def _read_all(self, pendings: list[Pending]) -> list:
         """Each grant's stored (size, SHA-256), None when absent, or the exception."""
-        if len(pendings) > 1 and self._reads is not None:
-            return list(self._reads.map(self._read_outcome, pendings))
+        if len(pendings) > 1 and self.reads is not None:
+            return list(self.reads.map(self._read_outcome, pendings))
         return [self._read_outcome(p) for p in pendings]
 
     def _read_outcome(self, pending: Pending):
@@ -117,10 +161,10 @@ class Verification:
         """The other open grants of this file's request, now in this job's hands."""
         if pending.siblings is None:
             return []
-        with self._lock:
+        with self.watch.lock:
             found = [
                 other
-                for other in self._pending.values()
+                for other in self.watch.pending.values()
                 if other.siblings == pending.siblings
                 and other is not pending
                 and not other.in_flight
@@ -139,7 +183,7 @@ class Verification:
         try:
             resent = self._resent_images(found)
             with self.pool.connection() as conn:
-                verified, lost = self._holding(conn, found)
+                verified, lost = self.leases.holding(conn, found)
                 captures = [
                     self._record_capture(conn, p.grant, size, sha, resent.get(id(p)))
                     for p, size, sha in verified
@@ -150,17 +194,17 @@ class Verification:
                     self._resolve_verified([item])
                 return
             pending = found[0][0]  # database down: keep the grant open, verify later
-            self._backoff(pending, now)
+            self.watch.backoff(pending, now)
             log.warning("signer: could not record %s: %s", pending.grant.key, type(exc).__name__)
             return
         self._drop_lost(lost)
         publish: list[eb.Publish] = []
-        with self._lock:
+        with self.watch.lock:
             for pending, _, _ in verified:
                 grant = pending.grant
-                self._unwatch(pending)
+                self.watch.unwatch(pending)
                 self.stats.verified += 1
-                publish += self._publishing.resolved(
+                publish += self.watch.publishing.resolved(
                     grant.serial, pending.group, grant.name, True, now
                 )
         for pending, _, _ in verified:
@@ -168,9 +212,9 @@ class Verification:
             if earlier is not None and earlier[1] != pending.grant.key:
                 self._drop_copy(pending.grant)
         for pub in publish:
-            self._publish_verification(pub)
-        if self._handoff:
-            self._handoff.add([c for c in captures if c])
+            self.publish_verification(pub)
+        if self.handoff:
+            self.handoff.add([c for c in captures if c])
 
     def _resent_images(self, verified: list[tuple[Pending, int, str]]) -> dict:
         """Uploads under a reused name that are an earlier delivery's exact bytes.
@@ -203,7 +247,7 @@ class Verification:
     def _drop_copy(self, grant: eb.Grant) -> None:
         """Delete a re-sent image's second object; its bytes are stored under the first."""
         try:
-            self._stores.get(grant.bucket, self.store).delete(grant.key)
+            self._store(grant.bucket).delete(grant.key)
         except Exception as exc:  # a leftover copy wastes space, loses nothing
             log.warning(
                 "signer: could not delete the re-sent copy %s: %s", grant.key, type(exc).__name__
@@ -277,30 +321,45 @@ class Verification:
         grant = pending.grant
         try:
             with self.pool.connection() as conn:
-                _, lost = self._holding(conn, [(pending,)])
+                _, lost = self.leases.holding(conn, [(pending,)])
                 if lost:
                     raise LeaseLost
                 self._resolve_grant(conn, grant, size, sha, None, None, status, reason)
-                if self._error_allowed(grant.serial):
-                    self._insert_error(
+                if self.errors.allowed(grant.serial):
+                    self.errors.insert(
                         conn, grant.serial, grant.name, code, "error", reason, {"key": grant.key}
                     )
         except LeaseLost:
             self._drop_lost([pending])
             return
         except Exception as exc:
-            self._backoff(pending, self.clock())
+            self.watch.backoff(pending, self.clock())
             log.warning("signer: could not record failure of %s: %s", grant.key, type(exc).__name__)
             return
-        with self._lock:
-            self._unwatch(pending)
+        with self.watch.lock:
+            self.watch.unwatch(pending)
             self.stats.failed += 1
-            publish = self._publishing.resolved(
+            publish = self.watch.publishing.resolved(
                 grant.serial, pending.group, grant.name, False, self.clock()
             )
         log.info("signer: %s not verified: %s", grant.key, reason)
         for pub in publish:
-            self._publish_verification(pub)
+            self.publish_verification(pub)
+
+    def _drop_lost(self, lost: list[Pending]) -> None:
+        """Stop watching grants another instance holds now (its own watch records them)."""
+        if not lost:
+            return
+        now = self.clock()
+        with self.watch.lock:
+            for pending in lost:
+                self.watch.unwatch(pending)
+                # An unchecked request's group no longer waits for this name here.
+                self.watch.publishing.resolved(
+                    pending.grant.serial, pending.group, pending.grant.name, False, now
+                )
+            self.stats.lease_lost += len(lost)
+        log.info("signer: %d grants are held by another instance now", len(lost))
 
 
 def jobs(due: list[Pending]) -> list[list[Pending]]:
