@@ -32,7 +32,6 @@ SILENT, BACK = "camfleet.device.silent", "camfleet.device.back"
 ERRORING, RECOVERED = "camfleet.device.erroring", "camfleet.device.recovered"
 SERVICE_NOT_READY, SERVICE_READY = "camfleet.service.not-ready", "camfleet.service.ready"
 TEST = "camfleet.alerts.test"
-DEVICE_EVENTS = (SILENT, BACK, ERRORING, RECOVERED)
 # Errors are counted over this window for the "erroring" state.
 ERROR_WINDOW = timedelta(hours=1)
 

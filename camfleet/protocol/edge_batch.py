@@ -703,9 +703,6 @@ class DeviceBatch:
             self.url_deadline = None
         return uploads
 
-    def url_timed_out(self, now: float) -> bool:
-        return self.url_deadline is not None and now >= self.url_deadline
-
     def give_up_urls(self) -> None:
         for name, state in self.states.items():
             if state is FileState.REQUESTED:

@@ -53,7 +53,6 @@ PENDING, SENT, EXECUTED, FAILED, EXPIRED = "pending", "sent", "executed", "faile
 STATES = (PENDING, SENT, EXECUTED, FAILED, EXPIRED)
 FINAL_STATES = frozenset({EXECUTED, FAILED, EXPIRED})
 SCHEDULED, MANUAL = "scheduled", "manual"
-TRIGGER_TYPES = (SCHEDULED, MANUAL)
 
 
 class BadTriggerConfig(ValueError):
