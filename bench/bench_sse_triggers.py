@@ -275,6 +275,41 @@ async def run_phase(fleet: Fleet, dsn: str, devices: list[str], rate: float, sec
 INSERTERS: dict = {}  # "pool": the inserter processes, "procs": their psutil.Process
 
 
+async def snapshot(trace_dir: Path, name: str):
+    """Ask traced_api.py for a tracemalloc snapshot of the API process and load it."""
+    import tracemalloc
+
+    (trace_dir / f"{name}.req").touch()
+    out = trace_dir / f"{name}.snap"
+    for _ in range(1200):
+        if out.exists():
+            return tracemalloc.Snapshot.load(str(out))
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the traced API wrote no snapshot in 120 s")
+
+
+def print_memory_per_stream(idle, full, streams: int, top: int = 15) -> None:
+    """Python heap the added streams hold, per stream, by allocating line and file."""
+    diff = full.compare_to(idle, "lineno")
+    traced = sum(d.size_diff for d in diff)
+    print(
+        f"tracemalloc: {traced / 2**20:.1f} MiB more Python heap for {streams} more streams: "
+        f"{traced / max(streams, 1) / 1024:.1f} KiB per stream (RSS also holds C buffers)"
+    )
+    for d in diff[:top]:
+        frame, n = d.traceback[0], max(streams, 1)
+        print(
+            f"  {d.size_diff / n:7.0f} B/stream  {d.count_diff / n:5.1f} blocks  "
+            f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}"
+        )
+    by_file: dict[str, int] = {}
+    for d in full.compare_to(idle, "filename"):
+        name = d.traceback[0].filename.split("site-packages/")[-1]
+        by_file[name] = by_file.get(name, 0) + d.size_diff
+    biggest = sorted(by_file.items(), key=lambda x: -x[1])[:8]
+    print("  by file: " + ", ".join(f"{n} {b / max(streams, 1):.0f} B" for n, b in biggest))
+
+
 def rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
@@ -304,9 +339,13 @@ async def main_async(args) -> None:
             "STORAGE_URL": storage.as_uri(),
             "PYTHONPATH": str(ROOT),
         }
+        launcher = [sys.executable, "-m", "camfleet.cli"]
+        if args.tracemalloc:  # where the memory per stream goes (slower: use fewer devices)
+            trace_dir = Path(tempfile.mkdtemp(prefix="bench-sse-trace-"))
+            env["CAMFLEET_TRACE_DIR"] = str(trace_dir)
+            launcher = [sys.executable, str(ROOT / "bench" / "traced_api.py")]
         api = subprocess.Popen(
-            [sys.executable, "-m", "camfleet.cli", "api", "--port", str(port)]
-            + ["--log-level", "warning", "--no-access-log"],
+            [*launcher, "api", "--port", str(port)] + ["--log-level", "warning", "--no-access-log"],
             cwd=ROOT,
             env=env,
         )
@@ -326,6 +365,8 @@ async def main_async(args) -> None:
             ]
             await asyncio.sleep(0.5)
             rss_idle = rss(api.pid)
+            if args.tracemalloc:
+                idle_snapshot = await snapshot(trace_dir, "idle")
 
             ctx = mp.get_context("spawn")
             INSERTERS["pool"] = pool = ctx.Pool(args.inserters)
@@ -362,6 +403,9 @@ async def main_async(args) -> None:
             await asyncio.sleep(2)
             rss_full = rss(api.pid)
             n_connected = len(fleet.connected)
+            if args.tracemalloc:
+                added = n_connected - len(base_devices)
+                print_memory_per_stream(idle_snapshot, await snapshot(trace_dir, "full"), added)
             api_cpu0 = psutil.Process(api.pid).cpu_times()
             fulls = [await phase("fleet", devices, i) for i in range(args.repeat)]
             full = fulls[-1]
@@ -452,6 +496,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--inserters", type=int, default=2, help="trigger-inserting processes")
+    parser.add_argument(
+        "--tracemalloc",
+        action="store_true",
+        help="also print where the API's memory per stream goes (tracemalloc; slower)",
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 
