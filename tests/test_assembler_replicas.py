@@ -26,6 +26,7 @@ from camfleet import db
 from camfleet.localsvc import MosquittoInstance, free_port
 from camfleet.simulators.esp32 import SimOptions, device_id, simulate
 from services.assembler.partitions import (
+    MAX_PENDING_WILLS,
     PartitionLeases,
     fair_share,
     partition_of,
@@ -271,8 +272,12 @@ def test_a_will_frees_a_replicas_leases_once_its_database_session_is_closed(data
     b.reap("a")
     b.reap("b")
     b.reap("x" * 300)
+    for i in range(300):  # a flood of invented ids: bounded, and gone after one round
+        b.reap(f"invented-{i}")
+    assert len(b._gone) == MAX_PENDING_WILLS
     b.round()
     assert len(b.owned()) == 4 and a.round() is None and len(a.owned()) == 4
+    assert set(b._gone) == {"a"}  # a is live: checked again until its TTL has passed
     # a dies: its database session closes; the will (held until a's TTL) now frees a's
     # partitions and b takes all of them in its next round
     a._close()
@@ -286,6 +291,22 @@ def test_a_will_frees_a_replicas_leases_once_its_database_session_is_closed(data
     assert b.owned() == frozenset(range(8))
     for leases in (a, b):
         leases.stop(release=False)
+
+
+def test_a_failing_will_check_does_not_cost_the_round_that_renews_our_leases(
+    database_url, monkeypatch
+):
+    from services.assembler import partitions
+
+    b = PartitionLeases(database_url, "b", 8, ttl_s=300.0, interval_s=0.5, margin_s=0.5)
+    b.prepare()
+    b.round()
+    assert b.owned() == frozenset(range(8))
+    monkeypatch.setattr(partitions, "_GONE_CHECK", "SELECT no_such_column FROM pg_class")
+    b.reap("a")
+    b.round()  # the check fails inside its savepoint; the renewal commits all the same
+    assert b.owned() == frozenset(range(8)) and b.failed_rounds == 0 and not b._reaping()
+    b.stop(release=False)
 
 
 def test_a_killed_replicas_devices_move_on_its_will_not_its_lease_ttl(replica_set, database_url):

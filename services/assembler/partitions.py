@@ -76,6 +76,8 @@ REPLICA_GONE_TOPIC = "camfleet/assembler/gone"
 # After a will, check the gone replica's database session this often (its backend may
 # take a moment to notice the closed socket) until its lease TTL has passed.
 REAP_RETRY_S = 0.2
+# Wills awaiting their database check at once (more are ignored: the TTL still works).
+MAX_PENDING_WILLS = 100
 # application_name is at most 63 bytes (NAMEDATALEN - 1)
 APPLICATION_NAME_MAX = 63
 
@@ -110,11 +112,16 @@ UPDATE assembler_partition_leases SET owner = NULL, lease_until = '-infinity'
 WHERE owner = %(me)s AND partition = ANY(%(parts)s)
 """
 _LEAVE = "DELETE FROM assembler_replicas WHERE replica_id = %(me)s"
-_SESSION_OPEN = """
-SELECT EXISTS (
-    SELECT 1 FROM pg_stat_activity
-    WHERE application_name = %(app)s AND datname = current_database()
+# Of the replicas named in wills: the live ones, and whether their lease session is
+# open.  One statement however many wills are pending; names that are no live replica
+# (invented, or already lapsed) come back as nothing and are dropped.
+_GONE_CHECK = """
+SELECT r.replica_id, EXISTS (
+    SELECT 1 FROM pg_stat_activity a
+    WHERE a.application_name = w.app AND a.datname = current_database()
 )
+FROM unnest(%(ids)s::text[], %(apps)s::text[]) AS w(replica_id, app)
+JOIN assembler_replicas r ON r.replica_id = w.replica_id AND r.seen_until > now()
 """
 _REAP_LEASES = """
 UPDATE assembler_partition_leases SET lease_until = '-infinity'
@@ -225,7 +232,7 @@ class PartitionLeases:
         if replica_id == self.replica_id or not replica_id or len(replica_id) > 200:
             return
         with self._gone_lock:
-            if replica_id not in self._gone and len(self._gone) >= 100:
+            if replica_id not in self._gone and len(self._gone) >= MAX_PENDING_WILLS:
                 return  # a flood of invented wills: the TTL path still works
             self._gone[replica_id] = time.monotonic() + self.ttl_s
         self._wake.set()
@@ -237,18 +244,21 @@ class PartitionLeases:
         self._wake.set()
 
     def _reap_gone(self, cur) -> None:
-        """Inside a round's transaction: free the leases of replicas whose will came and
-        whose lease session is closed; give up on a will after its TTL (the replica was
-        alive: a network blip, or a forged will)."""
+        """Inside a round's transaction: free the leases of live replicas whose will came
+        and whose lease session is closed.  A will naming no live replica is dropped; one
+        whose replica's session is still open is checked again next round until that
+        replica's TTL has passed (it was alive: a network blip, or a forged will)."""
         with self._gone_lock:
             gone = dict(self._gone)
+        ids = sorted(gone)
+        cur.execute(_GONE_CHECK, {"ids": ids, "apps": [lease_session_name(r) for r in ids]})
+        live = dict(cur.fetchall())
         now = time.monotonic()
         for replica_id, until in gone.items():
-            cur.execute(_SESSION_OPEN, {"app": lease_session_name(replica_id)})
-            (open_,) = cur.fetchone()
-            if open_ and now < until:
+            session_open = live.get(replica_id)
+            if session_open and now < until:
                 continue  # its backend has not noticed yet, or it lives: check again
-            if not open_:
+            if session_open is False:
                 cur.execute(_REAP_LEASES, {"gone": replica_id})
                 freed = len(cur.fetchall())
                 cur.execute(_REAP_REPLICA, {"gone": replica_id})
@@ -262,6 +272,20 @@ class PartitionLeases:
             with self._gone_lock:
                 if self._gone.get(replica_id) == until:
                     del self._gone[replica_id]
+
+    def _reap_safely(self, cur) -> None:
+        """`_reap_gone` in a savepoint: a check that fails must not cost us the round
+        that renews our own leases (the gone replica's then lapse after their TTL)."""
+        cur.execute("SAVEPOINT reap")
+        try:
+            self._reap_gone(cur)
+        except psycopg2.Error as exc:
+            cur.execute("ROLLBACK TO SAVEPOINT reap")
+            with self._gone_lock:
+                self._gone.clear()
+            log.warning("checking gone replicas failed (%s): their leases lapse", exc.pgcode)
+        else:
+            cur.execute("RELEASE SAVEPOINT reap")
 
     def _reaping(self) -> bool:
         with self._gone_lock:
@@ -320,7 +344,7 @@ class PartitionLeases:
         conn = self._connection()
         with conn, conn.cursor() as cur:
             if self._reaping():
-                self._reap_gone(cur)
+                self._reap_safely(cur)
             cur.execute(_HEARTBEAT, args)
             if self.rounds % 60 == 0:
                 cur.execute(_FORGET_DEAD, {"forget": FORGET_REPLICA_S})
@@ -410,11 +434,14 @@ class PartitionLeases:
         self._thread.start()
 
     def _run(self) -> None:
+        last = time.monotonic()
         while True:
             self._wake.wait(REAP_RETRY_S if self._reaping() else self.interval_s)
             self._wake.clear()
-            if self._stop.is_set():
+            # rounds at most every REAP_RETRY_S, however many wills arrive
+            if self._stop.wait(max(0.0, last + REAP_RETRY_S - time.monotonic())):
                 return
+            last = time.monotonic()
             try:
                 self.round()
             except Exception:  # never let the lease thread die silently
