@@ -93,7 +93,14 @@ from services.assembler.admission import (
     DeviceAdmission,
     RowQuota,
 )
-from services.assembler.partitions import LEASE_TTL_S, REPLICA_GONE_TOPIC
+from services.assembler.partitions import (
+    LEASE_TTL_S,
+    REPLICA_GONE_TOPIC,
+    DeviceSubscriptions,
+    PartitionLeases,
+    busy_partitions,
+    forget_devices,
+)
 from services.assembler.recorder import (
     RECORD_BACKLOG,
     RECORD_INTERVAL_S,
@@ -239,12 +246,6 @@ class AssemblerService:
         self.replica_id = config.replica_id
         self.client_id = config.client_id
         if config.partitions > 0:
-            from services.assembler.partitions import (
-                DeviceSubscriptions,
-                PartitionLeases,
-                busy_partitions,
-            )
-
             self.replica_id = config.replica_id or f"{socket.gethostname()}-{os.getpid()}"
             self.client_id = f"{config.client_id}-{self.replica_id}"
             self.leases = PartitionLeases(
@@ -428,8 +429,6 @@ class AssemblerService:
                 if self._worker_done.is_set():
                     return
             elif item[0] is None:  # partitions lost (lease thread): forget their state
-                from services.assembler.partitions import forget_devices
-
                 n = forget_devices(c, item[1], self.cfg.partitions)
                 if n:
                     log.info("forgot %d images in assembly of partitions now served elsewhere", n)
