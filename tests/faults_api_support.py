@@ -332,6 +332,11 @@ def check_invariants(dsn, has_object, agents: AgentFleet, maker: TriggerMaker, f
     has_object(key) -> bool looks the object up in storage.
     """
     lost: list[tuple] = []
+    # What the devices were told, read BEFORE the database: an answer that arrives while
+    # the rows are being read (its row committed just after our SELECT) is checked in
+    # the next accounting, not counted lost in this one.
+    photos = dict(fleet.photos)
+    uploaded = list(agents.uploaded)
     # lifelog: every photo answered queued (or duplicate after a lost answer) has
     # exactly one row, with its key, and its object
     rows = fetch(
@@ -342,7 +347,7 @@ def check_invariants(dsn, has_object, agents: AgentFleet, maker: TriggerMaker, f
     for device_id, seq, record_id, path in rows:
         by_seq.setdefault((device_id, seq), []).append((record_id, path))
     duplicated = sum(len(v) - 1 for v in by_seq.values() if len(v) > 1)
-    for key, photo in list(fleet.photos.items()):
+    for key, photo in photos.items():
         found = by_seq.get(key)
         if not found:
             lost.append(("ingest", key, "no captures row"))
@@ -364,7 +369,7 @@ def check_invariants(dsn, has_object, agents: AgentFleet, maker: TriggerMaker, f
         cap_rows.setdefault(tid, []).append((record_id, path))
     duplicated += sum(len(v) - 1 for v in cap_rows.values() if len(v) > 1)
     triggers = trigger_rows(dsn)
-    for tid in list(agents.uploaded):
+    for tid in uploaded:
         found = cap_rows.get(tid)
         if not found:
             lost.append(("capture", tid, "no captures row"))
